@@ -1,0 +1,251 @@
+"""The one exception tree of directfs.
+
+Every class is an ``OSError`` whose ``errno`` says what a POSIX caller sees; the FUSE adapter maps any
+``DirectFSError`` to ``FUSEError(exc.errno)`` in one place (``directfs.fuse_ops``), and the Python API raises
+them as they are. The names of the Direct IO classes follow cterasdk's (``cterasdk/exceptions/direct.py``)
+so users of both recognise them; the errnos follow section 7 of the protocol notes, with the fixes of
+section 11 (403 from the Portal is ``AuthorizationError``, a length mismatch is ``BlockValidationError``).
+
+::
+
+    DirectFSError (OSError)                      EIO
+    ├── ConfigError                              EINVAL   bad flag, config key or value
+    ├── DirectIOError                            EIO
+    │   ├── DirectIOAPIError                     EIO      Portal /directio/{id} failures
+    │   │   ├── ObjectNotFoundError              ENOENT   Portal 400 (unknown file id)
+    │   │   ├── AuthorizationError               EACCES   Portal 401 and 403
+    │   │   ├── UnsupportedStorageError          ENOTSUP  Portal 422 (storage node not in Direct mode)
+    │   │   ├── InvalidRequest                   EIO      Portal 500 and other unexpected statuses
+    │   │   ├── BlocksNotFoundError              ENODATA  200 with no chunks for a non-empty file
+    │   │   ├── MalformedMetadataError           EIO      200 with a body we cannot trust (types, sizes)
+    │   │   ├── BlockListConnectionError         ENETRESET
+    │   │   └── BlockListTimeout                 ETIMEDOUT
+    │   ├── DecryptKeyError                      EIO      wrapped key does not unwrap with the secret
+    │   ├── BlockError                           EIO      carries ``block`` (number, offset, length)
+    │   │   ├── DownloadError                    EIO      storage status error, truncated body
+    │   │   ├── DownloadTimeout                  ETIMEDOUT
+    │   │   ├── DownloadConnectionError          ENETRESET
+    │   │   ├── DecryptBlockError                EIO      bad ciphertext length, bad PKCS#7 padding
+    │   │   ├── DecompressBlockError             EIO      gzip/snappy failure, bomb
+    │   │   └── BlockValidationError             EIO      decoded length differs from the chunk ``len``
+    │   └── StreamError                          EIO      carries ``offset``: resume a stream from there
+    └── NamespaceError                           EIO      listing / stat of the namespace
+        ├── EntryNotFoundError                   ENOENT
+        ├── NotADirectory                  ENOTDIR
+        ├── IsADirectory                   EISDIR
+        ├── PermissionDeniedError                EACCES
+        ├── ReadOnlyError                        EROFS
+        ├── StaleFileError                       ESTALE   the file changed under an open handle
+        ├── NamespaceTimeout                     ETIMEDOUT
+        ├── NamespaceConnectionError             ENETRESET
+        └── MalformedListingError                EIO      a listing reply we cannot parse
+
+Secrets never enter these messages: callers pass file ids, paths and redacted URLs only.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+from dataclasses import dataclass
+from typing import ClassVar
+
+
+class DirectFSError(OSError):
+    """Base of every error directfs raises on purpose. ``errno`` is the class's POSIX error number."""
+
+    default_errno: ClassVar[int] = _errno.EIO
+    default_message: ClassVar[str] = "I/O error"
+
+    def __init__(self, message: str | None = None, *, filename: str | None = None) -> None:
+        text = message or self.default_message
+        if filename is None:
+            super().__init__(self.default_errno, text)
+        else:
+            super().__init__(self.default_errno, text, filename)
+
+
+class ConfigError(DirectFSError):
+    default_errno = _errno.EINVAL
+    default_message = "invalid configuration"
+
+
+# --- Direct IO -------------------------------------------------------------------------------------------------
+
+
+class DirectIOError(DirectFSError):
+    default_message = "Direct IO error"
+
+
+class DirectIOAPIError(DirectIOError):
+    default_message = "Direct IO Portal API error"
+
+
+class ObjectNotFoundError(DirectIOAPIError):
+    default_errno = _errno.ENOENT
+    default_message = "File not found"
+
+
+class AuthorizationError(DirectIOAPIError):
+    default_errno = _errno.EACCES
+    default_message = "Not authorized: check the access key id"
+
+
+class UnsupportedStorageError(DirectIOAPIError):
+    default_errno = _errno.ENOTSUP
+    default_message = "Not all blocks of the requested file are stored on a storage node set to Direct Mode"
+
+
+class InvalidRequest(DirectIOAPIError):
+    default_message = "Portal internal error: invalid request"
+
+
+class BlocksNotFoundError(DirectIOAPIError):
+    default_errno = _errno.ENODATA
+    default_message = "The Portal returned no blocks for the file"
+
+
+class MalformedMetadataError(DirectIOAPIError):
+    default_message = "Malformed Direct IO metadata"
+
+
+class BlockListConnectionError(DirectIOAPIError):
+    default_errno = _errno.ENETRESET
+    default_message = "Connection error while fetching the block list"
+
+
+class BlockListTimeout(DirectIOAPIError):
+    default_errno = _errno.ETIMEDOUT
+    default_message = "Timed out fetching the block list"
+
+
+class DecryptKeyError(DirectIOError):
+    default_message = "Failed to decrypt the file key: wrong secret access key?"
+
+
+@dataclass(frozen=True)
+class BlockInfo:
+    """The block an error is about: 1-based ``number`` (as cterasdk counts), file ``offset``, plaintext ``length``."""
+
+    file_id: str
+    number: int
+    offset: int
+    length: int
+
+
+class BlockError(DirectIOError):
+    """A failure of one block. ``block`` is attached by the fetch layer (the codec does not know it)."""
+
+    default_message = "Block error"
+
+    def __init__(
+        self, message: str | None = None, *, filename: str | None = None, block: BlockInfo | None = None
+    ) -> None:
+        super().__init__(message, filename=filename if filename is not None else (block.file_id if block else None))
+        self.block = block
+
+    def with_block(self, block: BlockInfo) -> BlockError:
+        """Return a copy of this error that names ``block`` (keeps the class, message and cause)."""
+        clone = type(self)(self.strerror, block=block)
+        clone.__cause__ = self.__cause__ or self
+        return clone
+
+    def __str__(self) -> str:
+        base = super().__str__()
+        if self.block is None:
+            return base
+        b = self.block
+        return f"{base} (block {b.number}, offset {b.offset}, length {b.length})"
+
+
+class DownloadError(BlockError):
+    default_message = "Failed to download block"
+
+
+class DownloadTimeout(BlockError):
+    default_errno = _errno.ETIMEDOUT
+    default_message = "Timed out downloading block"
+
+
+class DownloadConnectionError(BlockError):
+    default_errno = _errno.ENETRESET
+    default_message = "Connection error downloading block"
+
+
+class DecryptBlockError(BlockError):
+    default_message = "Failed to decrypt block"
+
+
+class DecompressBlockError(BlockError):
+    default_message = "Failed to decompress block"
+
+
+class BlockValidationError(BlockError):
+    default_message = "Decoded block length does not match the block list"
+
+
+class StreamError(DirectIOError):
+    """A stream stopped; ``offset`` is the first byte not yet delivered. Open a new stream there to resume."""
+
+    default_message = "Stream interrupted"
+
+    def __init__(self, message: str | None = None, *, filename: str | None = None, offset: int) -> None:
+        super().__init__(message, filename=filename)
+        self.offset = offset
+
+
+# --- Namespace -------------------------------------------------------------------------------------------------
+
+
+class NamespaceError(DirectFSError):
+    default_message = "Namespace error"
+
+
+class EntryNotFoundError(NamespaceError):
+    default_errno = _errno.ENOENT
+    default_message = "No such file or directory"
+
+
+class NotADirectory(NamespaceError):
+    default_errno = _errno.ENOTDIR
+    default_message = "Not a directory"
+
+
+class IsADirectory(NamespaceError):
+    default_errno = _errno.EISDIR
+    default_message = "Is a directory"
+
+
+class PermissionDeniedError(NamespaceError):
+    default_errno = _errno.EACCES
+    default_message = "Permission denied"
+
+
+class ReadOnlyError(NamespaceError):
+    default_errno = _errno.EROFS
+    default_message = "Read-only file system"
+
+
+class StaleFileError(NamespaceError):
+    default_errno = _errno.ESTALE
+    default_message = "The file changed on the server"
+
+
+class NamespaceTimeout(NamespaceError):
+    default_errno = _errno.ETIMEDOUT
+    default_message = "Timed out listing the namespace"
+
+
+class NamespaceConnectionError(NamespaceError):
+    default_errno = _errno.ENETRESET
+    default_message = "Connection error listing the namespace"
+
+
+class MalformedListingError(NamespaceError):
+    default_message = "Malformed listing reply"
+
+
+def errno_of(exc: BaseException) -> int:
+    """The errno a POSIX caller should see for ``exc``: the class's for ours, EIO for anything unexpected."""
+    if isinstance(exc, DirectFSError):
+        return exc.errno if exc.errno is not None else _errno.EIO
+    return _errno.EIO

@@ -1,0 +1,133 @@
+"""The small interface every store implements, and the only thing the filesystem knows about stores.
+
+A *source* lists folders and stats entries (metadata), and opens one *version* of a file as a block map plus a way
+to fetch any block's plaintext. CTERA gives the block map from Direct IO (variable-size, encrypted blocks); plain
+stores give fixed-size ranges read with HTTP ``Range``. Nothing above this module knows which store it reads.
+
+Paths are relative, ``/``-separated, without leading or trailing slash; the root is ``""``. Names are never empty,
+``.``, ``..``, and never hold ``/`` or NUL: sources skip such entries with a warning (see ``valid_name``).
+
+Errors: sources raise only ``directfs.errors.DirectFSError`` subclasses (with the errno a caller should see).
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One file or folder as the store describes it."""
+
+    name: str
+    is_dir: bool
+    size: int
+    mtime_ns: int
+    # Opaque version token: any change of content changes it (CTERA: file id + size + mtime + ETag;
+    # S3: ETag; local: size + mtime_ns + inode). Cached blocks are keyed by it, so a new version never sees old data.
+    version: str
+    file_id: str | None = None  # CTERA Direct IO file id (the xattr user.ctera.fileid); None elsewhere
+    xattrs: tuple[tuple[str, bytes], ...] = ()  # extra read-only extended attributes, e.g. ("user.etag", b"...")
+
+
+def valid_name(name: str) -> bool:
+    """Whether a name from a server may become a directory entry (section 14: never map these into the tree)."""
+    return (
+        bool(name) and name not in (".", "..") and "/" not in name and "\x00" not in name and len(name.encode()) <= 255
+    )
+
+
+def join(parent: str, name: str) -> str:
+    return f"{parent}/{name}" if parent else name
+
+
+@dataclass(frozen=True)
+class BlockLayout:
+    """Block map of one file version: ``offsets`` are prefix sums, ``offsets[i]`` is where block ``i`` starts and
+    ``offsets[-1]`` is the file size (so a file of n blocks has n + 1 offsets; an empty file has ``(0,)``)."""
+
+    version: str
+    offsets: Sequence[int]
+
+    def __post_init__(self) -> None:
+        if not self.offsets or self.offsets[0] != 0:
+            raise ValueError("block offsets must start at 0")
+
+    @classmethod
+    def fixed(cls, version: str, size: int, block_size_bytes: int) -> BlockLayout:
+        """Fixed-size ranges, the layout of plain stores."""
+        if block_size_bytes <= 0:
+            raise ValueError("block size must be positive")
+        offsets = list(range(0, size, block_size_bytes))
+        offsets.append(size)
+        if size == 0:
+            offsets = [0]
+        return cls(version, offsets)
+
+    @classmethod
+    def from_lengths(cls, version: str, lengths: Sequence[int]) -> BlockLayout:
+        offsets = [0]
+        for length in lengths:
+            offsets.append(offsets[-1] + length)
+        return cls(version, offsets)
+
+    @property
+    def size(self) -> int:
+        return self.offsets[-1]
+
+    @property
+    def block_count(self) -> int:
+        return len(self.offsets) - 1
+
+    def block_start(self, index: int) -> int:
+        return self.offsets[index]
+
+    def block_length(self, index: int) -> int:
+        return self.offsets[index + 1] - self.offsets[index]
+
+    def block_at(self, offset: int) -> int:
+        """Index of the block holding byte ``offset`` (binary search); requires ``0 <= offset < size``.
+        Zero-length blocks are never returned: bisect lands on the last block starting at or before ``offset``."""
+        if not 0 <= offset < self.size:
+            raise ValueError(f"offset {offset} outside file of {self.size} bytes")
+        return bisect.bisect_right(self.offsets, offset) - 1
+
+
+@runtime_checkable
+class OpenFile(Protocol):
+    """One opened version of a file. Fetches may run concurrently; the caller de-duplicates (single-flight)."""
+
+    @property
+    def layout(self) -> BlockLayout: ...
+
+    async def fetch_block(self, index: int) -> bytes | bytearray:
+        """Exactly ``layout.block_length(index)`` plaintext bytes of block ``index``, or a ``DirectFSError``.
+        Retries, deadlines and URL refresh happen inside; the result is verified (length, codec checks)."""
+        ...
+
+    async def aclose(self) -> None: ...
+
+
+@runtime_checkable
+class Source(Protocol):
+    """A store, named by a URL. ``display_url`` is safe to log (no credentials, no query)."""
+
+    @property
+    def display_url(self) -> str: ...
+
+    async def stat(self, path: str) -> Entry:
+        """The entry at ``path`` (root: ``""``); ``EntryNotFoundError`` when absent."""
+        ...
+
+    def list_dir(self, path: str) -> AsyncIterator[Entry]:
+        """The children of folder ``path``, page by page as the store delivers them; invalid names are skipped."""
+        ...
+
+    async def open(self, path: str, entry: Entry) -> OpenFile:
+        """Open the version ``entry`` describes. Raises ``StaleFileError`` if the store no longer has that version."""
+        ...
+
+    async def aclose(self) -> None: ...
