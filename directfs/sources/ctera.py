@@ -1,0 +1,243 @@
+"""The CTERA source: the namespace over the Portal's WebDAV, file data over Direct IO (protocol notes section 14).
+
+URL: ``ctera+https://HOST[:PORT][/sub/folder]`` (``ctera+http://`` only for loopback unless explicitly allowed).
+The mount root is ``/ServicesPortal/webdav/`` or the named sub-folder; a URL that already spells out
+``/ServicesPortal/webdav/...`` means the same.
+
+* Listing: ``PROPFIND`` Depth 1 (folders) and Depth 0 (one entry) with the standard DAV properties and
+  ``ctera:fileid``; HTTP Basic (``username``/``password``) or Bearer (``token``) auth.
+* Data: every regular file's ``fileid`` is its Direct IO id (``directfs.directio``). A file whose blocks are not on a
+  Direct-mode storage node (Portal 422), or that has no ``fileid`` in the listing, is read with ranged WebDAV GETs
+  instead, as Cyberduck does; a warning says so once per file.
+* Versions: ``fileid``, size, mtime and ETag together are the version token; a change of any of them is a new
+  version, so cached blocks of the old one are never served for it.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from urllib.parse import quote, unquote, urlsplit
+
+import httpx
+import trio
+
+from ..directio import DirectIO, DirectIOSettings
+from ..errors import (
+    ConfigError,
+    EntryNotFoundError,
+    MalformedListingError,
+    NamespaceConnectionError,
+    NamespaceError,
+    NamespaceTimeout,
+    NotADirectory,
+    PermissionDeniedError,
+    UnsupportedStorageError,
+)
+from ..http import HTTPSettings, RetryPolicy, build_client, is_loopback_host, redact_url, send_with_retries
+from . import davxml
+from .base import BlockLayout, Entry, OpenFile, SourceOptions
+from .httprange import RangeFile
+
+log = logging.getLogger(__name__)
+
+WEBDAV_ROOT = "/ServicesPortal/webdav"
+# Block size of the WebDAV-GET fallback: 4 MiB is CTERA's fixed-block default, so read-ahead behaves the same.
+FALLBACK_BLOCK_SIZE_BYTES = 4 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class _DavReply:
+    status_code: int
+    headers: httpx.Headers
+    body: bytes
+
+
+def create(url: str, options: SourceOptions) -> CteraSource:
+    return CteraSource(url, options)
+
+
+def _entry_version(resource: davxml.DavResource, size: int, mtime_ns: int) -> str:
+    return f"ctera:{resource.file_id or '-'}:{size}:{mtime_ns}:{resource.etag or '-'}"
+
+
+class CteraSource:
+    """A CTERA Portal's global namespace. Create with :func:`create`; ``aclose`` releases connections."""
+
+    def __init__(self, url: str, options: SourceOptions) -> None:
+        parts = urlsplit(url)
+        scheme = parts.scheme.lower()
+        if scheme not in ("ctera+https", "ctera+http") or not parts.hostname:
+            raise ConfigError("a CTERA source URL is ctera+https://HOST[:PORT][/sub/folder]")
+        if parts.username or parts.password or parts.query:
+            raise ConfigError("put credentials in DIRECTFS_* variables or --*-file flags, not in the source URL")
+        http_scheme = scheme.removeprefix("ctera+")
+        if http_scheme == "http" and not (options.allow_plain_http or is_loopback_host(parts.hostname)):
+            raise ConfigError("ctera+http:// sends credentials in clear text; only loopback may use it")
+        netloc = parts.hostname if parts.port is None else f"{parts.hostname}:{parts.port}"
+        if ":" in parts.hostname:  # IPv6 literal
+            netloc = f"[{parts.hostname}]" + (f":{parts.port}" if parts.port else "")
+        self._origin = f"{http_scheme}://{netloc}"
+        sub = unquote(parts.path).strip("/")
+        if sub == WEBDAV_ROOT.strip("/") or sub.startswith(WEBDAV_ROOT.strip("/") + "/"):
+            sub = sub[len(WEBDAV_ROOT.strip("/")) :].strip("/")
+        self._root = f"{WEBDAV_ROOT}/{sub}" if sub else WEBDAV_ROOT
+        self._options = options
+        credentials = options.credentials
+        self._auth_header: dict[str, str] = {}
+        if credentials.token:
+            self._auth_header["Authorization"] = f"Bearer {credentials.token}"
+        elif credentials.username is not None and credentials.password is not None:
+            pair = f"{credentials.username}:{credentials.password}".encode()
+            self._auth_header["Authorization"] = "Basic " + base64.b64encode(pair).decode("ascii")
+        self._http = HTTPSettings(
+            connect_timeout_seconds=options.connect_timeout_seconds,
+            read_timeout_seconds=options.read_timeout_seconds,
+            verify_tls=options.verify_tls,
+            ca_file=options.ca_file,
+            client_cert=credentials.client_cert,
+            client_key=credentials.client_key,
+        )
+        self._retry = RetryPolicy()
+        self._dav: httpx.AsyncClient | None = None
+        self._dio: DirectIO | None = None
+        self._dio_lock = trio.Lock()
+        self._warned_fallback: set[str] = set()
+        self.display_url = f"ctera+{self._origin}{quote(self._root)}"
+
+    # --- plumbing ---
+
+    def _client(self) -> httpx.AsyncClient:
+        if self._dav is None:
+            self._dav = build_client(self._http, headers=self._auth_header)
+        return self._dav
+
+    async def _direct_io(self) -> DirectIO:
+        async with self._dio_lock:
+            if self._dio is None:
+                credentials = self._options.credentials
+                if not credentials.access_key_id or not credentials.secret_access_key:
+                    raise ConfigError(
+                        "reading CTERA files needs DIRECTFS_ACCESS_KEY_ID and DIRECTFS_SECRET_ACCESS_KEY "
+                        "(or --access-key-id and --secret-access-key-file)"
+                    )
+                settings = DirectIOSettings.from_options(self._options)
+                dio = DirectIO(
+                    self._origin, credentials.access_key_id, credentials.secret_access_key, settings=settings
+                )
+                self._dio = await dio.__aenter__()
+            return self._dio
+
+    def _url(self, path: str, *, collection: bool = False) -> str:
+        full = f"{self._root}/{path}" if path else self._root
+        if collection:
+            full += "/"
+        return self._origin + quote(full, safe="/")
+
+    async def aclose(self) -> None:
+        if self._dav is not None:
+            await self._dav.aclose()
+            self._dav = None
+        if self._dio is not None:
+            await self._dio.aclose()
+            self._dio = None
+
+    # --- namespace ---
+
+    async def _propfind(self, path: str, depth: int) -> bytes:
+        url = self._url(path, collection=depth == 1)
+        what = f"PROPFIND {redact_url(url)}"
+
+        async def attempt() -> _DavReply:
+            headers = {"Depth": str(depth), "Content-Type": "application/xml; charset=utf-8"}
+            async with self._client().stream(
+                "PROPFIND", url, headers=headers, content=davxml.PROPFIND_BODY
+            ) as response:
+                body = bytearray()
+                if response.status_code == 207:
+                    async for piece in response.aiter_bytes():
+                        body += piece
+                        if len(body) > davxml.MAX_PROPFIND_BODY_BYTES:
+                            raise MalformedListingError(f"{what}: reply larger than the limit", filename=path or "/")
+                return _DavReply(response.status_code, response.headers, bytes(body))
+
+        try:
+            response = await send_with_retries(attempt, policy=self._retry, what=what)
+        except httpx.TimeoutException as exc:
+            raise NamespaceTimeout(f"{what}: timed out", filename=path or "/") from exc
+        except (httpx.NetworkError, httpx.RemoteProtocolError, httpx.ProxyError) as exc:
+            raise NamespaceConnectionError(f"{what}: {type(exc).__name__}", filename=path or "/") from exc
+        except httpx.HTTPError as exc:
+            raise NamespaceError(f"{what}: {type(exc).__name__}", filename=path or "/") from exc
+        status = response.status_code
+        if status == 207:
+            return response.body
+        if status == 404:
+            raise EntryNotFoundError(filename=path or "/")
+        if status in (401, 403):
+            raise PermissionDeniedError(f"{what}: HTTP {status} (check the Portal credentials)", filename=path or "/")
+        raise NamespaceError(f"{what}: HTTP {status}", filename=path or "/")
+
+    def _entry(self, name: str, resource: davxml.DavResource) -> Entry:
+        mtime_ns = resource.mtime_ns or 0
+        if resource.is_collection:
+            return Entry(name=name, is_dir=True, size=0, mtime_ns=mtime_ns, version=f"dir:{resource.etag or ''}")
+        size = resource.size if resource.size is not None else 0
+        return Entry(
+            name=name,
+            is_dir=False,
+            size=size,
+            mtime_ns=mtime_ns,
+            version=_entry_version(resource, size, mtime_ns),
+            file_id=resource.file_id,
+            xattrs=(("user.etag", resource.etag.encode()),) if resource.etag else (),
+        )
+
+    async def stat(self, path: str) -> Entry:
+        body = await self._propfind(path, 0)
+        wanted = davxml.href_path(f"{self._root}/{path}" if path else self._root)
+        for resource in davxml.parse_multistatus(body):
+            if resource.path == wanted:
+                return self._entry(path.rsplit("/", 1)[-1], resource)
+        raise MalformedListingError(f"PROPFIND Depth 0 of {path or '/'!r} did not describe it")
+
+    async def list_dir(self, path: str) -> AsyncIterator[Entry]:
+        body = await self._propfind(path, 1)
+        folder = f"{self._root}/{path}" if path else self._root
+        resources = list(davxml.parse_multistatus(body))
+        wanted = davxml.href_path(folder)
+        itself = next((r for r in resources if r.path == wanted), None)
+        if itself is not None and not itself.is_collection:  # Depth 1 on a file describes just the file
+            raise NotADirectory(filename=path)
+        for name, resource in davxml.children_of(folder, iter(resources)):
+            yield self._entry(name, resource)
+
+    # --- data ---
+
+    async def open(self, path: str, entry: Entry) -> OpenFile:
+        if entry.size == 0 or entry.file_id is None:
+            if entry.size and path not in self._warned_fallback:
+                self._warned_fallback.add(path)
+                log.warning("%s has no Direct IO file id: reading it over WebDAV", path)
+            return self._webdav_file(path, entry)
+        dio = await self._direct_io()
+        try:
+            return await dio.open(entry.file_id, version=entry.version, expected_size=entry.size)
+        except UnsupportedStorageError:
+            if path not in self._warned_fallback:
+                self._warned_fallback.add(path)
+                log.warning("%s is not on a Direct-mode storage node (Portal 422): reading it over WebDAV", path)
+            return self._webdav_file(path, entry)
+
+    def _webdav_file(self, path: str, entry: Entry) -> RangeFile:
+        etag = dict(entry.xattrs).get("user.etag")
+        return RangeFile(
+            self._client(),
+            self._url(path),
+            BlockLayout.fixed(entry.version, entry.size, FALLBACK_BLOCK_SIZE_BYTES),
+            name=path,
+            etag=etag.decode() if etag else None,
+            policy=self._retry,
+        )

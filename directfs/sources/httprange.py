@@ -1,0 +1,140 @@
+"""An ``OpenFile`` over HTTP ``Range`` GETs: fixed-size blocks of one remote object, checked strictly.
+
+Used wherever a store serves plain bytes: the CTERA Portal's WebDAV GET (the fallback when a file is not in Direct
+mode, as Cyberduck does), and the plain WebDAV / HTTP / S3 stores.
+
+Strictness, because a wrong byte is worse than an error (design-notes section 5, "servers that ignore Range"):
+a ranged GET must answer 206 with a ``Content-Range`` naming exactly the asked range and a body of exactly that
+length; a 200 is accepted only when it is the whole object and the whole object was asked for. ``If-Match`` with the
+version's ETag (when the store gave one) turns a replaced object into 412, reported as ``StaleFileError``.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import httpx
+
+from ..errors import (
+    BlockInfo,
+    DownloadConnectionError,
+    DownloadError,
+    DownloadTimeout,
+    EntryNotFoundError,
+    PermissionDeniedError,
+    StaleFileError,
+)
+from ..http import RetryPolicy, redact_url, send_with_retries
+from .base import BlockLayout
+
+log = logging.getLogger(__name__)
+
+_CONTENT_RANGE = re.compile(r"^\s*bytes\s+(\d+)-(\d+)/(\d+|\*)\s*$", re.IGNORECASE)
+
+# Build per-request headers (auth that may rotate, e.g. a re-read bearer token file) just before each attempt.
+HeaderFactory = Callable[[], Awaitable[dict[str, str]]]
+
+
+@dataclass(frozen=True)
+class _Body:
+    status_code: int
+    headers: httpx.Headers
+    content: bytes | bytearray
+
+
+class RangeFile:
+    """Blocks of one object at ``url``; ``layout`` fixes the block boundaries and the size."""
+
+    def __init__(
+        self,
+        client: httpx.AsyncClient,
+        url: str,
+        layout: BlockLayout,
+        *,
+        name: str,
+        etag: str | None,
+        policy: RetryPolicy,
+        headers: HeaderFactory | None = None,
+        on_unauthorized: Callable[[], Awaitable[bool]] | None = None,
+    ) -> None:
+        self._client = client
+        self._url = url
+        self._layout = layout
+        self._name = name  # what errors and logs call this file (a path, never a URL with a query)
+        # Weak validators cannot be used with If-Match (RFC 9110 13.1.1): send only strong ETags.
+        self._etag = etag if etag and not etag.startswith("W/") else None
+        self._policy = policy
+        self._headers = headers
+        self._on_unauthorized = on_unauthorized
+
+    @property
+    def layout(self) -> BlockLayout:
+        return self._layout
+
+    async def aclose(self) -> None:
+        """Nothing to release: the client belongs to the source."""
+
+    async def fetch_block(self, index: int) -> bytes | bytearray:
+        start = self._layout.block_start(index)
+        length = self._layout.block_length(index)
+        info = BlockInfo(self._name, index + 1, start, length)
+        if length == 0:
+            return b""
+        whole = start == 0 and length == self._layout.size
+        reply = await self._get(start, length, info)
+        if reply.status_code in (401, 403) and self._on_unauthorized is not None and await self._on_unauthorized():
+            reply = await self._get(start, length, info)  # credentials were refreshed (e.g. a rotated token)
+        status = reply.status_code
+        if status == 206:
+            match = _CONTENT_RANGE.match(reply.headers.get("content-range", ""))
+            if not match or int(match.group(1)) != start or int(match.group(2)) != start + length - 1:
+                raise DownloadError("the server answered a different range than asked", block=info)
+            total = match.group(3)
+            if total != "*" and int(total) != self._layout.size:
+                raise StaleFileError(f"the object is now {total} bytes, not {self._layout.size}", filename=self._name)
+        elif status == 200:
+            if not whole:
+                # The server ignored Range: serving this body at our offset would be wrong bytes.
+                raise DownloadError("the server ignored the Range header (200 instead of 206)", block=info)
+        elif status in (412, 416):
+            raise StaleFileError("the file changed on the server since it was opened", filename=self._name)
+        elif status == 404:
+            raise EntryNotFoundError("the file is gone from the server", filename=self._name)
+        elif status in (401, 403):
+            raise PermissionDeniedError(f"HTTP {status} reading the file", filename=self._name)
+        else:
+            raise DownloadError(f"HTTP {status} from {redact_url(self._url)}", block=info)
+        if len(reply.content) != length:
+            raise DownloadError(f"body of {len(reply.content)} bytes, expected {length}", block=info)
+        return reply.content
+
+    async def _get(self, start: int, length: int, info: BlockInfo) -> _Body:
+        async def attempt() -> _Body:
+            headers = dict(await self._headers()) if self._headers is not None else {}
+            headers["Range"] = f"bytes={start}-{start + length - 1}"
+            headers["Accept-Encoding"] = "identity"  # byte offsets are of the stored bytes, not of a re-encoding
+            if self._etag:
+                headers["If-Match"] = self._etag
+            async with self._client.stream("GET", self._url, headers=headers) as response:
+                if response.status_code not in (200, 206):
+                    return _Body(response.status_code, response.headers, b"")
+                body = bytearray()
+                async for piece in response.aiter_raw():
+                    body += piece
+                    if len(body) > length and response.status_code == 206:
+                        break  # overlong: reported by the length check, without reading a hostile body to its end
+                    if len(body) > self._layout.size:
+                        break
+                return _Body(response.status_code, response.headers, body)
+
+        try:
+            return await send_with_retries(attempt, policy=self._policy, what=f"GET {redact_url(self._url)}")
+        except httpx.TimeoutException as exc:
+            raise DownloadTimeout(block=info) from exc
+        except (httpx.NetworkError, httpx.RemoteProtocolError, httpx.ProxyError) as exc:
+            raise DownloadConnectionError(block=info) from exc
+        except httpx.HTTPError as exc:
+            raise DownloadError(f"{type(exc).__name__} from {redact_url(self._url)}", block=info) from exc
