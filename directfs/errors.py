@@ -10,6 +10,7 @@ section 11 (403 from the Portal is ``AuthorizationError``, a length mismatch is 
 
     DirectFSError (OSError)                      EIO
     ├── ConfigError                              EINVAL   bad flag, config key or value
+    ├── InvalidArgumentError                     EINVAL   bad argument of an API call (negative read offset)
     ├── DirectIOError                            EIO
     │   ├── DirectIOAPIError                     EIO      Portal /directio/{id} failures
     │   │   ├── ObjectNotFoundError              ENOENT   Portal 400 (unknown file id)
@@ -24,6 +25,7 @@ section 11 (403 from the Portal is ``AuthorizationError``, a length mismatch is 
     │   ├── BlockError                           EIO      carries ``block`` (number, offset, length)
     │   │   ├── DownloadError                    EIO      storage status error, truncated body
     │   │   ├── DownloadTimeout                  ETIMEDOUT
+    │   │   ├── DataNotOnlineError               ETIMEDOUT nearline data not staged within the staging deadline
     │   │   ├── DownloadConnectionError          ENETRESET
     │   │   ├── DecryptBlockError                EIO      bad ciphertext length, bad PKCS#7 padding
     │   │   ├── DecompressBlockError             EIO      gzip/snappy failure, bomb
@@ -36,6 +38,7 @@ section 11 (403 from the Portal is ``AuthorizationError``, a length mismatch is 
         ├── PermissionDeniedError                EACCES
         ├── ReadOnlyError                        EROFS
         ├── StaleFileError                       ESTALE   the file changed under an open handle
+        ├── NoSuchAttributeError                 ENODATA  getxattr of an attribute the entry does not have
         ├── NamespaceTimeout                     ETIMEDOUT
         ├── NamespaceConnectionError             ENETRESET
         └── MalformedListingError                EIO      a listing reply we cannot parse
@@ -67,6 +70,11 @@ class DirectFSError(OSError):
 class ConfigError(DirectFSError):
     default_errno = _errno.EINVAL
     default_message = "invalid configuration"
+
+
+class InvalidArgumentError(DirectFSError):
+    default_errno = _errno.EINVAL
+    default_message = "invalid argument"
 
 
 # --- Direct IO -------------------------------------------------------------------------------------------------
@@ -166,6 +174,15 @@ class DownloadTimeout(BlockError):
     default_message = "Timed out downloading block"
 
 
+class DataNotOnlineError(BlockError):
+    """The store said the data is not online yet (HTTP 503 + Retry-After, S3 ``InvalidObjectState``) for longer
+    than the staging deadline. ETIMEDOUT, not EAGAIN: Python's ``read()`` turns EAGAIN into ``None`` and copy loops
+    would end early, silently truncating the copy."""
+
+    default_errno = _errno.ETIMEDOUT
+    default_message = "The data is not online yet (nearline staging did not finish within the staging deadline)"
+
+
 class DownloadConnectionError(BlockError):
     default_errno = _errno.ENETRESET
     default_message = "Connection error downloading block"
@@ -228,6 +245,11 @@ class ReadOnlyError(NamespaceError):
 class StaleFileError(NamespaceError):
     default_errno = _errno.ESTALE
     default_message = "The file changed on the server"
+
+
+class NoSuchAttributeError(NamespaceError):
+    default_errno = _errno.ENODATA  # what getxattr(2) answers for a missing attribute (ENOATTR on Linux)
+    default_message = "No such attribute"
 
 
 class NamespaceTimeout(NamespaceError):

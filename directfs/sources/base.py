@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 
@@ -131,3 +131,35 @@ class Source(Protocol):
         ...
 
     async def aclose(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """Everything a store may need to authenticate. Secrets are never shown by ``repr`` (logs, tracebacks)."""
+
+    access_key_id: str | None = None  # CTERA Direct IO access key id (sent as Bearer to /directio)
+    secret_access_key: str | None = field(default=None, repr=False)  # unwraps file keys; never sent anywhere
+    username: str | None = None  # HTTP Basic (Portal WebDAV, webdav://)
+    password: str | None = field(default=None, repr=False)
+    token: str | None = field(default=None, repr=False)  # Bearer token (WebDAV)
+    token_file: str | None = None  # Bearer token re-read when the file changes (rotating OIDC tokens)
+    client_cert: str | None = None  # X.509 client / proxy certificate (PEM path)
+    client_key: str | None = None
+
+
+@dataclass(frozen=True)
+class SourceOptions:
+    """Store-independent options every source honours. Built once by the command layer (file < env < flags)."""
+
+    credentials: Credentials = field(default_factory=Credentials)
+    verify_tls: bool = True  # on by default: an untrusted certificate is refused unless the user says otherwise
+    ca_file: str | None = None
+    storage_verify_tls: bool | None = None  # object storage (presigned URLs) TLS; None = same as verify_tls
+    connect_timeout_seconds: float = 5.0  # loopback/LAN connects take ms; 5 s tolerates a congested WAN
+    read_timeout_seconds: float = 10.0  # per socket read: a 4 MiB block at >= 0.4 MB/s still makes progress
+    block_size_bytes: int = 8 * 1024 * 1024  # plain stores only (CTERA blocks come from the Portal); see sources docs
+    endpoint_url: str | None = None  # s3:// against S3-compatible servers
+    # Nearline stores (tape): how long one block read waits for data to come online before ETIMEDOUT. 5 minutes covers
+    # a disk-cache recall on tape systems while a stuck read still ends; bigger recalls: `directfs stage` ahead.
+    staging_deadline_seconds: float = 300.0
+    allow_plain_http: bool = False  # ctera+http:// only for loopback unless this is set

@@ -1,0 +1,321 @@
+"""The read engine: ``read(offset, size)`` on an open file version, through the block cache and read-ahead.
+
+One :class:`ReadEngine` per mount (or per Python API user) owns the shared parts: the decrypted-block cache
+(:mod:`directfs.cache`), the global prefetch gate (:mod:`directfs.prefetch`) and the nursery all background fetches
+run in. Each open handle gets a :class:`FileReader` with its own read-ahead cursors.
+
+A read ``[offset, offset + size)``:
+
+1. is clipped to the file (``b""`` at or past EOF, never an error: POSIX ``pread`` semantics);
+2. finds its first and last block by binary search on the block offsets (``BlockLayout.block_at``);
+3. tells the handle's prefetcher (synchronously, so read-ahead starts before this read waits);
+4. takes each block from the cache; the missing ones are fetched through the cache's single-flight, concurrently
+   when the read spans several blocks (a spanning read at a block edge is the common case with variable blocks);
+5. answers with a read-only ``memoryview`` slice when it lies in one block (zero copy: pyfuse3 takes any buffer and
+   copies once into the reply) or joins the slices once when it spans blocks.
+
+Every block is length-checked against the layout before it can enter the cache: a source that returns the wrong
+number of bytes ends in ``BlockValidationError``, never in wrong bytes.
+
+Concurrency rules: a ``FileReader`` may be read from many tasks at once (the kernel sends concurrent READs on one
+handle); all shared state is in the cache and the prefetcher, which are only touched synchronously between awaits.
+Cancelling a ``read`` (the kernel interrupted it) only stops that read's waiting, never a fetch others need.
+
+Ownership: the caller owns the ``OpenFile`` and closes it after ``FileReader.aclose``. Blocks are shared between
+handles by ``identity`` (and the layout's version), so one handle's fetch may serve another handle's read; therefore
+``aclose`` cancels this handle's prefetches that nobody waits for and then waits until no fetch that uses this
+handle's ``OpenFile`` is still running (a fetch another handle joined runs to its end first). Closing the
+``OpenFile`` after ``aclose`` can thus never fail a read of another handle.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Hashable
+from dataclasses import dataclass
+
+import trio
+
+from .cache import BlockCache, BlockData, BlockFetch, BlockKey, CacheStatistics, FetchOutcome, unwrap_error
+from .errors import BlockValidationError, ConfigError, DirectFSError, InvalidArgumentError
+from .prefetch import FilePrefetcher, GateStatistics, PrefetchCounters, PrefetchGate, PrefetchPolicy
+from .sources.base import OpenFile
+
+MiB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ReadSettings:
+    """Tunables of the read path. Built once by the command layer (``--cache-size``, ``--read-ahead``)."""
+
+    # 256 MiB: 64 CTERA fixed-size blocks (4 MiB) or ~500 dedup blocks (512 KiB average). It holds the whole prefetch
+    # budget plus a working set for random readers, yet stays small next to the RAM of any machine that runs a
+    # FUSE daemon for media or backups. Prefetched blocks live here too, so this is the one memory figure to tune.
+    cache_size_bytes: int = 256 * MiB
+    # 0 disables read-ahead; any positive value prefetches at least the next block once a stream is sequential.
+    # 32 MiB: 8 blocks of 4 MiB, which is what prefetch_concurrency fetches at once; a window larger than what can be
+    # in flight only holds memory. At ~1 GB/s per stream it covers ~30 ms of object-store first-byte latency.
+    read_ahead_max_bytes: int = 32 * MiB
+    # 8: the testbed's advice for one host (4-8 connections hide the RTT; more only adds contention on 2 cores).
+    prefetch_concurrency: int = 8
+    # 128 MiB: four cursors at a full window (e.g. two files with audio+video each), and half the cache, so
+    # prefetched blocks are not evicted before they are read. The engine never uses more than half the cache
+    # (effective_prefetch_budget_bytes), so a smaller --cache-size shrinks read-ahead instead of being refused.
+    prefetch_budget_bytes: int = 128 * MiB
+    # 5 s: the kernel retries a failed READ immediately (design-notes section 5), so a few seconds cover the retry and
+    # an impatient user's second try, while a store that recovered is used again almost at once.
+    failed_block_memory_seconds: float = 5.0
+    # 4 cursors: at least two interleaved streams (audio + video, tar index + data) plus room for a stray random
+    # read, which would otherwise recycle a live stream's cursor and reset its window.
+    cursors_per_file: int = 4
+    # 16 MiB forward / 1 MiB backward: mountpoint-s3's values, sized to absorb the kernel's reordering of its own
+    # readahead READs (at most 256 KiB back, then 512 KiB forward) with a wide margin; a tar reader skipping a small
+    # member also stays "sequential".
+    sequential_forward_tolerance_bytes: int = 16 * MiB
+    sequential_backward_tolerance_bytes: int = 1 * MiB
+
+    def __post_init__(self) -> None:
+        for name in (
+            "cache_size_bytes",
+            "read_ahead_max_bytes",
+            "prefetch_budget_bytes",
+            "sequential_forward_tolerance_bytes",
+            "sequential_backward_tolerance_bytes",
+        ):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must not be negative")
+        if self.prefetch_concurrency < 1:
+            raise ConfigError("prefetch_concurrency must be at least 1")
+        if self.cursors_per_file < 1:
+            raise ConfigError("cursors_per_file must be at least 1")
+        if self.failed_block_memory_seconds < 0:
+            raise ConfigError("failed_block_memory_seconds must not be negative")
+
+    @property
+    def effective_prefetch_budget_bytes(self) -> int:
+        """The budget the engine uses: prefetched blocks wait in the cache, and a budget above half of it would evict
+        them (and the random readers' working set) before they are read."""
+        return min(self.prefetch_budget_bytes, self.cache_size_bytes // 2)
+
+
+@dataclass(frozen=True, slots=True)
+class ReadStatistics:
+    """Engine-wide counters for the metrics endpoint. ``prefetch_issued == used + wasted + outstanding``."""
+
+    cache: CacheStatistics
+    reads: int
+    bytes_served: int  # bytes returned by read()
+    bytes_fetched: int  # plaintext bytes fetched from the source (demand + prefetch)
+    prefetch_issued: int
+    prefetch_used: int
+    prefetch_wasted: int
+    prefetch_cancelled: int  # wasted prefetches whose fetch was cancelled while running
+    prefetch_outstanding: int  # issued, not yet used or wasted
+    window_resets: int
+    gate: GateStatistics
+    open_readers: int
+
+    @property
+    def read_amplification(self) -> float:
+        """Bytes fetched per byte served (1.0 = no waste; below 1 means the cache served re-reads)."""
+        return self.bytes_fetched / self.bytes_served if self.bytes_served else 0.0
+
+
+class ReadEngine:
+    """Shared read machinery of one mount. Background fetches run in ``nursery``, which must outlive every reader:
+    cancel it (after closing the readers) to stop all fetching."""
+
+    def __init__(self, settings: ReadSettings, nursery: trio.Nursery) -> None:
+        self.settings = settings
+        self._cache = BlockCache(
+            settings.cache_size_bytes,
+            nursery=nursery,
+            failed_block_memory_seconds=settings.failed_block_memory_seconds,
+        )
+        self._gate = PrefetchGate(settings.prefetch_concurrency, settings.effective_prefetch_budget_bytes)
+        self._policy = PrefetchPolicy(
+            read_ahead_max_bytes=settings.read_ahead_max_bytes,
+            cursors_per_file=settings.cursors_per_file,
+            forward_tolerance_bytes=settings.sequential_forward_tolerance_bytes,
+            backward_tolerance_bytes=settings.sequential_backward_tolerance_bytes,
+        )
+        self._prefetch_counters = PrefetchCounters()
+        self._reads = 0
+        self._bytes_served = 0
+        self._open_readers = 0
+
+    @property
+    def cache(self) -> BlockCache:
+        return self._cache
+
+    def open(self, file: OpenFile, identity: Hashable) -> FileReader:
+        """A reader of ``file``; ``identity`` (e.g. the source path) and the layout's version key its cached blocks."""
+        self._open_readers += 1
+        return FileReader(self, file, identity)
+
+    def statistics(self) -> ReadStatistics:
+        counters = self._prefetch_counters
+        cache = self._cache.statistics()
+        return ReadStatistics(
+            cache=cache,
+            reads=self._reads,
+            bytes_served=self._bytes_served,
+            bytes_fetched=cache.fetched_bytes,
+            prefetch_issued=counters.issued,
+            prefetch_used=counters.used,
+            prefetch_wasted=counters.wasted,
+            prefetch_cancelled=counters.cancelled,
+            prefetch_outstanding=counters.issued - counters.used - counters.wasted,
+            window_resets=counters.window_resets,
+            gate=self._gate.statistics(),
+            open_readers=self._open_readers,
+        )
+
+
+class FileReader:
+    """Reads of one open handle. Made by :meth:`ReadEngine.open`; close with :meth:`aclose`."""
+
+    def __init__(self, engine: ReadEngine, file: OpenFile, identity: Hashable) -> None:
+        self._engine = engine
+        self._file = file
+        self._identity = identity
+        layout = file.layout
+        self._layout = layout
+        self._offsets = layout.offsets
+        self._version = layout.version
+        self._cache = engine._cache
+        self._closed = False
+        self._fetching = 0  # fetches running with self._file (in the engine nursery, for any handle's readers)
+        self._drained: trio.Event | None = None  # set when _fetching drops to 0 while aclose waits
+        self._prefetcher = FilePrefetcher(
+            layout=layout,
+            cache=engine._cache,
+            gate=engine._gate,
+            policy=engine._policy,
+            counters=engine._prefetch_counters,
+            key_of=self._key,
+            fetch_of=self._fetcher,
+        )
+
+    @property
+    def size(self) -> int:
+        return self._layout.size
+
+    async def read(self, offset: int, size: int) -> bytes | memoryview:
+        """Exactly ``size`` bytes from ``offset``, fewer only at EOF, ``b""`` at or past it. Always a checkpoint.
+        Raises ``DirectFSError`` subclasses only (``InvalidArgumentError`` for a negative offset or size)."""
+        if offset < 0 or size < 0:
+            raise InvalidArgumentError(f"invalid read: offset {offset}, size {size}")
+        if self._closed:
+            raise DirectFSError("read on a closed file handle")
+        engine = self._engine
+        engine._reads += 1
+        file_size = self._offsets[-1]
+        if size == 0 or offset >= file_size:
+            await trio.lowlevel.checkpoint()
+            return b""
+        end = min(offset + size, file_size)
+        layout = self._layout
+        first = layout.block_at(offset)
+        last = layout.block_at(end - 1)
+        self._prefetcher.on_read(offset, end, first, last)
+        if first == last:
+            result = await self._read_one(first, offset, end)
+        else:
+            result = await self._read_span(first, last, offset, end)
+        engine._bytes_served += end - offset
+        return result
+
+    async def _read_one(self, index: int, offset: int, end: int) -> bytes | memoryview:
+        data = self._cache.lookup(self._key(index))
+        if data is None:
+            data = await self._fetch(index)
+        else:
+            self._prefetcher.on_served(index, FetchOutcome.HIT)
+            await trio.lowlevel.checkpoint()
+        start = self._offsets[index]
+        if type(data) is bytes and offset == start and end - start == len(data):
+            return data  # the whole block: immutable already, no view needed
+        return memoryview(data)[offset - start : end - start].toreadonly()
+
+    async def _read_span(self, first: int, last: int, offset: int, end: int) -> bytes:
+        offsets = self._offsets
+        blocks: dict[int, BlockData] = {}
+        missing: list[int] = []
+        for index in range(first, last + 1):
+            if offsets[index + 1] == offsets[index]:
+                continue  # a zero-length block: nothing to fetch or copy
+            data = self._cache.lookup(self._key(index))
+            if data is None:
+                missing.append(index)
+            else:
+                blocks[index] = data
+                self._prefetcher.on_served(index, FetchOutcome.HIT)
+        if not missing:
+            await trio.lowlevel.checkpoint()
+        elif len(missing) == 1:
+            blocks[missing[0]] = await self._fetch(missing[0])
+        else:
+            await self._fetch_many(missing, blocks)
+        parts: list[memoryview] = []
+        for index in sorted(blocks):
+            start = offsets[index]
+            view = memoryview(blocks[index])
+            parts.append(view[max(offset, start) - start : min(end, offsets[index + 1]) - start])
+        return b"".join(parts)
+
+    async def _fetch_many(self, missing: list[int], blocks: dict[int, BlockData]) -> None:
+        async def fill(index: int) -> None:
+            blocks[index] = await self._fetch(index)
+
+        try:
+            async with trio.open_nursery() as nursery:
+                for index in missing:
+                    nursery.start_soon(fill, index)
+        except BaseExceptionGroup as group:
+            # A failing block cancels its siblings' *waiting* (their shared fetches go on in the engine nursery).
+            ours, rest = group.split(DirectFSError)
+            if rest is not None or ours is None:
+                raise  # Cancelled from outside (or a bug): let trio and the caller see it as it is
+            raise unwrap_error(ours, context="reading blocks") from None
+
+    async def _fetch(self, index: int) -> BlockData:
+        data, outcome = await self._cache.get_or_fetch_outcome(self._key(index), self._fetcher(index))
+        self._prefetcher.on_served(index, outcome)
+        return data
+
+    def _key(self, index: int) -> BlockKey:
+        return (self._identity, self._version, index)
+
+    def _fetcher(self, index: int) -> BlockFetch:
+        return functools.partial(self._fetch_verified, index)
+
+    async def _fetch_verified(self, index: int) -> BlockData:
+        self._fetching += 1
+        try:
+            data = await self._file.fetch_block(index)
+        finally:
+            self._fetching -= 1
+            if self._fetching == 0 and self._drained is not None:
+                self._drained.set()
+        expected = self._offsets[index + 1] - self._offsets[index]
+        if len(data) != expected:
+            raise BlockValidationError(f"source returned {len(data)} bytes for block {index}, expected {expected}")
+        return data
+
+    async def aclose(self) -> None:
+        """Stop this handle's read-ahead (cancelling prefetches nobody else waits for), then wait until no fetch
+        uses this handle's ``OpenFile`` any more (see the module docstring). Idempotent. Does not close the
+        ``OpenFile``: the caller owns it and may close it once this returns. Call it shielded from cancellation
+        (as a FUSE ``release`` does), or the wait is cut short."""
+        if self._closed:
+            await trio.lowlevel.checkpoint()
+            return
+        self._closed = True
+        self._engine._open_readers -= 1
+        await self._prefetcher.aclose()
+        if self._fetching:
+            self._drained = trio.Event()
+            await self._drained.wait()
+        else:
+            await trio.lowlevel.checkpoint()
