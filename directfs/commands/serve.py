@@ -1,0 +1,337 @@
+"""``directfs serve DIR``: the reference portal (WebDAV namespace + Direct IO + Notification Service) for DIR."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ..server.config import Credentials, ServeConfig
+
+HELP = "Publish a local directory as a CTERA-compatible portal (WebDAV, Direct IO, notifications) for tests and demos."
+
+_EPILOG = """\
+credentials (flag > environment > printed demo default):
+  access key id      --access-key-id          DIRECTFS_ACCESS_KEY_ID      (Bearer value for /directio)
+  secret access key  --secret-access-key-file DIRECTFS_SECRET_ACCESS_KEY  (wraps the per-file keys; never sent)
+  portal user        --username               DIRECTFS_USERNAME           (HTTP Basic for WebDAV + notifications)
+  portal password    --password-file          DIRECTFS_PASSWORD
+  bearer token       --token-file             DIRECTFS_TOKEN              (alternative to Basic)
+  The client reads the same variables, so `directfs serve DIR` and `directfs mount` in one shell just work.
+  With --store s3://, the bucket credentials come from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY.
+
+surfaces:
+  PROPFIND/GET  /ServicesPortal/webdav/PATH             Depth 0/1 (infinity: 403), ctera:fileid, Range GETs
+  GET           /directio/FILEID                        v8.3+ JSON block list with signed URLs
+  GET           /blocks/KEY?expires=...&sig=...         block objects of the local store (HMAC-signed, expiring)
+  POST          /ServicesPortal/v2/api/metadata/list    change feed with cursor (also .../longpoll)
+
+stdout gets exactly one line once the first scan is done and the socket listens:
+  directfs serve: listening on http://127.0.0.1:PORT
+SIGHUP rescans DIR now; SIGTERM/SIGINT exit 0.
+"""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = _EPILOG
+    parser.add_argument("dir", metavar="DIR", type=Path, help="the directory to publish (read only)")
+    parser.add_argument(
+        "--listen",
+        default="127.0.0.1:8443",
+        metavar="HOST:PORT",
+        help="address to listen on (default 127.0.0.1:8443; port 0 picks a free one and prints it)",
+    )
+    parser.add_argument(
+        "--public-url", metavar="URL", help="base URL clients use to reach this server, if not the listen address"
+    )
+    parser.add_argument("--tls-cert", type=Path, metavar="PEM", help="serve HTTPS with this certificate chain")
+    parser.add_argument("--tls-key", type=Path, metavar="PEM", help="private key for --tls-cert")
+    parser.add_argument(
+        "--state-dir",
+        type=Path,
+        metavar="PATH",
+        help="index + block objects (default ~/.local/state/directfs/portal-<hash of DIR>; never listed)",
+    )
+
+    enc = parser.add_argument_group("block encoding")
+    enc.add_argument(
+        "--block-size", default="4M", metavar="SIZE", help="fixed block size, K/M/G suffixes (default 4M, CTERA's)"
+    )
+    enc.add_argument(
+        "--chunking",
+        choices=("fixed", "cdc"),
+        default="fixed",
+        help="fixed-size blocks, or content-defined (FastCDC, ~512K average, 128K..4M) like a dedup Portal",
+    )
+    enc.add_argument(
+        "--compression",
+        choices=("snappy", "snappy-raw", "gzip", "none"),
+        default="snappy",
+        help="block compression (default snappy = xerial snappy-java stream, as the Portal writes)",
+    )
+    enc.add_argument(
+        "--compression-rule",
+        action="append",
+        default=[],
+        metavar="GLOB=COMPRESSION",
+        help="per-file override, repeatable, first match wins (GLOB matches the relative path, or the name)",
+    )
+    enc.add_argument(
+        "--native",
+        action="append",
+        default=[],
+        metavar="GLOB",
+        help="files stored unencrypted and uncompressed (Fusion Direct native format), repeatable",
+    )
+    enc.add_argument(
+        "--non-direct",
+        action="append",
+        default=[],
+        metavar="GLOB",
+        help="files whose /directio answers 422 (storage node not in Direct mode), repeatable",
+    )
+
+    store = parser.add_argument_group("block store")
+    store.add_argument(
+        "--store", metavar="URL", help="'local' (default: served by this process) or s3://BUCKET[/PREFIX]"
+    )
+    store.add_argument("--store-endpoint", metavar="URL", help="S3 endpoint for --store s3:// (e.g. SeaweedFS)")
+    store.add_argument("--store-region", metavar="REGION", help="S3 region to sign for (default us-east-1)")
+    store.add_argument(
+        "--url-ttl",
+        type=int,
+        default=86400,
+        metavar="SECONDS",
+        help="lifetime of block URLs (default 86400, as real presigned URLs)",
+    )
+
+    portal = parser.add_argument_group("portal behaviour")
+    portal.add_argument(
+        "--rescan-interval",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="rescan DIR this often (default 30; 0 = only at start and on SIGHUP)",
+    )
+    portal.add_argument(
+        "--max-blocks-per-reply",
+        type=int,
+        default=0,
+        metavar="N",
+        help="answer /directio with at most N blocks plus actual_blocks_range (client pages with rangeStart/"
+        "rangeEnd); 0 = all blocks (default; the released cterasdk does not page)",
+    )
+    portal.add_argument(
+        "--empty-files",
+        choices=("empty-list", "zero-chunk"),
+        default="empty-list",
+        help="/directio for a 0-byte file: no chunks (default) or one 0-length chunk",
+    )
+    portal.add_argument(
+        "--ingest-workers", type=int, metavar="N", help="threads encoding blocks (default: number of CPUs)"
+    )
+    portal.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+
+    creds = parser.add_argument_group("credentials (see below)")
+    creds.add_argument("--access-key-id", metavar="ID")
+    creds.add_argument("--secret-access-key-file", type=Path, metavar="PATH")
+    creds.add_argument("--username", metavar="NAME")
+    creds.add_argument("--password-file", type=Path, metavar="PATH")
+    creds.add_argument("--token-file", type=Path, metavar="PATH")
+
+    faults = parser.add_argument_group("TEST-ONLY fault injection (off unless given; never use in a demo or benchmark)")
+    faults.add_argument(
+        "--fault-latency-ms", type=float, default=0.0, metavar="MS", help="TEST ONLY: delay each request"
+    )
+    faults.add_argument(
+        "--fault-error-rate",
+        type=float,
+        default=0.0,
+        metavar="P",
+        help="TEST ONLY: answer this fraction with --fault-status",
+    )
+    faults.add_argument(
+        "--fault-status", type=int, default=503, metavar="CODE", help="TEST ONLY: status for injected errors (503)"
+    )
+    faults.add_argument(
+        "--fault-drop-mid-body-rate",
+        type=float,
+        default=0.0,
+        metavar="P",
+        help="TEST ONLY: close this fraction of block GETs after half the body (local store)",
+    )
+    faults.add_argument(
+        "--fault-corrupt-blocks-rate",
+        type=float,
+        default=0.0,
+        metavar="P",
+        help="TEST ONLY: flip one byte in this fraction of block objects served (local store)",
+    )
+    faults.add_argument(
+        "--fault-url-ttl", type=int, metavar="SECONDS", help="TEST ONLY: block URLs expire after this many seconds"
+    )
+    faults.add_argument(
+        "--fault-target",
+        action="append",
+        choices=("blocks", "portal"),
+        metavar="blocks|portal",
+        help="TEST ONLY: where latency/error faults apply, repeatable (default: blocks)",
+    )
+    faults.add_argument("--fault-seed", type=int, metavar="N", help="TEST ONLY: seed for reproducible faults")
+
+
+def _read_secret_file(path: Path, what: str) -> str:
+    from ..errors import ConfigError
+
+    try:
+        value = path.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise ConfigError(f"cannot read the {what} file {str(path)!r}: {exc.strerror}") from None
+    if not value:
+        raise ConfigError(f"the {what} file {str(path)!r} is empty")
+    return value
+
+
+def _credentials(args: argparse.Namespace) -> Credentials:
+    from ..errors import ConfigError
+    from ..server import config as cfg
+
+    demo: list[str] = []
+
+    def pick(flag_value: str | None, env: str, default: str, name: str) -> str:
+        if flag_value:
+            return flag_value
+        if os.environ.get(env):
+            return os.environ[env]
+        demo.append(name)
+        return default
+
+    def from_file(path: Path | None, what: str) -> str | None:
+        return _read_secret_file(path, what) if path is not None else None
+
+    creds = cfg.Credentials(
+        access_key_id=pick(args.access_key_id, "DIRECTFS_ACCESS_KEY_ID", cfg.DEMO_ACCESS_KEY_ID, "access key id"),
+        secret_access_key=pick(
+            from_file(args.secret_access_key_file, "secret access key"),
+            "DIRECTFS_SECRET_ACCESS_KEY",
+            cfg.DEMO_SECRET_ACCESS_KEY,
+            "secret access key",
+        ),
+        username=pick(args.username, "DIRECTFS_USERNAME", cfg.DEMO_USERNAME, "username"),
+        password=pick(from_file(args.password_file, "password"), "DIRECTFS_PASSWORD", cfg.DEMO_PASSWORD, "password"),
+        token=pick(from_file(args.token_file, "token"), "DIRECTFS_TOKEN", cfg.DEMO_TOKEN, "token"),
+    )
+    from ..codec import wrap_file_key
+
+    try:  # fail at start, not on the first file: the secret must be base64 to wrap keys with it
+        wrap_file_key(bytes(32), creds.secret_access_key)
+    except OSError as exc:
+        raise ConfigError(f"the secret access key is unusable: {exc.strerror}") from None
+    if demo:
+        # Only the demo defaults are printed; a value the user gave is never echoed.
+        shown = {
+            "access key id": ("DIRECTFS_ACCESS_KEY_ID", cfg.DEMO_ACCESS_KEY_ID),
+            "secret access key": ("DIRECTFS_SECRET_ACCESS_KEY", cfg.DEMO_SECRET_ACCESS_KEY),
+            "username": ("DIRECTFS_USERNAME", cfg.DEMO_USERNAME),
+            "password": ("DIRECTFS_PASSWORD", cfg.DEMO_PASSWORD),
+            "token": ("DIRECTFS_TOKEN", cfg.DEMO_TOKEN),
+        }
+        print("directfs serve: WARNING: using public demo credentials (not for real data):", file=sys.stderr)
+        for name in demo:
+            env, value = shown[name]
+            print(f"  {env}={value}", file=sys.stderr)
+    return creds
+
+
+def _parse_listen(text: str) -> tuple[str, int]:
+    from ..errors import ConfigError
+
+    host, sep, port = text.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise ConfigError(f"--listen wants HOST:PORT, got {text!r}")
+    return host, int(port)
+
+
+def build_config(args: argparse.Namespace) -> ServeConfig:
+    from ..errors import ConfigError
+    from ..server import config as cfg
+    from ..server.store import parse_store_url
+
+    root = Path(args.dir)
+    if not root.is_dir():
+        raise ConfigError(f"{str(root)!r} is not a directory")
+    host, port = _parse_listen(args.listen)
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise ConfigError("--tls-cert and --tls-key go together")
+    block_size = cfg.parse_size_bytes(args.block_size)
+    if block_size < 1:
+        raise ConfigError("--block-size must be at least 1 byte")
+    for name in ("fault_error_rate", "fault_drop_mid_body_rate", "fault_corrupt_blocks_rate"):
+        if not 0.0 <= getattr(args, name) <= 1.0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be between 0 and 1")
+    state_dir = (args.state_dir or cfg.default_state_dir(root)).resolve()
+    return cfg.ServeConfig(
+        root=root.resolve(),
+        state_dir=state_dir,
+        host=host,
+        port=port,
+        credentials=_credentials(args),
+        encoding=cfg.EncodingRules(
+            chunking=args.chunking,
+            block_size_bytes=block_size,
+            compression=cfg.parse_compression(args.compression),
+            compression_rules=tuple(cfg.parse_compression_rule(r) for r in args.compression_rule),
+            native_globs=tuple(args.native),
+            non_direct_globs=tuple(args.non_direct),
+        ),
+        store=parse_store_url(args.store, args.store_endpoint, args.store_region),
+        url_ttl_seconds=args.url_ttl,
+        rescan_interval_seconds=max(0.0, args.rescan_interval),
+        max_blocks_per_reply=max(0, args.max_blocks_per_reply),
+        empty_files=args.empty_files,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        public_url=args.public_url,
+        faults=cfg.FaultConfig(
+            latency_ms=args.fault_latency_ms,
+            error_rate=args.fault_error_rate,
+            status=args.fault_status,
+            drop_mid_body_rate=args.fault_drop_mid_body_rate,
+            corrupt_blocks_rate=args.fault_corrupt_blocks_rate,
+            url_ttl_seconds=args.fault_url_ttl,
+            targets=frozenset(args.fault_target or ["blocks"]),
+            seed=args.fault_seed,
+        ),
+        ingest_workers=args.ingest_workers or max(1, os.cpu_count() or 1),
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from ..server.main import serve
+
+    logging.basicConfig(
+        level=getattr(logging, args.log_level),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    config = build_config(args)
+    return asyncio.run(serve(config))
+
+
+if __name__ == "__main__":  # `python -m directfs.commands.serve DIR ...` works without the other commands
+    _parser = argparse.ArgumentParser(prog="directfs serve", description=HELP)
+    add_arguments(_parser)
+    _args = _parser.parse_args()
+    try:
+        sys.exit(run(_args))
+    except OSError as _exc:  # DirectFSError (ConfigError...) and bind errors: one line, no traceback
+        print(f"directfs serve: {_exc}", file=sys.stderr)
+        sys.exit(1)

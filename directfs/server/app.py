@@ -1,0 +1,433 @@
+"""The portal's HTTP surfaces (aiohttp): WebDAV, Direct IO, signed block GETs and the Notification Service.
+
+Concurrency: handlers run on one asyncio loop. They read the immutable ``Index.snapshot`` (replaced whole by each
+scan), so a listing or block list is always consistent with one scan. Notification reads go through the index's
+reader connection. Scans run in a worker thread, one at a time (``Portal.scan_lock``); after each scan
+``Portal.changed`` wakes the long-polls. Block objects of the local store are sent with ``FileResponse``, which
+uses ``sendfile``: the benchmark reads 512 MiB files through here and Python never touches those bytes.
+
+Logging never shows a signature or a secret: the access log writes the path without its query string.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hmac
+import json
+import logging
+import random
+import re
+import time
+import urllib.parse
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
+
+from .config import ServeConfig
+from .index import Index, Node, ScanStats
+from .store import BlockStore, LocalBlockStore
+from .webdav import WEBDAV_ROOT, BadPropfind, finite_depth_error, multistatus, parse_propfind
+
+log = logging.getLogger("directfs.server")
+
+NOTIFY_BASE: Final = "/ServicesPortal/v2/api/metadata"
+# The SDK asks for 2000 per page; a cap keeps one reply bounded in memory and time.
+DEFAULT_MAX_RESULTS: Final = 2000
+MAX_RESULTS_CAP: Final = 10000
+# The Portal rejects long folder_id lists with "size must be between ..." (TooManyVolumesRequestedError, section 8.3).
+MAX_FOLDER_IDS: Final = 100
+# Long-poll: the SDK sends timeout=10000 (ms). A cap keeps a misbehaving client from parking a request for hours.
+DEFAULT_LONGPOLL_MS: Final = 10000
+MAX_LONGPOLL_MS: Final = 60000
+_OBJECT_KEY_RE: Final = re.compile(r"^blocks/[0-9a-f]{2}/[0-9a-f]{64}$")
+_DIGITS_RE: Final = re.compile(r"^[0-9]{1,18}$")
+
+
+@dataclass
+class Portal:
+    config: ServeConfig
+    index: Index
+    store: BlockStore
+    base_url: str = ""
+    scan_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    changed: asyncio.Condition = field(default_factory=asyncio.Condition)
+    rng: random.Random = field(default_factory=random.Random)
+    last_scan: ScanStats | None = None
+    stopping: bool = False  # set on SIGTERM: parked long-polls answer at once so shutdown does not wait for them
+
+    async def stop(self) -> None:
+        self.stopping = True
+        async with self.changed:
+            self.changed.notify_all()
+
+    async def rescan(self) -> ScanStats:
+        async with self.scan_lock:
+            started = time.monotonic()
+            stats = await asyncio.to_thread(self.index.scan)
+            self.last_scan = stats
+            log.info(
+                "scan: %d added, %d changed, %d deleted, %d skipped, %.1f MiB encoded, %d objects written, "
+                "%d collected in %.2f s",
+                stats.added,
+                stats.changed,
+                stats.deleted,
+                stats.skipped,
+                stats.encoded_bytes / 2**20,
+                stats.objects_written,
+                stats.objects_deleted,
+                time.monotonic() - started,
+            )
+        async with self.changed:
+            self.changed.notify_all()
+        return stats
+
+
+PORTAL_KEY: Final = web.AppKey("portal", Portal)
+
+
+class RedactingAccessLogger(AbstractAccessLogger):
+    """``METHOD /path STATUS bytes seconds``: never the query (signatures) nor headers (credentials)."""
+
+    def log(self, request: Any, response: Any, time: float) -> None:
+        self.logger.info(
+            '%s "%s %s" %s %s %.3fs',
+            request.remote,
+            request.method,
+            request.rel_url.path,
+            response.status,
+            response.body_length,
+            time,
+        )
+
+
+# --- helpers ---------------------------------------------------------------------------------------------------
+
+
+def _json(data: Any, status: int = 200) -> web.Response:
+    return web.Response(text=json.dumps(data), status=status, content_type="application/json")
+
+
+def _error(status: int, message: str) -> web.Response:
+    return _json({"error": message, "status": status}, status)
+
+
+def _unauthorized(message: str = "authentication required") -> web.Response:
+    response = _error(401, message)
+    response.headers["WWW-Authenticate"] = 'Basic realm="directfs", charset="UTF-8"'
+    return response
+
+
+def _same(a: str, b: str) -> bool:
+    return hmac.compare_digest(a.encode(), b.encode())
+
+
+def _portal_user_ok(request: web.Request, portal: Portal) -> bool:
+    """HTTP Basic with the portal user, or ``Bearer <token>``."""
+    header = request.headers.get("Authorization", "")
+    scheme, _, value = header.partition(" ")
+    creds = portal.config.credentials
+    if scheme.lower() == "bearer":
+        return _same(value.strip(), creds.token)
+    if scheme.lower() == "basic":
+        try:
+            user, _, password = base64.b64decode(value.strip(), validate=True).decode("utf-8").partition(":")
+        except (binascii.Error, UnicodeDecodeError):
+            return False
+        return _same(user, creds.username) & _same(password, creds.password)
+    return False
+
+
+def _resolve(portal: Portal, request: web.Request) -> Node | None:
+    raw = request.rel_url.raw_path
+    if not raw.startswith(WEBDAV_ROOT):
+        return None
+    rest = raw[len(WEBDAV_ROOT) :]
+    if rest and not rest.startswith("/"):
+        return None
+    try:
+        parts = [urllib.parse.unquote(p, errors="strict") for p in rest.split("/") if p]
+    except UnicodeDecodeError:
+        return None
+    if any(p in (".", "..") for p in parts):
+        return None
+    return portal.index.snapshot.nodes.get("/".join(parts))
+
+
+# --- faults (test only) ------------------------------------------------------------------------------------------
+
+
+@web.middleware
+async def fault_middleware(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    portal = request.app[PORTAL_KEY]
+    faults = portal.config.faults
+    target = "blocks" if request.rel_url.path.startswith("/blocks/") else "portal"
+    if faults.active and target in faults.targets:
+        if faults.latency_ms:
+            await asyncio.sleep(faults.latency_ms / 1000)
+        if faults.error_rate and portal.rng.random() < faults.error_rate:
+            log.info("fault: answering %s with %d", request.rel_url.path, faults.status)
+            return _error(faults.status, "injected fault")
+    return await handler(request)
+
+
+# --- WebDAV ----------------------------------------------------------------------------------------------------
+
+
+async def webdav_options(request: web.Request) -> web.StreamResponse:
+    return web.Response(headers={"DAV": "1", "Allow": "OPTIONS, GET, HEAD, PROPFIND", "MS-Author-Via": "DAV"})
+
+
+async def webdav_propfind(request: web.Request) -> web.StreamResponse:
+    portal = request.app[PORTAL_KEY]
+    if not _portal_user_ok(request, portal):
+        return _unauthorized()
+    depth = request.headers.get("Depth", "infinity").strip().lower()
+    if depth not in ("0", "1"):
+        # Like Apache (DavDepthInfinity off) and nginx: a whole-tree walk is refused; a missing Depth means infinity.
+        return web.Response(status=403, body=finite_depth_error(), content_type="application/xml", charset="utf-8")
+    try:
+        mode, names = parse_propfind(await request.read())
+    except BadPropfind as exc:
+        return web.Response(status=400, text=str(exc))
+    node = _resolve(portal, request)
+    if node is None:
+        return web.Response(status=404, text="not found")
+    nodes = [node]
+    if depth == "1" and node.is_dir:
+        nodes.extend(portal.index.snapshot.children.get(node.path, ()))
+    body = (
+        await asyncio.to_thread(multistatus, nodes, mode, names)
+        if len(nodes) > 256
+        else multistatus(nodes, mode, names)
+    )
+    return web.Response(status=207, body=body, content_type="application/xml", charset="utf-8")
+
+
+async def webdav_get(request: web.Request) -> web.StreamResponse:
+    portal = request.app[PORTAL_KEY]
+    if not _portal_user_ok(request, portal):
+        return _unauthorized()
+    node = _resolve(portal, request)
+    if node is None:
+        return web.Response(status=404, text="not found")
+    if node.is_dir:
+        return web.Response(status=405, text="GET of a folder: use PROPFIND", headers={"Allow": "OPTIONS, PROPFIND"})
+    # The live file (Range handled by FileResponse). If it changed since the last scan, the bytes are newer than the
+    # listing; the next scan gives it a new id and ETag.
+    return web.FileResponse(portal.index.root / node.path, headers={"ETag": node.etag})
+
+
+# --- Direct IO -------------------------------------------------------------------------------------------------
+
+
+def _compression_type(node: Node) -> str:
+    if node.native:
+        return "NONE"
+    return {"SNAPPY": "SNAPPY", "SNAPPY_RAW": "SNAPPY", "GZIP": "GZIP"}.get(node.compression.value, "NONE")
+
+
+async def directio(request: web.Request) -> web.StreamResponse:
+    portal = request.app[PORTAL_KEY]
+    config = portal.config
+    scheme, _, value = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not _same(value.strip(), config.credentials.access_key_id):
+        return _error(401, "invalid access key")
+    file_id = request.match_info["file_id"]
+    node = portal.index.snapshot.by_id.get(int(file_id)) if _DIGITS_RE.match(file_id) else None
+    if node is None or node.is_dir:
+        return _error(400, "file not found")
+    if node.non_direct:
+        return _error(422, "Not all blocks of the requested file are stored on a storage node set to Direct Mode")
+    try:
+        range_start = int(request.query.get("rangeStart", "0"))
+        range_end = int(request.query["rangeEnd"]) if "rangeEnd" in request.query else None
+    except ValueError:
+        return _error(400, "rangeStart and rangeEnd must be integers")
+    if range_start < 0 or (range_end is not None and range_end < range_start):
+        return _error(400, "bad block range")
+    try:
+        return _json(_block_list(portal, node, range_start, range_end))
+    except Exception:
+        log.exception("directio %s failed", file_id)
+        return _error(500, "internal error")
+
+
+def _block_list(portal: Portal, node: Node, range_start: int, range_end: int | None) -> dict[str, Any]:
+    """The v8.3+ reply. ``rangeEnd`` is an inclusive byte offset (as cterasdk's WIP sent it); the reply's
+    ``actual_blocks_range.range`` is ``"<first block offset>-<end of last block>"``, end exclusive, so the chunks'
+    ``len`` values always sum to ``end - start`` (as in Cyberduck's sample)."""
+    config = portal.config
+    ttl = config.faults.url_ttl_seconds if config.faults.url_ttl_seconds is not None else config.url_ttl_seconds
+    limit = config.max_blocks_per_reply or len(node.blocks)
+    chunks: list[dict[str, Any]] = []
+    offset = 0
+    first_offset: int | None = None
+    for block in node.blocks:
+        start, offset = offset, offset + block.length
+        if block.length == 0:
+            if config.empty_files == "empty-list":
+                continue  # 0-byte files: "chunks": [] (cterasdk raises BlocksNotFoundError on it)
+        elif offset <= range_start or (range_end is not None and start > range_end):
+            continue
+        if len(chunks) >= limit:
+            break
+        if first_offset is None:
+            first_offset = start
+        chunks.append(
+            {"url": portal.store.url(block.object_key, base_url=portal.base_url, ttl_seconds=ttl), "len": block.length}
+        )
+    covered_start = first_offset if first_offset is not None else min(range_start, node.size)
+    covered_end = covered_start + sum(c["len"] for c in chunks)
+    encrypt_info: dict[str, Any] = {"data_encrypted": node.wrapped_key is not None}
+    if node.wrapped_key is not None:
+        encrypt_info["wrapped_key"] = node.wrapped_key
+    return {
+        "encrypt_info": encrypt_info,
+        "compression_type": _compression_type(node),
+        "chunks": chunks,
+        "actual_blocks_range": {"file_size": node.size, "range": f"{covered_start}-{covered_end}"},
+    }
+
+
+# --- signed block objects (local store) -------------------------------------------------------------------------
+
+
+async def block_get(request: web.Request) -> web.StreamResponse:
+    portal = request.app[PORTAL_KEY]
+    store = portal.store
+    if not isinstance(store, LocalBlockStore):
+        return web.Response(status=404, text="blocks are in object storage")
+    raw_path = request.rel_url.raw_path
+    reason = store.signer.check(raw_path, request.query.get("expires", ""), request.query.get("sig", ""))
+    if reason is not None:
+        log.info("refused block %s: %s", request.rel_url.path, reason)
+        return web.Response(status=403, text="Forbidden: the URL signature is invalid or expired")
+    key = request.rel_url.path.lstrip("/")
+    if not _OBJECT_KEY_RE.match(key):
+        return web.Response(status=404, text="no such object")
+    path = store.path(key)
+    faults = portal.config.faults
+    if "blocks" in faults.targets and (faults.corrupt_blocks_rate or faults.drop_mid_body_rate):
+        corrupt = faults.corrupt_blocks_rate and portal.rng.random() < faults.corrupt_blocks_rate
+        drop = faults.drop_mid_body_rate and portal.rng.random() < faults.drop_mid_body_rate
+        if corrupt or drop:
+            return await _faulty_block(request, portal, path.read_bytes(), corrupt=bool(corrupt), drop=bool(drop))
+    if not path.is_file():
+        return web.Response(status=404, text="no such object")
+    return web.FileResponse(path, headers={"Content-Type": "application/octet-stream"})
+
+
+async def _faulty_block(
+    request: web.Request, portal: Portal, data: bytes, *, corrupt: bool, drop: bool
+) -> web.StreamResponse:
+    if corrupt and data:
+        buf = bytearray(data)
+        pos = portal.rng.randrange(len(buf))
+        buf[pos] ^= 0xFF
+        data = bytes(buf)
+        log.info("fault: corrupted byte %d of %s", pos, request.rel_url.path)
+    if not drop:
+        return web.Response(body=data, content_type="application/octet-stream")
+    log.info("fault: dropping the connection mid-body for %s", request.rel_url.path)
+    response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+    response.content_length = len(data)
+    await response.prepare(request)
+    await response.write(data[: len(data) // 2])
+    if request.transport is not None:
+        request.transport.abort()
+    return response
+
+
+# --- Notification Service ---------------------------------------------------------------------------------------
+
+
+async def _notify_args(request: web.Request) -> tuple[dict[str, Any], int, frozenset[int]] | web.Response:
+    portal = request.app[PORTAL_KEY]
+    if not _portal_user_ok(request, portal):
+        return _unauthorized()
+    try:
+        body = await request.json()
+    except (ValueError, UnicodeDecodeError):
+        return _error(400, "the body must be JSON")
+    if not isinstance(body, dict):
+        return _error(400, "the body must be a JSON object")
+    folder_ids = body.get("folder_ids") or []
+    if not isinstance(folder_ids, list) or not all(isinstance(f, int) for f in folder_ids):
+        return _error(400, "folder_ids must be a list of integers")
+    if len(folder_ids) > MAX_FOLDER_IDS:
+        return _error(400, f"folder_ids: size must be between 0 and {MAX_FOLDER_IDS}")
+    cursor_text = body.get("cursor")
+    if cursor_text is None:
+        cursor = 0
+    elif isinstance(cursor_text, str) and _DIGITS_RE.match(cursor_text):
+        cursor = int(cursor_text)
+    else:
+        return _error(400, "invalid cursor")
+    return body, cursor, frozenset(folder_ids)
+
+
+async def notify_list(request: web.Request) -> web.StreamResponse:
+    parsed = await _notify_args(request)
+    if isinstance(parsed, web.Response):
+        return parsed
+    body, cursor, folder_ids = parsed
+    max_results = body.get("max_results", DEFAULT_MAX_RESULTS)
+    if not isinstance(max_results, int) or max_results < 1:
+        return _error(400, "max_results must be a positive integer")
+    portal = request.app[PORTAL_KEY]
+    entries, new_cursor, has_more = portal.index.events_after(
+        cursor, limit=min(max_results, MAX_RESULTS_CAP), folder_ids=folder_ids or None
+    )
+    return _json({"entries": entries, "cursor": str(new_cursor), "has_more": has_more})
+
+
+async def notify_longpoll(request: web.Request) -> web.StreamResponse:
+    parsed = await _notify_args(request)
+    if isinstance(parsed, web.Response):
+        return parsed
+    body, cursor, folder_ids = parsed
+    timeout_ms = body.get("timeout", DEFAULT_LONGPOLL_MS)
+    if not isinstance(timeout_ms, int | float) or timeout_ms < 0:
+        return _error(400, "timeout must be a non-negative number of milliseconds")
+    portal = request.app[PORTAL_KEY]
+    deadline = time.monotonic() + min(float(timeout_ms), MAX_LONGPOLL_MS) / 1000
+
+    def pending() -> bool:
+        return bool(portal.index.events_after(cursor, limit=1, folder_ids=folder_ids or None)[0])
+
+    async with portal.changed:
+        while not pending():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or portal.stopping:
+                return _json({"changes": False})
+            try:
+                await asyncio.wait_for(portal.changed.wait(), remaining)
+            except TimeoutError:
+                return _json({"changes": pending()})
+    return _json({"changes": True})
+
+
+# --- the application -------------------------------------------------------------------------------------------
+
+
+def make_app(portal: Portal) -> web.Application:
+    middlewares = [fault_middleware] if portal.config.faults.active else []
+    # client_max_size: PROPFIND and notification bodies are small; 1 MiB bounds a hostile one.
+    app = web.Application(middlewares=middlewares, client_max_size=1024 * 1024)
+    app[PORTAL_KEY] = portal
+    dav = WEBDAV_ROOT + "{tail:(/.*)?}"
+    app.router.add_route("OPTIONS", dav, webdav_options)
+    app.router.add_route("PROPFIND", dav, webdav_propfind)
+    app.router.add_get(dav, webdav_get)  # allow_head: HEAD answers with the GET's headers
+    app.router.add_route("GET", "/directio/{file_id}", directio)
+    app.router.add_route("GET", "/blocks/{key:.+}", block_get)
+    app.router.add_route("POST", NOTIFY_BASE + "/list", notify_list)
+    app.router.add_route("POST", NOTIFY_BASE + "/longpoll", notify_longpoll)
+    return app

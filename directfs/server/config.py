@@ -1,0 +1,184 @@
+"""Configuration of the reference portal: one frozen dataclass built once by ``directfs serve`` (flags > env > demo).
+
+Secrets are ``repr=False`` so a config printed in a traceback or a log never shows them.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Final, Literal
+
+from ..codec import Compression
+from ..errors import ConfigError
+
+# Demo credentials, printed with a warning when the user gives none. The secret is 40 base64 characters (30 bytes),
+# the shape of real CTERA secret access keys, so the codec's zero-padding to 32 bytes is exercised by every demo.
+DEMO_ACCESS_KEY_ID: Final = "DIRECTFSDEMOACCESSKEY"
+# base64("directfs-demo-secret-key-00000"): public by design, printed with a warning whenever it is used
+DEMO_SECRET_ACCESS_KEY: Final = "ZGlyZWN0ZnMtZGVtby1zZWNyZXQta2V5LTAwMDAw"  # noqa: S105
+DEMO_USERNAME: Final = "demo"
+DEMO_PASSWORD: Final = "demo"  # noqa: S105 - printed demo default
+DEMO_TOKEN: Final = "directfs-demo-token"  # noqa: S105 - printed demo default
+
+# 4 MiB: the CTERA default for fixed-size blocks (KB "Adding a Folder Group"; protocol notes section 9).
+DEFAULT_BLOCK_SIZE_BYTES: Final = 4 * 1024 * 1024
+# ~512 KiB average: the CTERA default for variable (content-defined) blocks (protocol notes section 9). Min/max are
+# FastCDC's usual avg/4 and avg*8, which bound both the per-block overhead and the largest object a client buffers.
+CDC_AVERAGE_BYTES: Final = 512 * 1024
+CDC_MIN_BYTES: Final = CDC_AVERAGE_BYTES // 4
+CDC_MAX_BYTES: Final = CDC_AVERAGE_BYTES * 8
+# 86400 s: real Portal URLs carry X-Amz-Expires=86400 (Cyberduck's sample, protocol notes section 2.2).
+DEFAULT_URL_TTL_SECONDS: Final = 86400
+# 30 s: a test or demo sees a change within half a minute; a rescan of an unchanged tree is only stat() calls.
+DEFAULT_RESCAN_INTERVAL_SECONDS: Final = 30.0
+
+Chunking = Literal["fixed", "cdc"]
+EmptyFiles = Literal["empty-list", "zero-chunk"]
+
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMG]?)(?:i?B)?\s*$", re.IGNORECASE)
+_COMPRESSION_NAMES: Final = {
+    "snappy": Compression.SNAPPY,
+    "snappy-raw": Compression.SNAPPY_RAW,
+    "gzip": Compression.GZIP,
+    "none": Compression.NONE,
+}
+
+
+def parse_size_bytes(text: str) -> int:
+    """``4M`` -> 4194304. Suffixes K, M, G are binary (KiB, MiB, GiB); ``KiB``/``MB`` spellings are accepted too."""
+    match = _SIZE_RE.match(text)
+    if not match:
+        raise ConfigError(f"not a size: {text!r} (use e.g. 4M, 512K, 65536)")
+    number, suffix = int(match.group(1)), match.group(2).upper()
+    return number * {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3}[suffix]
+
+
+def parse_compression(name: str) -> Compression:
+    try:
+        return _COMPRESSION_NAMES[name.strip().lower()]
+    except KeyError:
+        raise ConfigError(f"unknown compression {name!r}; choose one of {', '.join(_COMPRESSION_NAMES)}") from None
+
+
+def parse_compression_rule(text: str) -> tuple[str, Compression]:
+    """``GLOB=gzip`` -> (GLOB, Compression.GZIP)."""
+    glob, sep, name = text.rpartition("=")
+    if not sep or not glob:
+        raise ConfigError(f"--compression-rule wants GLOB=COMPRESSION, got {text!r}")
+    return glob, parse_compression(name)
+
+
+def glob_matches(glob: str, relpath: str) -> bool:
+    """Shell-style match against the relative path, or against the base name when the glob has no ``/``."""
+    if fnmatch.fnmatchcase(relpath, glob):
+        return True
+    return "/" not in glob and fnmatch.fnmatchcase(relpath.rsplit("/", 1)[-1], glob)
+
+
+def default_state_dir(root: Path) -> Path:
+    """Outside DIR, one per DIR: ``$XDG_STATE_HOME/directfs/portal-<16 hex of the absolute path>``."""
+    base = Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state")
+    digest = hashlib.sha256(os.fsencode(root.resolve())).hexdigest()[:16]
+    return base / "directfs" / f"portal-{digest}"
+
+
+@dataclass(frozen=True)
+class Credentials:
+    access_key_id: str
+    secret_access_key: str = field(repr=False)
+    username: str
+    password: str = field(repr=False)
+    token: str = field(repr=False)
+    demo_fields: tuple[str, ...] = ()  # which ones are the printed demo defaults
+
+
+@dataclass(frozen=True)
+class FaultConfig:
+    """Test-only fault injection. Every knob is off (0) unless a ``--fault-*`` flag sets it."""
+
+    latency_ms: float = 0.0
+    error_rate: float = 0.0
+    status: int = 503
+    drop_mid_body_rate: float = 0.0
+    corrupt_blocks_rate: float = 0.0
+    url_ttl_seconds: int | None = None
+    targets: frozenset[str] = frozenset({"blocks"})  # "blocks" and/or "portal"
+    seed: int | None = None
+
+    @property
+    def active(self) -> bool:
+        return bool(
+            self.latency_ms
+            or self.error_rate
+            or self.drop_mid_body_rate
+            or self.corrupt_blocks_rate
+            or self.url_ttl_seconds is not None
+        )
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    kind: Literal["local", "s3"] = "local"
+    bucket: str = ""
+    prefix: str = ""
+    endpoint_url: str | None = None
+    region: str = "us-east-1"  # botocore needs a region to sign; S3-compatible servers ignore its value
+
+
+@dataclass(frozen=True)
+class EncodingRules:
+    """How a file is stored: chunking, compression (with per-glob overrides), native and non-direct globs."""
+
+    chunking: Chunking = "fixed"
+    block_size_bytes: int = DEFAULT_BLOCK_SIZE_BYTES
+    compression: Compression = Compression.SNAPPY
+    compression_rules: tuple[tuple[str, Compression], ...] = ()
+    native_globs: tuple[str, ...] = ()
+    non_direct_globs: tuple[str, ...] = ()
+
+    def compression_for(self, relpath: str) -> Compression:
+        for glob, compression in self.compression_rules:  # first matching rule wins, in flag order
+            if glob_matches(glob, relpath):
+                return compression
+        return self.compression
+
+    def is_native(self, relpath: str) -> bool:
+        return any(glob_matches(g, relpath) for g in self.native_globs)
+
+    def is_non_direct(self, relpath: str) -> bool:
+        return any(glob_matches(g, relpath) for g in self.non_direct_globs)
+
+    def chunking_label(self) -> str:
+        """Stored with each file: a file encoded under other chunking parameters is re-encoded (new file id)."""
+        if self.chunking == "cdc":
+            return f"cdc:{CDC_MIN_BYTES}:{CDC_AVERAGE_BYTES}:{CDC_MAX_BYTES}"
+        return f"fixed:{self.block_size_bytes}"
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    root: Path
+    state_dir: Path
+    host: str
+    port: int
+    credentials: Credentials
+    encoding: EncodingRules = field(default_factory=EncodingRules)
+    store: StoreConfig = field(default_factory=StoreConfig)
+    url_ttl_seconds: int = DEFAULT_URL_TTL_SECONDS
+    rescan_interval_seconds: float = DEFAULT_RESCAN_INTERVAL_SECONDS
+    max_blocks_per_reply: int = 0  # 0 = the whole list in one reply (what the released cterasdk needs)
+    empty_files: EmptyFiles = "empty-list"
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    public_url: str | None = None  # base of block URLs when clients reach us under another name
+    faults: FaultConfig = field(default_factory=FaultConfig)
+    ingest_workers: int = field(default_factory=lambda: max(1, os.cpu_count() or 1))
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.tls_cert else "http"

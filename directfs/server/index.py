@@ -1,0 +1,701 @@
+"""The portal's index (sqlite in the state dir), the ingest that fills it, and the in-memory namespace served from it.
+
+Model
+-----
+* Every path in DIR (folders too) is a *node* with a decimal id, a GUID that stays with the path across versions,
+  and for files the encoding: wrapped file key, compression, native flag, chunking label and the block list.
+* A file whose stat (size, mtime, ctime, inode) or encoding rules change is re-encoded and gets a **new id**
+  (clients treat the id as a version id, section 8.2); the old id answers 400 from then on.
+* Every create, change and delete appends an *event* (section 8.3 fields); the event's sequence number is the
+  Notification Service cursor.
+
+Dedup (what the hash covers)
+----------------------------
+An object's key is SHA-256 over (format version, key tag, compression, SHA-256 of the plaintext). The key tag is a
+hash of the file key for encrypted files and ``native`` for native ones. So identical plaintext is stored once *per
+file key and format*: repeated blocks inside a file, and the unchanged blocks of a changed file (a changed file keeps
+its path's file key, wrapped anew, exactly so that a new version re-uses the old version's objects). Identical
+files at different paths have different random keys and therefore different objects: with per-file random keys,
+sharing ciphertext across files would need convergent keys, which the Portal's wrapping scheme does not need and
+which leak equality of content. Native objects are plaintext and dedup across all native files.
+
+Concurrency
+-----------
+:meth:`Index.scan` runs in one worker thread at a time (the server serialises scans with a lock) and encodes files
+in a ``ThreadPoolExecutor`` (codec work releases the GIL). It owns the write connection. The event loop reads
+events through a second connection (WAL mode lets it read while a scan writes) and reads everything else from the
+immutable :class:`Snapshot` that each scan publishes by replacing one attribute (an atomic store in CPython).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import hashlib
+import hmac
+import json
+import logging
+import mmap
+import os
+import sqlite3
+import stat as stat_mod
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+from .. import codec
+from ..codec import Compression
+from ..errors import ConfigError
+from .chunking import cdc_spans, fixed_spans
+from .config import EncodingRules
+from .store import BlockStore, object_key
+
+log = logging.getLogger("directfs.server.index")
+
+SCHEMA_VERSION: Final = "1"
+OBJECT_FORMAT: Final = b"directfs-object-v1"
+# The first id handed out. Ids are decimal integers as on a real Portal; starting above small counts keeps a client
+# bug that confuses an id with an index or a block number from passing by accident.
+FIRST_NODE_ID: Final = 1000
+# Commit the scan in batches: a crash mid-ingest of a huge tree keeps what was done, and one transaction does not
+# hold thousands of rows of undo.
+COMMIT_EVERY_FILES: Final = 500
+# A SDDL string giving Everyone read access: events carry an ``acl``; nothing in directfs interprets it.
+DEFAULT_ACL_SDDL: Final = "O:BAG:BAD:(A;;FR;;;WD)"
+VIRTUAL_PORTAL_ID: Final = "1"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS nodes (
+    path TEXT PRIMARY KEY,          -- relative, '/'-separated, '' is the root
+    id INTEGER NOT NULL UNIQUE,
+    guid TEXT NOT NULL,
+    is_dir INTEGER NOT NULL,
+    size INTEGER NOT NULL,
+    mtime_ns INTEGER NOT NULL,
+    ctime_ns INTEGER NOT NULL,
+    ino INTEGER NOT NULL,
+    wrapped_key TEXT,               -- NULL for folders and native files
+    compression TEXT NOT NULL,
+    native INTEGER NOT NULL,
+    non_direct INTEGER NOT NULL,
+    chunking TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS blocks (
+    file_id INTEGER NOT NULL, seq INTEGER NOT NULL, length INTEGER NOT NULL, object TEXT NOT NULL,
+    PRIMARY KEY (file_id, seq)
+);
+CREATE INDEX IF NOT EXISTS blocks_object ON blocks(object);
+CREATE TABLE IF NOT EXISTS objects (key TEXT PRIMARY KEY, stored_bytes INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS events (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, folder_id INTEGER NOT NULL, body TEXT NOT NULL
+);
+"""
+
+
+# --- the in-memory namespace -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Block:
+    length: int
+    object_key: str
+
+
+@dataclass(frozen=True)
+class Node:
+    path: str  # relative, '' for the root
+    name: str
+    id: int
+    guid: str
+    is_dir: bool
+    size: int
+    mtime_ns: int
+    # files only
+    wrapped_key: str | None = None
+    compression: Compression = Compression.NONE
+    native: bool = False
+    non_direct: bool = False
+    blocks: tuple[Block, ...] = ()
+
+    @property
+    def etag(self) -> str:
+        return f'"{self.id:x}-{self.size:x}-{self.mtime_ns:x}"'
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """What the server answers from. Built whole by each scan and never mutated afterwards."""
+
+    nodes: dict[str, Node] = field(default_factory=dict)
+    children: dict[str, tuple[Node, ...]] = field(default_factory=dict)  # folder path -> sorted children
+    by_id: dict[int, Node] = field(default_factory=dict)
+
+
+@dataclass
+class ScanStats:
+    added: int = 0
+    changed: int = 0
+    deleted: int = 0
+    encoded_bytes: int = 0
+    objects_written: int = 0
+    objects_deleted: int = 0
+    skipped: int = 0
+
+
+@dataclass(frozen=True)
+class _Stat:
+    is_dir: bool
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+    ino: int
+
+
+@dataclass
+class _Encoded:
+    blocks: list[tuple[int, str]]  # (length, object key)
+    new_objects: dict[str, int]  # key -> stored bytes, written by this encode
+    wrapped_key: str | None
+
+
+def _iso(ns: int) -> str:
+    return dt.datetime.fromtimestamp(ns / 1e9, tz=dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def _parent(path: str) -> str:
+    return path.rsplit("/", 1)[0] if "/" in path else ""
+
+
+def _valid_name(name: str) -> bool:
+    """Names a WebDAV client can receive: valid UTF-8, no control characters (XML 1.0 cannot carry most of them)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:  # undecodable bytes come back from os.fsdecode as lone surrogates
+        return False
+    return not any(ord(c) < 0x20 or ord(c) == 0x7F for c in name)
+
+
+class Index:
+    """The sqlite index of one DIR. Construct, then :meth:`scan`; read :attr:`snapshot` and :meth:`events_after`."""
+
+    def __init__(
+        self,
+        *,
+        root: Path,
+        state_dir: Path,
+        store: BlockStore,
+        rules: EncodingRules,
+        secret_access_key: str,
+        workers: int,
+    ) -> None:
+        self.root = root.resolve()
+        self.state_dir = state_dir.resolve()
+        self.store = store
+        self.rules = rules
+        self._secret = secret_access_key
+        self._workers = workers
+        self.snapshot = Snapshot()
+        db_path = self.state_dir / "index.sqlite3"
+        # check_same_thread=False: the write connection is used by whichever worker thread runs the (serialised) scan.
+        self._db = sqlite3.connect(db_path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable except for the last commits on power loss
+        self._db.executescript(_SCHEMA)
+        self._reader = sqlite3.connect(db_path, check_same_thread=False, isolation_level=None)
+        self._reader_lock = threading.Lock()
+        self._check_meta()
+        self._load_snapshot()
+
+    def close(self) -> None:
+        self._db.close()
+        self._reader.close()
+
+    # --- meta ------------------------------------------------------------------------------------------------
+
+    def _meta(self, key: str) -> str | None:
+        row = self._db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def _set_meta(self, key: str, value: str) -> None:
+        self._db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (key, value))
+
+    def _check_meta(self) -> None:
+        version = self._meta("schema")
+        if version is not None and version != SCHEMA_VERSION:
+            raise ConfigError(f"index {self.state_dir} has schema {version}; this directfs needs {SCHEMA_VERSION}")
+        fingerprint = hmac.new(self._secret.encode(), b"directfs-portal-secret-check", hashlib.sha256).hexdigest()
+        old = self._meta("secret_fingerprint")
+        with self._transaction():
+            if old is not None and old != fingerprint:
+                # Wrapped keys cannot be unwrapped with the new secret: forget every file; the next scan re-encodes
+                # everything with new ids, and the old objects are collected as unreferenced.
+                log.warning("the secret access key changed since the last run: every file will be re-encoded")
+                self._db.execute("DELETE FROM blocks")
+                self._db.execute("DELETE FROM nodes")
+            self._set_meta("schema", SCHEMA_VERSION)
+            self._set_meta("secret_fingerprint", fingerprint)
+            if self._meta("next_id") is None:
+                self._set_meta("next_id", str(FIRST_NODE_ID))
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    def _new_id(self) -> int:
+        value = int(self._meta("next_id") or FIRST_NODE_ID)
+        self._set_meta("next_id", str(value + 1))
+        return value
+
+    # --- events ----------------------------------------------------------------------------------------------
+
+    def _folder_id_of(self, path: str, ids: dict[str, int]) -> int:
+        """The "cloud folder" of a path: its top-level folder under DIR (the root's own id for top-level files)."""
+        top = path.split("/", 1)[0] if "/" in path else ""
+        return ids.get(top, ids.get("", FIRST_NODE_ID))
+
+    def _event(
+        self,
+        *,
+        path: str,
+        node_id: int,
+        guid: str,
+        parent_guid: str | None,
+        is_dir: bool,
+        size: int,
+        mtime_ns: int,
+        deleted: bool,
+        folder_id: int,
+    ) -> None:
+        now_iso = _iso(time.time_ns())
+        body = {
+            "type": "folder" if is_dir else "file",
+            "guid": guid,
+            "deleted": deleted,
+            "name": path.rsplit("/", 1)[-1],
+            "folder_id": folder_id,
+            "modified": now_iso,
+            "portal_modified_date": now_iso,
+            "file_timestamp": _iso(mtime_ns),
+            "virtual_portal_id": VIRTUAL_PORTAL_ID,
+            "size": size,
+            "id": node_id,
+            "acl": DEFAULT_ACL_SDDL,
+            "gvsn": str(node_id),  # a new id per version, so the id doubles as the version sequence number
+            "parent_guid": parent_guid,
+            "path": path,  # not in section 8.3; saves a client the /metadata/ancestors call we do not implement
+        }
+        self._db.execute("INSERT INTO events(folder_id, body) VALUES (?, ?)", (folder_id, json.dumps(body)))
+
+    def events_after(
+        self, cursor: int, *, limit: int, folder_ids: frozenset[int] | None
+    ) -> tuple[list[dict[str, Any]], int, bool]:
+        """Events with seq > cursor: (entries, new cursor, has_more). Runs on the event loop's thread."""
+        with self._reader_lock:
+            if folder_ids:
+                marks = ",".join("?" * len(folder_ids))
+                rows = self._reader.execute(
+                    f"SELECT seq, body FROM events WHERE seq > ? AND folder_id IN ({marks}) ORDER BY seq LIMIT ?",  # noqa: S608 - only '?' marks
+                    (cursor, *sorted(folder_ids), limit + 1),
+                ).fetchall()
+            else:
+                rows = self._reader.execute(
+                    "SELECT seq, body FROM events WHERE seq > ? ORDER BY seq LIMIT ?", (cursor, limit + 1)
+                ).fetchall()
+            last = self._reader.execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()[0]
+        has_more = len(rows) > limit
+        rows = rows[:limit]
+        new_cursor = int(rows[-1][0]) if has_more else max(cursor, int(last))
+        return [json.loads(body) for _, body in rows], new_cursor, has_more
+
+    def last_event_seq(self) -> int:
+        with self._reader_lock:
+            return int(self._reader.execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()[0])
+
+    # --- scanning --------------------------------------------------------------------------------------------
+
+    def _walk(self) -> tuple[dict[str, _Stat], int]:
+        found: dict[str, _Stat] = {}
+        skipped = 0
+        root_st = os.stat(self.root)
+        found[""] = _Stat(True, 0, root_st.st_mtime_ns, root_st.st_ctime_ns, root_st.st_ino)
+        stack = [("", self.root)]
+        while stack:
+            rel, directory = stack.pop()
+            try:
+                entries = list(os.scandir(directory))
+            except OSError as exc:
+                log.warning("cannot list %r: %s", rel or ".", exc.strerror)
+                skipped += 1
+                continue
+            for entry in entries:
+                child_rel = f"{rel}/{entry.name}" if rel else entry.name
+                if not _valid_name(entry.name):
+                    log.warning("skipping %r: not a name WebDAV clients can receive", child_rel)
+                    skipped += 1
+                    continue
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                except OSError:
+                    continue  # vanished between listing and stat: the next scan sees the truth
+                if stat_mod.S_ISDIR(st.st_mode):
+                    if Path(entry.path).resolve() == self.state_dir:
+                        continue  # our own state dir inside DIR is never published
+                    found[child_rel] = _Stat(True, 0, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+                    stack.append((child_rel, Path(entry.path)))
+                elif stat_mod.S_ISREG(st.st_mode):
+                    found[child_rel] = _Stat(False, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+                else:
+                    # Symlinks are not followed (they could leave DIR or loop); devices, fifos, sockets have no bytes.
+                    log.info("skipping %r: not a regular file or folder", child_rel)
+                    skipped += 1
+        return found, skipped
+
+    def _known_objects(self) -> set[str]:
+        return {str(r[0]) for r in self._db.execute("SELECT key FROM objects")}
+
+    def scan(self) -> ScanStats:
+        """Bring the index in line with DIR: encode new and changed files, forget deleted ones, publish a snapshot."""
+        stats = ScanStats()
+        found, stats.skipped = self._walk()
+        rows = {
+            str(r[0]): r
+            for r in self._db.execute(
+                "SELECT path, id, guid, is_dir, size, mtime_ns, ctime_ns, ino, wrapped_key, compression, native,"
+                " non_direct, chunking FROM nodes"
+            )
+        }
+        ids = {p: int(r[1]) for p, r in rows.items()}
+        guids = {p: str(r[2]) for p, r in rows.items()}
+        chunking = self.rules.chunking_label()
+
+        def wanted(path: str) -> tuple[str, bool, bool]:
+            native = self.rules.is_native(path)
+            compression = Compression.NONE if native else self.rules.compression_for(path)
+            return compression.value, native, self.rules.is_non_direct(path)
+
+        def unchanged(path: str, st: _Stat) -> bool:
+            row = rows.get(path)
+            if row is None or bool(row[3]) != st.is_dir:
+                return False
+            if st.is_dir:
+                return True
+            want = (*wanted(path), chunking)
+            same_stat = (int(row[4]), int(row[5]), int(row[6]), int(row[7])) == (
+                st.size,
+                st.mtime_ns,
+                st.ctime_ns,
+                st.ino,
+            )
+            same_rules = (str(row[9]), bool(row[10]), bool(row[11]), str(row[12])) == want
+            return same_stat and same_rules
+
+        deleted = [p for p in rows if p not in found or bool(rows[p][3]) != found[p].is_dir]
+        todo = sorted(p for p, st in found.items() if not unchanged(p, st))
+        known_objects = self._known_objects()
+        claimed: set[str] = set()
+        claim_lock = threading.Lock()
+
+        with self._transaction():
+            # Deletions first (children before parents, so parent ids still resolve for folder_id).
+            for path in sorted(deleted, key=lambda p: p.count("/"), reverse=True):
+                row = rows[path]
+                # (a file that became a folder, or back, is a delete here and a create below)
+                self._db.execute("DELETE FROM blocks WHERE file_id=?", (int(row[1]),))
+                self._db.execute("DELETE FROM nodes WHERE path=?", (path,))
+                self._event(
+                    path=path,
+                    node_id=int(row[1]),
+                    guid=str(row[2]),
+                    parent_guid=guids.get(_parent(path)) if path else None,
+                    is_dir=bool(row[3]),
+                    size=int(row[4]),
+                    mtime_ns=int(row[5]),
+                    deleted=True,
+                    folder_id=self._folder_id_of(path, ids),
+                )
+                stats.deleted += 1
+                rows.pop(path)
+
+            # Folders: no encoding, parents before children so every parent guid exists.
+            for path in [p for p in todo if found[p].is_dir]:
+                st = found[path]
+                new_id = self._new_id()
+                guid = guids.get(path) or str(uuid.uuid4())
+                guids[path], ids[path] = guid, new_id
+                self._db.execute(
+                    "INSERT OR REPLACE INTO nodes VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                    (path, new_id, guid, 1, 0, st.mtime_ns, st.ctime_ns, st.ino, None, "NONE", 0, 0, ""),
+                )
+                if path:  # the root is not an item of the feed
+                    self._event(
+                        path=path,
+                        node_id=new_id,
+                        guid=guid,
+                        parent_guid=guids.get(_parent(path)),
+                        is_dir=True,
+                        size=0,
+                        mtime_ns=st.mtime_ns,
+                        deleted=False,
+                        folder_id=self._folder_id_of(path, ids),
+                    )
+                stats.added += 1
+
+        files = [p for p in todo if not found[p].is_dir]
+        with ThreadPoolExecutor(max_workers=self._workers, thread_name_prefix="directfs-ingest") as pool:
+            futures: list[tuple[str, Future[_Encoded | None]]] = []
+            for path in files:
+                compression, native, _ = wanted(path)
+                old = rows.get(path)
+                old_wrapped = str(old[8]) if old is not None and old[8] is not None and not bool(old[3]) else None
+                futures.append(
+                    (
+                        path,
+                        pool.submit(
+                            self._encode_file,
+                            path,
+                            found[path],
+                            Compression(compression),
+                            native,
+                            old_wrapped,
+                            known_objects,
+                            claimed,
+                            claim_lock,
+                        ),
+                    )
+                )
+            pending = 0
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                for path, future in futures:
+                    encoded = future.result()
+                    if encoded is None:
+                        stats.skipped += 1
+                        continue
+                    self._record_file(path, found[path], encoded, wanted(path), chunking, rows, ids, guids, stats)
+                    pending += 1
+                    if pending >= COMMIT_EVERY_FILES:
+                        self._db.execute("COMMIT")
+                        self._db.execute("BEGIN IMMEDIATE")
+                        pending = 0
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                for _, future in futures:
+                    future.cancel()
+                raise
+            self._db.execute("COMMIT")
+
+        stats.objects_deleted = self._collect_garbage()
+        self._load_snapshot()
+        return stats
+
+    def _record_file(
+        self,
+        path: str,
+        st: _Stat,
+        encoded: _Encoded,
+        want: tuple[str, bool, bool],
+        chunking: str,
+        rows: dict[str, Any],
+        ids: dict[str, int],
+        guids: dict[str, str],
+        stats: ScanStats,
+    ) -> None:
+        compression, native, non_direct = want
+        old = rows.get(path)
+        new_id = self._new_id()
+        guid = guids.get(path) or str(uuid.uuid4())
+        if old is not None:
+            self._db.execute("DELETE FROM blocks WHERE file_id=?", (int(old[1]),))
+            stats.changed += 1
+        else:
+            stats.added += 1
+        guids[path], ids[path] = guid, new_id
+        self._db.execute(
+            "INSERT OR REPLACE INTO nodes VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            (
+                path,
+                new_id,
+                guid,
+                0,
+                st.size,
+                st.mtime_ns,
+                st.ctime_ns,
+                st.ino,
+                encoded.wrapped_key,
+                compression,
+                int(native),
+                int(non_direct),
+                chunking,
+            ),
+        )
+        self._db.executemany(
+            "INSERT OR IGNORE INTO objects(key, stored_bytes) VALUES (?, ?)", list(encoded.new_objects.items())
+        )
+        self._db.executemany(
+            "INSERT INTO blocks(file_id, seq, length, object) VALUES (?, ?, ?, ?)",
+            [(new_id, seq, length, key) for seq, (length, key) in enumerate(encoded.blocks)],
+        )
+        stats.encoded_bytes += st.size
+        stats.objects_written += len(encoded.new_objects)
+        self._event(
+            path=path,
+            node_id=new_id,
+            guid=guid,
+            parent_guid=guids.get(_parent(path)),
+            is_dir=False,
+            size=st.size,
+            mtime_ns=st.mtime_ns,
+            deleted=False,
+            folder_id=self._folder_id_of(path, ids),
+        )
+
+    def _encode_file(
+        self,
+        path: str,
+        st: _Stat,
+        compression: Compression,
+        native: bool,
+        old_wrapped: str | None,
+        known_objects: set[str],
+        claimed: set[str],
+        claim_lock: threading.Lock,
+    ) -> _Encoded | None:
+        """Runs in an ingest thread. None when the file changed or vanished while being read (next scan retries)."""
+        file_key: bytes | None = None
+        if not native:
+            if old_wrapped is not None:
+                with contextlib.suppress(OSError):  # DecryptKeyError is an OSError: then a fresh key
+                    file_key = codec.unwrap_file_key(old_wrapped, self._secret)
+            if file_key is None:
+                file_key = codec.new_file_key()
+        key_tag = b"native" if file_key is None else hashlib.sha256(b"directfs-key-tag" + file_key).digest()
+        blocks: list[tuple[int, str]] = []
+        new_objects: dict[str, int] = {}
+        full = self.root / path
+        try:
+            with open(full, "rb") as f:
+                st_now = os.fstat(f.fileno())
+                if (st_now.st_size, st_now.st_mtime_ns, st_now.st_ino) != (st.size, st.mtime_ns, st.ino):
+                    log.info("%r changed while scanning; it is picked up by the next scan", path)
+                    return None
+                data: mmap.mmap | bytes = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if st.size else b""
+                try:
+                    view = memoryview(data)
+                    try:
+                        if self.rules.chunking == "cdc":
+                            spans = cdc_spans(view)
+                        else:
+                            spans = fixed_spans(st.size, self.rules.block_size_bytes)
+                        # A 0-byte file still gets one (empty) object, so the server can answer either
+                        # "chunks": [] or one 0-length chunk (--empty-files) without re-encoding.
+                        spans = spans or [(0, 0)]
+                        for offset, length in spans:
+                            plain = bytes(view[offset : offset + length])
+                            digest = hashlib.sha256(
+                                OBJECT_FORMAT
+                                + b"\0"
+                                + key_tag
+                                + b"\0"
+                                + compression.value.encode()
+                                + b"\0"
+                                + hashlib.sha256(plain).digest()
+                            ).hexdigest()
+                            key = object_key(digest)
+                            blocks.append((length, key))
+                            with claim_lock:
+                                if key in known_objects or key in claimed:
+                                    continue
+                                claimed.add(key)
+                            obj = codec.encode_block(plain, key=file_key, compression=compression)
+                            self.store.put(key, obj)
+                            new_objects[key] = len(obj)
+                    finally:
+                        view.release()
+                finally:
+                    if isinstance(data, mmap.mmap):
+                        data.close()
+                if os.fstat(f.fileno()).st_mtime_ns != st.mtime_ns:
+                    log.info("%r changed while encoding; it is picked up by the next scan", path)
+                    return None
+        except FileNotFoundError:
+            return None
+        wrapped = None if file_key is None else codec.wrap_file_key(file_key, self._secret)
+        return _Encoded(blocks=blocks, new_objects=new_objects, wrapped_key=wrapped)
+
+    def _collect_garbage(self) -> int:
+        orphans = [
+            str(r[0])
+            for r in self._db.execute(
+                "SELECT key FROM objects WHERE NOT EXISTS (SELECT 1 FROM blocks WHERE blocks.object = objects.key)"
+            )
+        ]
+        for key in orphans:
+            try:
+                self.store.delete(key)
+            except Exception as exc:  # a store hiccup must not fail the scan; the row stays and is retried next time
+                log.warning("could not delete unreferenced object %s: %s", key, exc)
+                continue
+            self._db.execute("DELETE FROM objects WHERE key=?", (key,))
+        return len(orphans)
+
+    def forget_missing_objects(self, exists: Any) -> int:
+        """Start-up check: files whose objects are gone from the store are re-encoded by the next scan."""
+        missing = [str(r[0]) for r in self._db.execute("SELECT key FROM objects") if not exists(str(r[0]))]
+        if missing:
+            log.warning("%d block objects are missing from the store; their files will be re-encoded", len(missing))
+            with self._transaction():
+                for key in missing:
+                    self._db.execute("DELETE FROM objects WHERE key=?", (key,))
+                    # A stat no file can have forces the re-encode (and a new id, which is right: the bytes moved).
+                    self._db.execute(
+                        "UPDATE nodes SET mtime_ns=-1 WHERE id IN (SELECT file_id FROM blocks WHERE object=?)", (key,)
+                    )
+        return len(missing)
+
+    # --- snapshot --------------------------------------------------------------------------------------------
+
+    def _load_snapshot(self) -> None:
+        blocks: dict[int, list[Block]] = {}
+        rows = self._db.execute("SELECT file_id, length, object FROM blocks ORDER BY file_id, seq")
+        for file_id, length, key in rows:
+            blocks.setdefault(int(file_id), []).append(Block(int(length), str(key)))
+        nodes: dict[str, Node] = {}
+        for r in self._db.execute(
+            "SELECT path, id, guid, is_dir, size, mtime_ns, wrapped_key, compression, native, non_direct FROM nodes"
+        ):
+            path = str(r[0])
+            nodes[path] = Node(
+                path=path,
+                name=path.rsplit("/", 1)[-1],
+                id=int(r[1]),
+                guid=str(r[2]),
+                is_dir=bool(r[3]),
+                size=int(r[4]),
+                mtime_ns=int(r[5]),
+                wrapped_key=None if r[6] is None else str(r[6]),
+                compression=Compression(str(r[7])),
+                native=bool(r[8]),
+                non_direct=bool(r[9]),
+                blocks=tuple(blocks.get(int(r[1]), ())),
+            )
+        children: dict[str, list[Node]] = {p: [] for p, n in nodes.items() if n.is_dir}
+        for path, node in nodes.items():
+            if path:
+                children.setdefault(_parent(path), []).append(node)
+        self.snapshot = Snapshot(
+            nodes=nodes,
+            children={p: tuple(sorted(c, key=lambda n: n.name)) for p, c in children.items()},
+            by_id={n.id: n for n in nodes.values()},
+        )

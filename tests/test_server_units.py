@@ -1,0 +1,112 @@
+"""Pure pieces of the reference portal: sizes, globs, chunking, URL signing, WebDAV XML."""
+
+from __future__ import annotations
+
+import os
+import xml.etree.ElementTree as ET
+
+import pytest
+
+from directfs.errors import ConfigError
+from directfs.server.chunking import cdc_spans, fixed_spans
+from directfs.server.config import (
+    CDC_MAX_BYTES,
+    CDC_MIN_BYTES,
+    DEMO_SECRET_ACCESS_KEY,
+    EncodingRules,
+    parse_compression_rule,
+    parse_size_bytes,
+)
+from directfs.server.index import Node
+from directfs.server.store import UrlSigner
+from directfs.server.webdav import BadPropfind, href_for, multistatus, parse_propfind
+
+
+def test_sizes() -> None:
+    assert parse_size_bytes("4M") == 4 * 1024 * 1024
+    assert parse_size_bytes("512K") == 512 * 1024
+    assert parse_size_bytes("512KiB") == 512 * 1024
+    assert parse_size_bytes("65536") == 65536
+    for bad in ("", "4X", "-1", "1.5M"):
+        with pytest.raises(ConfigError):
+            parse_size_bytes(bad)
+
+
+def test_demo_secret_has_the_shape_of_a_ctera_secret() -> None:
+    assert len(DEMO_SECRET_ACCESS_KEY) == 40
+
+
+def test_rules_first_match_wins_and_globs_match_names_or_paths() -> None:
+    rules = EncodingRules(
+        compression_rules=(parse_compression_rule("*.log=gzip"), parse_compression_rule("logs/*=none")),
+        native_globs=("media/*",),
+    )
+    assert rules.compression_for("deep/x.log").value == "GZIP"
+    assert rules.compression_for("logs/x.txt").value == "NONE"
+    assert rules.compression_for("x.txt").value == "SNAPPY"
+    assert rules.is_native("media/a.mp4") and not rules.is_native("a.mp4")
+    with pytest.raises(ConfigError):
+        parse_compression_rule("*.log=zstd")
+    with pytest.raises(ConfigError):
+        parse_compression_rule("gzip")
+
+
+@pytest.mark.parametrize("size", [0, 1, 4095, 4096, 4097, 3 * 4096 + 5])
+def test_fixed_spans_tile_the_file(size: int) -> None:
+    spans = fixed_spans(size, 4096)
+    assert sum(length for _, length in spans) == size
+    assert all(length <= 4096 for _, length in spans)
+    assert [off for off, _ in spans] == list(range(0, size, 4096))
+
+
+def test_cdc_spans_are_bounded_and_content_defined() -> None:
+    data = os.urandom(6 * 1024 * 1024)
+    spans = cdc_spans(memoryview(data))
+    assert sum(length for _, length in spans) == len(data)
+    assert all(CDC_MIN_BYTES <= length <= CDC_MAX_BYTES for _, length in spans[:-1])
+    # Content-defined: inserting bytes at the front shifts the data, and most cut points follow it.
+    shifted = cdc_spans(memoryview(b"xyz" + data))
+    ends = {off + length for off, length in spans}
+    shifted_ends = {off + length - 3 for off, length in shifted}
+    assert len(ends & shifted_ends) >= len(ends) - 2
+    assert cdc_spans(memoryview(b"")) == []
+
+
+def test_url_signer_refuses_tampering_and_expiry() -> None:
+    signer = UrlSigner(b"k" * 32)
+    url = signer.sign("/blocks/ab/cd", 60, now=1000)
+    path, _, query = url.partition("?")
+    params = dict(p.split("=") for p in query.split("&"))
+    assert signer.check(path, params["expires"], params["sig"], now=1000) is None
+    assert signer.check(path, params["expires"], params["sig"], now=1061) == "expired"
+    assert signer.check("/blocks/ab/ce", params["expires"], params["sig"], now=1000) == "bad signature"
+    assert signer.check(path, str(int(params["expires"]) + 1), params["sig"], now=1000) == "bad signature"
+    assert signer.check(path, "", params["sig"], now=1000) is not None
+    assert UrlSigner(b"j" * 32).check(path, params["expires"], params["sig"], now=1000) == "bad signature"
+
+
+def _node(path: str, *, is_dir: bool = False) -> Node:
+    return Node(path=path, name=path.rsplit("/", 1)[-1], id=1234, guid="g", is_dir=is_dir, size=5, mtime_ns=10**18)
+
+
+def test_href_quoting() -> None:
+    assert href_for(_node("a b/c%d#e?f")) == "/ServicesPortal/webdav/a%20b/c%25d%23e%3Ff"
+    assert href_for(_node("Zürich", is_dir=True)) == "/ServicesPortal/webdav/Z%C3%BCrich/"
+    assert href_for(_node("", is_dir=True)) == "/ServicesPortal/webdav/"
+
+
+def test_propfind_parsing_and_rendering() -> None:
+    assert parse_propfind(b"") == ("allprop", [])
+    body = b'<propfind xmlns="DAV:" xmlns:c="http://www.ctera.com/ns"><prop><getetag/><c:fileid/></prop></propfind>'
+    mode, names = parse_propfind(body)
+    assert mode == "prop" and names == [("DAV:", "getetag"), ("http://www.ctera.com/ns", "fileid")]
+    for bad in (b"<x", b"<a/>", b'<!DOCTYPE x [<!ENTITY e "boom">]><propfind xmlns="DAV:">&e;</propfind>'):
+        with pytest.raises(BadPropfind):
+            parse_propfind(bad)
+    xml = multistatus([_node("a & <b>")], "prop", [*names, ("DAV:", "nope")])
+    root = ET.fromstring(xml)
+    ns = {"D": "DAV:", "c": "http://www.ctera.com/ns"}
+    assert root.findtext("D:response/D:href", namespaces=ns) == "/ServicesPortal/webdav/a%20%26%20%3Cb%3E"
+    assert root.findtext("D:response/D:propstat/D:prop/c:fileid", namespaces=ns) == "1234"
+    statuses = [s.text for s in root.iterfind("D:response/D:propstat/D:status", namespaces=ns)]
+    assert statuses == ["HTTP/1.1 200 OK", "HTTP/1.1 404 Not Found"]
