@@ -197,7 +197,7 @@ class CteraSource:
 
     async def stat(self, path: str) -> Entry:
         body = await self._propfind(path, 0)
-        wanted = davxml.href_path(f"{self._root}/{path}" if path else self._root)
+        wanted = davxml.normalize_path(f"{self._root}/{path}" if path else self._root)
         for resource in davxml.parse_multistatus(body):
             if resource.path == wanted:
                 return self._entry(path.rsplit("/", 1)[-1], resource)
@@ -207,7 +207,7 @@ class CteraSource:
         body = await self._propfind(path, 1)
         folder = f"{self._root}/{path}" if path else self._root
         resources = list(davxml.parse_multistatus(body))
-        wanted = davxml.href_path(folder)
+        wanted = davxml.normalize_path(folder)
         itself = next((r for r in resources if r.path == wanted), None)
         if itself is not None and not itself.is_collection:  # Depth 1 on a file describes just the file
             raise NotADirectory(filename=path)

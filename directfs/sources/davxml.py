@@ -55,12 +55,15 @@ def _tag(ns: str, name: str) -> str:
     return f"{{{ns}}}{name}"
 
 
-def href_path(href: str) -> str:
-    """The unquoted absolute path of an href (which may be a full URL), normalised without a trailing slash."""
-    path = urlsplit(href.strip()).path
-    path = unquote(path, errors="strict")
+def normalize_path(path: str) -> str:
+    """An absolute, already unquoted path in the form ``href_path`` produces (no trailing slash, no ``.``)."""
     path = posixpath.normpath(path) if path else "/"
     return "/" if path in ("", ".", "//") else path.rstrip("/") or "/"
+
+
+def href_path(href: str) -> str:
+    """The unquoted absolute path of an href (which may be a full URL), normalised without a trailing slash."""
+    return normalize_path(unquote(urlsplit(href.strip()).path, errors="strict"))
 
 
 def _parse_mtime_ns(text: str | None) -> int | None:
@@ -139,9 +142,9 @@ def _text(props: dict[str, ET.Element], ns: str, name: str) -> str | None:
 
 
 def children_of(folder_path: str, resources: Iterator[DavResource]) -> Iterator[tuple[str, DavResource]]:
-    """The direct children of ``folder_path`` in a Depth-1 reply, as (name, resource): the folder itself, entries
-    elsewhere, invalid names and duplicates are dropped (the latter three with a warning)."""
-    folder = href_path(folder_path)
+    """The direct children of ``folder_path`` (an unquoted absolute path) in a Depth-1 reply, as (name, resource):
+    the folder itself, entries elsewhere, invalid names and duplicates are dropped (the latter three with a warning)."""
+    folder = normalize_path(folder_path)
     seen: set[str] = set()
     for resource in resources:
         if resource.path == folder:
