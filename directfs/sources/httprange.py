@@ -7,6 +7,9 @@ Strictness, because a wrong byte is worse than an error (design-notes section 5,
 a ranged GET must answer 206 with a ``Content-Range`` naming exactly the asked range and a body of exactly that
 length; a 200 is accepted only when it is the whole object and the whole object was asked for. ``If-Match`` with the
 version's ETag (when the store gave one) turns a replaced object into 412, reported as ``StaleFileError``.
+
+Nearline stores: with a ``staging`` policy, a "not online yet" answer (503 + Retry-After, S3 InvalidObjectState)
+makes the read wait and ask again until the staging deadline, then ``DataNotOnlineError`` (see ``nearline``).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import httpx
 
 from ..errors import (
     BlockInfo,
+    DataNotOnlineError,
     DownloadConnectionError,
     DownloadError,
     DownloadTimeout,
@@ -29,6 +33,7 @@ from ..errors import (
 )
 from ..http import RetryPolicy, redact_url, send_with_retries
 from .base import BlockLayout
+from .nearline import ERROR_BODY_BYTES, StagingPolicy, StagingWait, not_online_hint
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +64,7 @@ class RangeFile:
         policy: RetryPolicy,
         headers: HeaderFactory | None = None,
         on_unauthorized: Callable[[], Awaitable[bool]] | None = None,
+        staging: StagingPolicy | None = None,
     ) -> None:
         self._client = client
         self._url = url
@@ -69,6 +75,7 @@ class RangeFile:
         self._policy = policy
         self._headers = headers
         self._on_unauthorized = on_unauthorized
+        self._staging = staging
 
     @property
     def layout(self) -> BlockLayout:
@@ -87,6 +94,13 @@ class RangeFile:
         reply = await self._get(start, length, info)
         if reply.status_code in (401, 403) and self._on_unauthorized is not None and await self._on_unauthorized():
             reply = await self._get(start, length, info)  # credentials were refreshed (e.g. a rotated token)
+        if self._staging is not None:
+            waiting: StagingWait | None = None
+            while (hint := not_online_hint(reply.status_code, reply.headers, reply.content)) is not None:
+                waiting = waiting or StagingWait(self._staging, self._name)
+                if not await waiting.wait(hint):
+                    raise DataNotOnlineError(block=info)
+                reply = await self._get(start, length, info)
         status = reply.status_code
         if status == 206:
             match = _CONTENT_RANGE.match(reply.headers.get("content-range", ""))
@@ -120,7 +134,13 @@ class RangeFile:
                 headers["If-Match"] = self._etag
             async with self._client.stream("GET", self._url, headers=headers) as response:
                 if response.status_code not in (200, 206):
-                    return _Body(response.status_code, response.headers, b"")
+                    # A small prefix of an error body: enough to recognise S3's InvalidObjectState (nearline).
+                    error_body = bytearray()
+                    async for piece in response.aiter_raw():
+                        error_body += piece
+                        if len(error_body) >= ERROR_BODY_BYTES:
+                            break
+                    return _Body(response.status_code, response.headers, bytes(error_body[:ERROR_BODY_BYTES]))
                 body = bytearray()
                 async for piece in response.aiter_raw():
                     body += piece

@@ -1,0 +1,195 @@
+"""``directfs get PORTAL FILE_ID DEST``: download one file (or a byte range of it) with the Streamer API.
+
+The file is written to ``DEST.part`` and renamed to ``DEST`` only when complete, so ``DEST`` never holds a partial
+file; ``-`` writes to stdout. A stream that stops on a block error resumes from ``StreamError.offset`` (a new
+stream with fresh presigned URLs) up to ``--resumes`` times. A progress line goes to stderr when it is a terminal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+import time
+from typing import TYPE_CHECKING, BinaryIO, Final
+
+from ..errors import ConfigError
+from . import common
+
+if TYPE_CHECKING:
+    from ..directio import DirectIO
+    from ..sources.base import SourceOptions
+
+HELP = "Download a file by its Direct IO file id (ctera+https://HOST FILE_ID DEST, '-' for stdout)."
+
+# Block errors that survive the per-block retries (timeouts, a storage node restarting) often clear within
+# seconds; 3 fresh streams ride out a short outage without looping forever on a file that cannot be read.
+DEFAULT_RESUMES: Final = 3
+# The Streamer's own default (8): enough to hide object-store latency, few enough to bound memory (8 blocks).
+DEFAULT_MAX_WORKERS: Final = 8
+PROGRESS_INTERVAL_SECONDS: Final = 0.25  # redraws per second on a terminal: smooth, and cheap
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("portal", metavar="PORTAL", help="ctera+https://HOST[:PORT] (ctera+http:// only for loopback)")
+    parser.add_argument("file_id", metavar="FILE_ID", help="the Direct IO file id (a decimal number)")
+    parser.add_argument("dest", metavar="DEST", help="local file to write, or - for stdout")
+    parser.add_argument(
+        "--range",
+        dest="byte_range",
+        metavar="START-END",
+        help="only bytes START to END, END inclusive (START- runs to the end of the file)",
+    )
+    parser.add_argument(
+        "--max-workers",
+        type=int,
+        default=DEFAULT_MAX_WORKERS,
+        metavar="N",
+        help=f"blocks fetched (and buffered) at once (default {DEFAULT_MAX_WORKERS})",
+    )
+    parser.add_argument(
+        "--resumes",
+        type=int,
+        default=DEFAULT_RESUMES,
+        metavar="N",
+        help=f"times to resume a stream that stopped on a block error (default {DEFAULT_RESUMES})",
+    )
+    common.add_credential_arguments(parser)
+    common.add_tls_arguments(parser)
+
+
+def parse_portal(text: str) -> str:
+    """``ctera+https://host[:port]`` -> ``https://host[:port]``; plain http only for loopback hosts."""
+    from ..http import is_loopback_host  # light, but keep command import time minimal
+
+    scheme, sep, rest = text.partition("://")
+    host = rest.split("/", 1)[0].rsplit("@", 1)[-1]
+    hostname = host[1:].split("]", 1)[0] if host.startswith("[") else host.rsplit(":", 1)[0]
+    if not sep or scheme.lower() not in ("ctera+https", "ctera+http") or not hostname:
+        raise ConfigError(f"PORTAL must be ctera+https://HOST[:PORT], not {text.split('?', 1)[0]!r}")
+    if scheme.lower() == "ctera+http" and not is_loopback_host(hostname):
+        raise ConfigError("ctera+http:// sends the access key in clear text: only loopback hosts may use it")
+    return f"{scheme.lower().removeprefix('ctera+')}://{host}"
+
+
+def parse_range(text: str | None) -> tuple[int, int | None]:
+    """``"START-END"`` (END inclusive) or ``"START-"`` -> (start, end or None)."""
+    if text is None:
+        return 0, None
+    start_text, sep, end_text = text.strip().partition("-")
+    if not sep or not start_text.isdigit() or not (end_text == "" or end_text.isdigit()):
+        raise ConfigError(f"--range must be START-END or START- (bytes, END inclusive), not {text!r}")
+    start, end = int(start_text), int(end_text) if end_text else None
+    if end is not None and end < start:
+        raise ConfigError(f"--range end {end} is before its start {start}")
+    return start, end
+
+
+def run(args: argparse.Namespace) -> int:
+    import trio
+
+    portal = parse_portal(args.portal)
+    start, end = parse_range(args.byte_range)
+    if args.max_workers < 1 or args.resumes < 0:
+        raise ConfigError("--max-workers must be >= 1 and --resumes >= 0")
+    credentials = common.resolve_credentials(args)
+    if not credentials.access_key_id or not credentials.secret_access_key:
+        raise ConfigError(
+            "directfs get needs --access-key-id and --secret-access-key-file (or $DIRECTFS_ACCESS_KEY_ID and "
+            "$DIRECTFS_SECRET_ACCESS_KEY)"
+        )
+    options = common.build_source_options(args, credentials)
+    return trio.run(_download, portal, args, options, start, end)
+
+
+async def _download(portal: str, args: argparse.Namespace, options: SourceOptions, start: int, end: int | None) -> int:
+    from ..directio import DirectIO, DirectIOSettings
+
+    credentials = options.credentials
+    assert credentials.access_key_id and credentials.secret_access_key  # checked by run()
+    settings = DirectIOSettings.from_options(options)
+    to_stdout = args.dest == "-"
+    part = f"{args.dest}.part"
+    progress = _Progress(enabled=sys.stderr.isatty())
+    async with DirectIO(portal, credentials.access_key_id, credentials.secret_access_key, settings=settings) as dio:
+        if to_stdout:
+            await _stream(dio, args, start, end, sys.stdout.buffer, progress)
+            sys.stdout.buffer.flush()
+            return 0
+        try:
+            with open(part, "wb") as sink:  # noqa: ASYNC230 - local file; the writes run in a worker thread
+                await _stream(dio, args, start, end, sink, progress)
+                sink.flush()
+                os.fsync(sink.fileno())
+            os.replace(part, args.dest)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(part)
+            raise
+    return 0
+
+
+async def _stream(
+    dio: DirectIO, args: argparse.Namespace, start: int, end: int | None, sink: BinaryIO, progress: _Progress
+) -> None:
+    import trio
+
+    from ..directio import ByteRange
+    from ..errors import StreamError
+
+    position, resumes = start, 0
+    while True:
+        try:
+            async with dio.streamer(args.file_id, ByteRange(position, end), max_workers=args.max_workers) as stream:
+                if progress.total is None:
+                    progress.total = max(0, stream.stop - stream.start)
+                async for fragment in stream:
+                    # One thread hop per fragment (a whole block): the trio thread keeps fetching meanwhile.
+                    await trio.to_thread.run_sync(sink.write, fragment)
+                    position += len(fragment)
+                    progress.advance(len(fragment))
+            progress.finish()
+            return
+        except StreamError as exc:
+            if resumes >= args.resumes:
+                progress.finish()
+                raise
+            resumes += 1
+            position = exc.offset
+            progress.note(f"stream stopped ({exc.__cause__ or exc}); resuming at byte {position} ({resumes})")
+
+
+class _Progress:
+    """A one-line progress display on stderr (only when it is a terminal)."""
+
+    def __init__(self, *, enabled: bool) -> None:
+        self.enabled = enabled
+        self.total: int | None = None
+        self.done = 0
+        self._started = time.monotonic()
+        self._drawn = 0.0
+
+    def advance(self, count: int) -> None:
+        self.done += count
+        now = time.monotonic()
+        if self.enabled and now - self._drawn >= PROGRESS_INTERVAL_SECONDS:
+            self._drawn = now
+            self._draw(now)
+
+    def _draw(self, now: float) -> None:
+        elapsed = max(now - self._started, 1e-6)
+        rate = self.done / elapsed / 1e6
+        percent = f"{100 * self.done / self.total:5.1f}%" if self.total else "     "
+        sys.stderr.write(f"\r{percent} {self.done / 1e6:10.1f} MB {rate:8.1f} MB/s")
+        sys.stderr.flush()
+
+    def note(self, text: str) -> None:
+        sys.stderr.write(("\n" if self.enabled else "") + f"directfs get: {text}\n")
+        sys.stderr.flush()
+
+    def finish(self) -> None:
+        if self.enabled:
+            self._draw(time.monotonic())
+            sys.stderr.write("\n")
+            sys.stderr.flush()

@@ -1,0 +1,876 @@
+"""CTERA Direct IO client: block lists from the Portal, blocks straight from object storage (trio + httpx).
+
+Public API (see the README, "Python API")::
+
+    async with DirectIO(portal_url, access_key_id, secret_access_key) as dio:
+        meta = await dio.metadata(file_id)                        # FileMetadata: chunks, size, flags
+        f = await dio.open(file_id)                               # DirectIOFile: an OpenFile for the filesystem
+        async with dio.blocks(file_id, max_workers=8) as blocks:  # whole blocks, as they complete
+            async for block in blocks: ...
+        async with dio.streamer(file_id, ByteRange(0, 99)) as stream:  # bytes in order, trimmed to the range
+            async for fragment in stream: ...
+
+Protocol: ``shared/docs/ctera-direct-io.md`` sections 2 (metadata), 5 (block GETs) and 11 (defects of cterasdk we do
+not copy: no retries of 400/401/403/422, 403 from storage refreshes the URLs, reads past EOF are empty, bounded
+workers and back-pressure).
+
+Concurrency rules (trio):
+
+* One ``DirectIO`` owns two httpx clients (Portal, storage); every task of the run may share them.
+* Every request runs under ``RetryPolicy.total_budget_seconds`` (see ``directfs.http.send_with_retries``) on top of
+  the per-socket connect/read timeouts: no network call is without a deadline.
+* ``DirectIOFile`` holds one metadata snapshot at a time. A block fetch reads the snapshot once and uses its URL and
+  key together. URL refresh (storage 403/400) is single-flight: a lock plus a generation counter, so N fetches that
+  hit an expired URL at once cause one Portal call; a fetch refreshes at most once.
+* Decoding runs through ``directfs.workers.run_codec`` (threads above a size threshold).
+* ``blocks()`` and ``streamer()`` are async context managers that own a nursery; the iterator object they expose never
+  yields from inside a nursery. A window of ``max_workers`` tokens is taken before a block's fetch starts and given
+  back only when the consumer has taken the block, so at most ``max_workers`` blocks are in flight or buffered
+  (back-pressure), and blocks start in file order (lower offsets first). Fetch errors travel as values to the
+  consumer and are raised at the point of iteration (the streamer wraps them in ``StreamError`` with the exact resume
+  offset); leaving the ``async with`` cancels outstanding fetches.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, Final, TypeGuard
+from urllib.parse import urlsplit
+
+import httpx
+import trio
+
+from . import codec
+from .errors import (
+    AuthorizationError,
+    BlockError,
+    BlockInfo,
+    BlockListConnectionError,
+    BlockListTimeout,
+    BlocksNotFoundError,
+    ConfigError,
+    DirectFSError,
+    DownloadConnectionError,
+    DownloadError,
+    DownloadTimeout,
+    InvalidRequest,
+    MalformedMetadataError,
+    ObjectNotFoundError,
+    StaleFileError,
+    StreamError,
+    UnsupportedStorageError,
+)
+from .http import (
+    HTTPSettings,
+    RetryPolicy,
+    build_client,
+    describe_transport_error,
+    is_loopback_host,
+    redact_url,
+    send_with_retries,
+)
+from .sources.base import BlockLayout, SourceOptions
+from .workers import run_codec
+
+log = logging.getLogger(__name__)
+
+MiB: Final = 1024 * 1024
+AZURE_HOST_SUFFIX: Final = ".core.windows.net"
+
+
+@dataclass(frozen=True)
+class DirectIOSettings:
+    """Everything tunable about the Direct IO client; each default has its reason beside it."""
+
+    portal: HTTPSettings = field(default_factory=HTTPSettings)
+    storage: HTTPSettings = field(default_factory=HTTPSettings)
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    # A block list is ~150 bytes per chunk; 64 MiB covers ~400k chunks per reply and still bounds a hostile body.
+    max_metadata_bytes: int = 64 * MiB
+    # 4 Mi chunks: a 2 TiB file at CTERA's default 512 KiB average block. Bounds memory for the chunk table.
+    max_chunks: int = 4 * 1024 * 1024
+    # CTERA blocks default to 512 KiB (variable) or 4 MiB (fixed); 64 MiB leaves room for custom folder groups
+    # and bounds what one block may make us allocate.
+    max_block_bytes: int = 64 * MiB
+    # The Portal may return a partial block list (section 2.4); bound the paging so a looping server cannot hang us.
+    max_metadata_pages: int = 10_000
+    allow_plain_http: bool = False  # a Bearer key over plain HTTP only to loopback, unless the user insists
+
+    @classmethod
+    def from_options(cls, options: SourceOptions, *, retry: RetryPolicy | None = None) -> DirectIOSettings:
+        """Settings from the command layer's store-independent options (TLS, CA, timeouts)."""
+        cred = options.credentials
+        portal = HTTPSettings(
+            connect_timeout_seconds=options.connect_timeout_seconds,
+            read_timeout_seconds=options.read_timeout_seconds,
+            verify_tls=options.verify_tls,
+            ca_file=options.ca_file,
+            client_cert=cred.client_cert,
+            client_key=cred.client_key,
+        )
+        storage_verify = options.verify_tls if options.storage_verify_tls is None else options.storage_verify_tls
+        storage = HTTPSettings(
+            connect_timeout_seconds=options.connect_timeout_seconds,
+            read_timeout_seconds=options.read_timeout_seconds,
+            verify_tls=storage_verify,
+            ca_file=options.ca_file,
+        )
+        return cls(
+            portal=portal,
+            storage=storage,
+            retry=retry or RetryPolicy(),
+            allow_plain_http=options.allow_plain_http,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ByteRange:
+    """Bytes ``start`` to ``end`` of a file, **end inclusive** (as cterasdk); ``end=None`` runs to the end of file.
+
+    Unlike cterasdk, a negative start is refused (not silently 0) and a start at or past the end of file selects
+    nothing (cterasdk returns the whole file there).
+    """
+
+    start: int = 0
+    end: int | None = None
+
+    def __post_init__(self) -> None:
+        if not _is_int(self.start) or self.start < 0:
+            raise ConfigError(f"byte range start must be an integer >= 0, not {self.start!r}")
+        if self.end is not None and (not _is_int(self.end) or self.end < self.start):
+            raise ConfigError(f"byte range end must be an integer >= start ({self.start}), not {self.end!r}")
+
+    def clamp(self, size: int) -> tuple[int, int] | None:
+        """``(start, stop)`` (stop exclusive) within a file of ``size`` bytes, or None when nothing is selected."""
+        if self.start >= size:
+            return None
+        stop = size if self.end is None else min(self.end + 1, size)
+        return self.start, stop
+
+
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    """One block of a file: 1-based ``number`` (as cterasdk), file ``offset``, plaintext ``length``, and the
+    presigned ``url`` (bearer-equivalent until it expires: kept out of ``repr``)."""
+
+    number: int
+    offset: int
+    length: int
+    url: str = field(repr=False)
+
+
+@dataclass(frozen=True)
+class FileMetadata:
+    """A file's block list as the Portal describes it, with the unwrapped key (never in ``repr``)."""
+
+    file_id: str
+    encrypted: bool
+    compression: codec.Compression
+    chunks: tuple[Chunk, ...]
+    size: int
+    file_key: bytes | None = field(default=None, repr=False)
+    azure: bool = False  # blocks carry a 16-byte MD5 prefix (Azure Blob storage nodes)
+
+    def layout(self, version: str) -> BlockLayout:
+        return BlockLayout.from_lengths(version, [c.length for c in self.chunks])
+
+    def same_content_shape(self, other: FileMetadata) -> bool:
+        """Whether ``other`` can describe the same file version (used after a URL refresh)."""
+        return self.size == other.size and [c.length for c in self.chunks] == [c.length for c in other.chunks]
+
+
+@dataclass(frozen=True, slots=True)
+class Block:
+    """One whole block of the Blocks API (not trimmed to the byte range)."""
+
+    number: int
+    offset: int
+    length: int
+    data: bytes | bytearray = field(repr=False)
+
+
+def _is_int(value: object) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _file_id_text(file_id: int | str) -> str:
+    text = str(file_id) if _is_int(file_id) else file_id
+    if not isinstance(text, str) or not text.isascii() or not text.isdigit() or len(text) > 30:
+        raise ObjectNotFoundError(f"invalid file id {str(file_id)[:40]!r}: expected a decimal number")
+    return text
+
+
+# --- metadata parsing -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Page:
+    encrypted: bool
+    wrapped_key: str | None
+    compression: codec.Compression
+    lengths: list[int]
+    urls: list[str]
+    file_size: int | None  # from actual_blocks_range, when present
+    range_start: int | None
+    range_end: int | None
+    azure: bool  # a chunk lives on Azure Blob storage (objects carry a 16-byte MD5 prefix)
+
+
+def _malformed(file_id: str, why: str) -> MalformedMetadataError:
+    return MalformedMetadataError(f"Malformed Direct IO metadata: {why}", filename=file_id)
+
+
+def _parse_page(file_id: str, body: Any, settings: DirectIOSettings) -> _Page:
+    if not isinstance(body, dict):
+        raise _malformed(file_id, "the reply is not a JSON object")
+    info = body.get("encrypt_info")
+    if not isinstance(info, dict):
+        hint = " (a Portal older than 8.3?)" if "wrapped_key" in body else ""
+        raise _malformed(file_id, f"missing or invalid encrypt_info{hint}")
+    encrypted = info.get("data_encrypted")
+    if not isinstance(encrypted, bool):
+        raise _malformed(file_id, "encrypt_info.data_encrypted is not a boolean")
+    wrapped = info.get("wrapped_key")
+    if encrypted and (not isinstance(wrapped, str) or not wrapped):
+        raise _malformed(file_id, "encrypted file without encrypt_info.wrapped_key")
+    compression_type = body.get("compression_type")
+    if compression_type is not None and not isinstance(compression_type, str):
+        raise _malformed(file_id, "compression_type is not a string")
+    chunks = body.get("chunks")
+    if chunks is None:
+        chunks = []
+    if not isinstance(chunks, list):
+        raise _malformed(file_id, "chunks is not a list")
+    if len(chunks) > settings.max_chunks:
+        raise _malformed(file_id, f"more than {settings.max_chunks} chunks")
+    lengths: list[int] = []
+    urls: list[str] = []
+    azure = False
+    for position, chunk in enumerate(chunks):
+        if not isinstance(chunk, dict):
+            raise _malformed(file_id, f"chunk {position} is not an object")
+        length, url = chunk.get("len"), chunk.get("url")
+        if not _is_int(length) or not 0 <= length <= settings.max_block_bytes:
+            raise _malformed(file_id, f"chunk {position} has an invalid len (an integer 0..{settings.max_block_bytes})")
+        if not isinstance(url, str):
+            raise _malformed(file_id, f"chunk {position} has no url")
+        try:
+            parts = urlsplit(url)
+            host = parts.hostname
+        except ValueError as exc:
+            raise _malformed(file_id, f"chunk {position} has an unparseable url") from exc
+        if parts.scheme.lower() not in ("https", "http") or not host:
+            raise _malformed(file_id, f"chunk {position} has no absolute http(s) url")
+        azure = azure or host.endswith(AZURE_HOST_SUFFIX)
+        lengths.append(length)
+        urls.append(url)
+    file_size = range_start = range_end = None
+    blocks_range = body.get("actual_blocks_range")
+    if blocks_range is not None:
+        if not isinstance(blocks_range, dict):
+            raise _malformed(file_id, "actual_blocks_range is not an object")
+        file_size = blocks_range.get("file_size")
+        if not _is_int(file_size) or file_size < 0:
+            raise _malformed(file_id, "actual_blocks_range.file_size is not an integer >= 0")
+        text = blocks_range.get("range")
+        if text is not None:
+            if not isinstance(text, str):
+                raise _malformed(file_id, "actual_blocks_range.range is not a string")
+            start_text, sep, end_text = text.strip().partition("-")
+            if not sep or not start_text.isdigit() or not end_text.isdigit():
+                raise _malformed(file_id, "actual_blocks_range.range is not START-END")
+            range_start, range_end = int(start_text), int(end_text)
+    return _Page(
+        encrypted=encrypted,
+        wrapped_key=wrapped if encrypted else None,
+        compression=codec.Compression.parse(compression_type),
+        lengths=lengths,
+        urls=urls,
+        file_size=file_size,
+        range_start=range_start,
+        range_end=range_end,
+        azure=azure,
+    )
+
+
+# --- the client -----------------------------------------------------------------------------------------------
+
+
+class DirectIO:
+    """Async context manager holding the Portal and storage clients of one Direct IO account.
+
+    ``secret_access_key`` only unwraps file keys locally; it is never sent, logged or shown in ``repr``.
+    ``portal_transport``/``storage_transport`` replace the network (``httpx.MockTransport`` in tests).
+    """
+
+    def __init__(
+        self,
+        portal_url: str,
+        access_key_id: str,
+        secret_access_key: str,
+        *,
+        settings: DirectIOSettings | None = None,
+        portal_transport: httpx.AsyncBaseTransport | None = None,
+        storage_transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self.settings = settings or DirectIOSettings()
+        try:
+            url = httpx.URL(portal_url)
+        except (httpx.InvalidURL, TypeError) as exc:
+            raise ConfigError("invalid Portal URL") from exc
+        if url.scheme not in ("https", "http") or not url.host:
+            raise ConfigError(f"Portal URL must be https://HOST[:PORT], not {redact_url(url)}")
+        if url.scheme == "http" and not (self.settings.allow_plain_http or is_loopback_host(url.host)):
+            raise ConfigError(
+                f"plain http:// sends the access key in clear text; only loopback may use it ({url.host})"
+            )
+        if not access_key_id or not secret_access_key:
+            raise ConfigError("Direct IO needs an access key id and a secret access key")
+        # /directio sits at the host root, whatever path the user gave (protocol notes 2.1).
+        self.portal_url = str(url.copy_with(path="/", query=None, fragment=None, username=None, password=None))
+        self._access_key_id = access_key_id
+        self._secret_access_key = secret_access_key
+        self._transports = (portal_transport, storage_transport)
+        self._portal: httpx.AsyncClient | None = None
+        self._storage: httpx.AsyncClient | None = None
+
+    def __repr__(self) -> str:
+        return f"DirectIO({self.portal_url!r})"
+
+    async def __aenter__(self) -> DirectIO:
+        self._portal = build_client(
+            self.settings.portal,
+            headers={"Authorization": f"Bearer {self._access_key_id}", "Accept": "application/json"},
+            transport=self._transports[0],
+        )
+        # identity: we read raw bytes (no decoding pass) and compare sizes against the block length.
+        self._storage = build_client(
+            self.settings.storage, headers={"Accept-Encoding": "identity"}, transport=self._transports[1]
+        )
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        clients = [c for c in (self._portal, self._storage) if c is not None]
+        self._portal = self._storage = None
+        for client in clients:
+            await client.aclose()
+
+    def _clients(self) -> tuple[httpx.AsyncClient, httpx.AsyncClient]:
+        if self._portal is None or self._storage is None:
+            raise RuntimeError("use DirectIO as an async context manager (async with DirectIO(...) as dio)")
+        return self._portal, self._storage
+
+    # --- metadata ---
+
+    async def metadata(self, file_id: int | str) -> FileMetadata:
+        """The file's block list, with the unwrapped file key. Paged transparently when the Portal returns a
+        partial list. Raises a ``DirectIOAPIError`` (status mapping in ``directfs.errors``) or ``DecryptKeyError``."""
+        return await self._metadata(_file_id_text(file_id), empty_ok=False)
+
+    async def _metadata(self, file_id: str, *, empty_ok: bool) -> FileMetadata:
+        first = await self._metadata_page(file_id, None)
+        pages = [first]
+        if first.file_size and first.range_start is not None:
+            covered = self._check_page(file_id, first, 0)
+            while covered < first.file_size:
+                if len(pages) >= self.settings.max_metadata_pages:
+                    raise _malformed(file_id, f"block list not complete after {len(pages)} pages")
+                page = await self._metadata_page(file_id, (covered, first.file_size - 1))
+                if (page.encrypted, page.wrapped_key, page.compression, page.file_size) != (
+                    first.encrypted,
+                    first.wrapped_key,
+                    first.compression,
+                    first.file_size,
+                ):
+                    raise _malformed(file_id, "pages of the block list disagree (file changed while paging?)")
+                covered = self._check_page(file_id, page, covered)
+                pages.append(page)
+            if covered != first.file_size:
+                raise _malformed(file_id, f"block list covers {covered} bytes of a {first.file_size}-byte file")
+        lengths = [n for page in pages for n in page.lengths]
+        urls = [u for page in pages for u in page.urls]
+        if len(lengths) > self.settings.max_chunks:
+            raise _malformed(file_id, f"more than {self.settings.max_chunks} chunks")
+        size = sum(lengths)
+        if first.file_size is not None and first.file_size != size:
+            raise _malformed(file_id, f"chunks sum to {size} bytes, file_size says {first.file_size}")
+        if not lengths and not empty_ok and first.file_size != 0:
+            raise BlocksNotFoundError(filename=file_id)
+        file_key = None
+        if first.encrypted:
+            assert first.wrapped_key is not None
+            try:
+                file_key = codec.unwrap_file_key(first.wrapped_key, self._secret_access_key)
+            except DirectFSError as exc:
+                exc.filename = file_id
+                raise
+        chunks: list[Chunk] = []
+        offset = 0
+        for number, (length, url) in enumerate(zip(lengths, urls, strict=True), start=1):
+            chunks.append(Chunk(number=number, offset=offset, length=length, url=url))
+            offset += length
+        return FileMetadata(
+            file_id=file_id,
+            encrypted=first.encrypted,
+            compression=first.compression,
+            chunks=tuple(chunks),
+            size=size,
+            file_key=file_key,
+            azure=any(page.azure for page in pages),
+        )
+
+    @staticmethod
+    def _check_page(file_id: str, page: _Page, covered: int) -> int:
+        """Verify a partial page continues exactly where the last one ended; return the new coverage."""
+        if page.range_start is None or page.range_end is None:
+            raise _malformed(file_id, "a partial block list page without actual_blocks_range.range")
+        if page.range_start != covered:
+            kind = "overlaps" if page.range_start < covered else "leaves a gap after"
+            raise _malformed(file_id, f"block list page starting at {page.range_start} {kind} byte {covered}")
+        page_bytes = sum(page.lengths)
+        if not page.lengths or page_bytes == 0:
+            raise _malformed(file_id, f"block list page at {covered} holds no data")
+        # End inclusive per cterasdk's WIP; Cyberduck's sample reads as exclusive. Accept both, nothing else.
+        if page.range_end not in (page.range_start + page_bytes - 1, page.range_start + page_bytes):
+            raise _malformed(file_id, f"range {page.range_start}-{page.range_end} does not match its chunks")
+        assert page.file_size is not None
+        if covered + page_bytes > page.file_size:
+            raise _malformed(file_id, "block list runs past file_size")
+        return covered + page_bytes
+
+    async def _metadata_page(self, file_id: str, byte_range: tuple[int, int] | None) -> _Page:
+        portal, _ = self._clients()
+        url = httpx.URL(self.portal_url).join(f"/directio/{file_id}")
+        if byte_range is not None:
+            url = url.copy_merge_params({"rangeStart": str(byte_range[0]), "rangeEnd": str(byte_range[1])})
+        what = f"GET {redact_url(url)}"
+        limit = self.settings.max_metadata_bytes
+
+        async def attempt() -> _Reply:
+            async with portal.stream("GET", url) as response:
+                # Error bodies are never read: only the status matters, and a hostile body costs nothing.
+                body = await _read_limited(response, limit) if response.status_code == 200 else bytearray()
+                return _Reply(response.status_code, response.headers, body)
+
+        try:
+            reply = await send_with_retries(attempt, policy=self.settings.retry, what=what)
+        except _Overlong:
+            raise _malformed(file_id, f"reply larger than {limit} bytes") from None
+        except httpx.TimeoutException as exc:
+            raise BlockListTimeout(f"Timed out fetching the block list ({what})", filename=file_id) from exc
+        except httpx.TransportError as exc:
+            raise BlockListConnectionError(
+                f"Connection error fetching the block list ({what}): {describe_transport_error(exc)}",
+                filename=file_id,
+            ) from exc
+        status = reply.status_code
+        if status != 200:
+            log.debug("%s: HTTP %d", what, status)
+            if status == 400:
+                raise ObjectNotFoundError(filename=file_id)
+            if status in (401, 403):
+                raise AuthorizationError(f"Not authorized (HTTP {status}): check the access key id", filename=file_id)
+            if status == 422:
+                raise UnsupportedStorageError(filename=file_id)
+            raise InvalidRequest(f"Portal answered HTTP {status} for the block list", filename=file_id)
+        try:
+            body = json.loads(reply.body, parse_constant=_reject_constant)
+        except (ValueError, RecursionError) as exc:  # JSONDecodeError and bad UTF-8 are ValueErrors
+            raise _malformed(file_id, "the reply is not valid JSON") from exc
+        return _parse_page(file_id, body, self.settings)
+
+    # --- files ---
+
+    async def open(
+        self, file_id: int | str, *, version: str | None = None, expected_size: int | None = None
+    ) -> DirectIOFile:
+        """Open a file for block reads. ``expected_size`` (from the listing) is checked against the block list
+        (``StaleFileError`` on a mismatch); 0 opens an empty file without asking the Portal."""
+        text = _file_id_text(file_id)
+        if expected_size == 0:
+            meta = FileMetadata(text, encrypted=False, compression=codec.Compression.NONE, chunks=(), size=0)
+        else:
+            meta = await self._metadata(text, empty_ok=True)
+            if expected_size is not None and meta.size != expected_size:
+                raise StaleFileError(
+                    f"The file changed on the server: {meta.size} bytes, the listing said {expected_size}",
+                    filename=text,
+                )
+        return DirectIOFile(self, meta, version if version is not None else f"directio:{text}:{meta.size}")
+
+    async def _get_object(self, chunk: Chunk, info: BlockInfo) -> bytearray | None:
+        """The stored object of ``chunk`` (body checked against a size bound), or None when storage refused the
+        URL with 403/400 (an expired presigned URL: the caller refreshes the block list)."""
+        _, storage = self._clients()
+        what = f"GET {redact_url(chunk.url)}"
+        # Upper bound of an honest object: snappy's worst case is 32 + n + n/6, gzip's is smaller, plus the
+        # 1-byte header, IV, PKCS#7 block and Azure MD5. Anything longer is not this block.
+        limit = chunk.length + chunk.length // 5 + 4096
+
+        async def attempt() -> _Reply:
+            async with storage.stream("GET", chunk.url) as response:
+                if response.status_code != 200:
+                    return _Reply(response.status_code, response.headers, bytearray())
+                return _Reply(200, response.headers, await _read_limited(response, limit))
+
+        try:
+            reply = await send_with_retries(attempt, policy=self.settings.retry, what=what)
+        except _Overlong as exc:
+            raise DownloadError(f"object of {exc.size}+ bytes is too large for this block", block=info) from None
+        except httpx.TimeoutException as exc:
+            raise DownloadTimeout(f"Timed out downloading block ({what})", block=info) from exc
+        except httpx.TransportError as exc:
+            raise DownloadConnectionError(
+                f"Connection error downloading block ({what}): {describe_transport_error(exc)}", block=info
+            ) from exc
+        if reply.status_code in (400, 403):
+            log.debug("%s: HTTP %d (expired URL?)", what, reply.status_code)
+            return None
+        if reply.status_code != 200:
+            raise DownloadError(f"storage answered HTTP {reply.status_code} ({what})", block=info)
+        return reply.body
+
+    # --- Blocks and Streamer APIs ---
+
+    @asynccontextmanager
+    async def blocks(
+        self, file_id: int | str, byte_range: ByteRange | None = None, max_workers: int = 8
+    ) -> AsyncIterator[BlockStream]:
+        """Whole blocks of the file (those overlapping ``byte_range``) fetched concurrently, at most
+        ``max_workers`` in flight or waiting for the consumer, delivered as they complete (any order)."""
+        _check_workers(max_workers)
+        opened = await self.open(file_id)
+        indices = _select(opened.layout, byte_range or ByteRange())
+        stream = BlockStream(opened, indices, max_workers)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(stream._dispatch, nursery)
+                yield stream
+                nursery.cancel_scope.cancel()  # the consumer is done: stop fetches it will never read
+        except BaseExceptionGroup as group:
+            _raise_single(group)
+        finally:
+            await opened.aclose()
+
+    @asynccontextmanager
+    async def streamer(
+        self, file_id: int | str, byte_range: ByteRange | None = None, max_workers: int = 8
+    ) -> AsyncIterator[FragmentStream]:
+        """The bytes of ``byte_range`` in order, as fragments (whole blocks, the first and last trimmed). At most
+        ``max_workers`` blocks are fetched or buffered at once, lower offsets first. A block failure raises
+        ``StreamError`` whose ``offset`` is the first byte not delivered: ``ByteRange(offset, end)`` resumes."""
+        _check_workers(max_workers)
+        byte_range = byte_range or ByteRange()
+        opened = await self.open(file_id)
+        stream = FragmentStream(opened, byte_range, max_workers)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(stream._dispatch, nursery)
+                yield stream
+                nursery.cancel_scope.cancel()
+        except BaseExceptionGroup as group:
+            _raise_single(group)
+        finally:
+            await opened.aclose()
+
+
+@dataclass(frozen=True, slots=True)
+class _Reply:
+    status_code: int
+    headers: httpx.Headers
+    body: bytearray
+
+
+class _Overlong(Exception):
+    def __init__(self, size: int) -> None:
+        super().__init__(size)
+        self.size = size
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+async def _read_limited(response: httpx.Response, limit: int) -> bytearray:
+    """The body in one buffer (raw: no content decoding, so no inflation bomb; one copy of each piece), or
+    ``_Overlong`` past ``limit`` bytes. A declared Content-Length over the limit is refused before reading.
+    A response already read (``httpx.MockTransport`` replies) is taken as it is."""
+    try:
+        content = response.content
+    except httpx.ResponseNotRead:
+        pass
+    else:
+        if len(content) > limit:
+            raise _Overlong(len(content))
+        return bytearray(content)
+    declared = response.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise _Overlong(int(declared))
+    body = bytearray()
+    async for piece in response.aiter_raw():
+        body += piece
+        if len(body) > limit:
+            # A chunked body past the limit: stop reading (the caller's ``async with client.stream`` closes the
+            # connection). httpx's inner async generators are left to trio's GC hook, which finalises them and
+            # warns (ResourceWarning); that only happens for hostile bodies, and reading on would be worse.
+            break
+    else:
+        return body
+    raise _Overlong(len(body))
+
+
+def _check_workers(max_workers: int) -> None:
+    if not _is_int(max_workers) or max_workers < 1:
+        raise ConfigError(f"max_workers must be an integer >= 1, not {max_workers!r}")
+
+
+def _select(layout: BlockLayout, byte_range: ByteRange) -> range:
+    span = byte_range.clamp(layout.size)
+    if span is None:
+        return range(0)
+    start, stop = span
+    return range(layout.block_at(start), layout.block_at(stop - 1) + 1)
+
+
+def _raise_single(group: BaseExceptionGroup[BaseException]) -> None:
+    """Re-raise the one real exception of a nursery's group (strict_exception_groups), else the group."""
+    leaves: list[BaseException] = []
+
+    def walk(exc: BaseException) -> None:
+        if isinstance(exc, BaseExceptionGroup):
+            for inner in exc.exceptions:
+                walk(inner)
+        else:
+            leaves.append(exc)
+
+    walk(group)
+    real = [e for e in leaves if not isinstance(e, trio.Cancelled)]
+    if len(real) == 1:
+        raise real[0] from real[0].__cause__
+    raise group
+
+
+class DirectIOFile:
+    """One opened file (implements ``directfs.sources.base.OpenFile``). Fetches may run concurrently."""
+
+    def __init__(self, client: DirectIO, meta: FileMetadata, version: str) -> None:
+        self._client = client
+        self._meta = meta
+        self._generation = 0
+        self._refresh_lock = trio.Lock()
+        self._refresh_failure: tuple[int, DirectFSError] | None = None
+        self.layout = meta.layout(version)
+        self.refreshes = 0  # block-list refreshes done (observable in tests and stats)
+
+    @property
+    def metadata(self) -> FileMetadata:
+        return self._meta
+
+    @property
+    def size(self) -> int:
+        return self._meta.size
+
+    async def fetch_block(self, index: int) -> bytes | bytearray:
+        if not 0 <= index < len(self._meta.chunks):
+            raise ValueError(f"block index {index} outside 0..{len(self._meta.chunks) - 1}")
+        meta, generation = self._meta, self._generation
+        chunk = meta.chunks[index]
+        info = BlockInfo(meta.file_id, chunk.number, chunk.offset, chunk.length)
+        obj = await self._client._get_object(chunk, info)
+        if obj is None:
+            await self._refresh(generation)
+            meta = self._meta
+            chunk = meta.chunks[index]
+            obj = await self._client._get_object(chunk, info)
+            if obj is None:
+                raise DownloadError("storage refused a freshly issued URL (HTTP 403/400)", block=info)
+        work = partial(
+            codec.decode_block,
+            obj,
+            key=meta.file_key,
+            compression=meta.compression,
+            expected_length=chunk.length,
+            azure_md5_prefix=meta.azure,
+        )
+        try:
+            return await run_codec(work, input_bytes=len(obj))
+        except BlockError as exc:
+            clone = exc.with_block(info)
+            raise clone from clone.__cause__
+
+    async def _refresh(self, seen_generation: int) -> None:
+        """Fetch a new block list unless another task already did since ``seen_generation`` (single-flight)."""
+        async with self._refresh_lock:
+            if self._generation != seen_generation:
+                return
+            if self._refresh_failure is not None and self._refresh_failure[0] == seen_generation:
+                # The refresh for these URLs already failed: waiters share that answer instead of queueing N
+                # more Portal calls (each up to a whole retry budget) behind the lock.
+                raise self._refresh_failure[1]
+            try:
+                fresh = await self._client._metadata(self._meta.file_id, empty_ok=True)
+                if not self._meta.same_content_shape(fresh):
+                    raise StaleFileError(
+                        f"The file changed on the server: now {fresh.size} bytes in {len(fresh.chunks)} blocks",
+                        filename=self._meta.file_id,
+                    )
+            except DirectFSError as exc:
+                self._refresh_failure = (seen_generation, exc)
+                raise
+            self._meta = fresh
+            self._generation += 1
+            self.refreshes += 1
+            log.debug("refreshed the block list of file %s", self._meta.file_id)
+
+    async def aclose(self) -> None:
+        await trio.lowlevel.checkpoint()
+
+
+class _Window:
+    """Dispatch state shared by both streams: ``tokens`` bound fetched-but-unconsumed blocks to max_workers."""
+
+    def __init__(self, opened: DirectIOFile, indices: Sequence[int], max_workers: int) -> None:
+        self._file = opened
+        self._indices = indices
+        self._tokens = trio.Semaphore(max_workers)
+        self.in_flight = 0  # fetches running now
+        self.max_in_flight = 0  # highest in_flight seen (tests and stats)
+        self.buffered = 0  # fetched blocks not yet taken by the consumer
+        self.max_held = 0  # highest in_flight + buffered seen: the back-pressure bound
+
+    @property
+    def file(self) -> DirectIOFile:
+        return self._file
+
+    @property
+    def size(self) -> int:
+        """File size in bytes."""
+        return self._file.size
+
+    async def _fetch(self, index: int) -> bytes | bytearray | DirectFSError:
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        self.max_held = max(self.max_held, self.in_flight + self.buffered)
+        try:
+            return await self._file.fetch_block(index)
+        except DirectFSError as exc:
+            return exc
+        finally:
+            self.in_flight -= 1
+            self.buffered += 1
+
+    def _taken(self) -> None:
+        self.buffered -= 1
+        self._tokens.release()
+
+    async def _dispatch(self, nursery: trio.Nursery) -> None:
+        for position, index in enumerate(self._indices):
+            await self._tokens.acquire()
+            nursery.start_soon(self._run, position, index)
+
+    async def _run(self, position: int, index: int) -> None:
+        raise NotImplementedError
+
+
+class BlockStream(_Window):
+    """Async iterator of :class:`Block` in completion order; fetch errors raise here, at iteration."""
+
+    def __init__(self, opened: DirectIOFile, indices: Sequence[int], max_workers: int) -> None:
+        super().__init__(opened, indices, max_workers)
+        self._remaining = len(indices)
+        # Unbounded is safe: the tokens admit at most max_workers results before the consumer takes one.
+        self._send, self._receive = trio.open_memory_channel[tuple[int, bytes | bytearray | DirectFSError]](math.inf)
+
+    async def _run(self, position: int, index: int) -> None:
+        result = await self._fetch(index)
+        self._send.send_nowait((index, result))
+
+    def __aiter__(self) -> BlockStream:
+        return self
+
+    async def __anext__(self) -> Block:
+        if self._remaining == 0:
+            raise StopAsyncIteration
+        index, result = await self._receive.receive()
+        self._remaining -= 1
+        self._taken()
+        if isinstance(result, DirectFSError):
+            raise result
+        layout = self.file.layout
+        return Block(index + 1, layout.block_start(index), layout.block_length(index), result)
+
+
+class FragmentStream(_Window):
+    """Async iterator of the range's bytes in order (bytes-like fragments). ``position`` is the next byte."""
+
+    def __init__(self, opened: DirectIOFile, byte_range: ByteRange, max_workers: int) -> None:
+        span = byte_range.clamp(opened.size)
+        self.start, self.stop = span if span is not None else (byte_range.start, byte_range.start)
+        indices = _select(opened.layout, byte_range)
+        super().__init__(opened, indices, max_workers)
+        self.position = self.start
+        self._next = 0
+        self._results: dict[int, bytes | bytearray | DirectFSError] = {}
+        self._ready: dict[int, trio.Event] = {}
+
+    @property
+    def end_inclusive(self) -> int:
+        """Last byte this stream delivers (``start - 1`` when it delivers nothing)."""
+        return self.stop - 1
+
+    def _event(self, position: int) -> trio.Event:
+        return self._ready.setdefault(position, trio.Event())
+
+    async def _run(self, position: int, index: int) -> None:
+        self._results[position] = await self._fetch(index)
+        self._event(position).set()
+
+    def __aiter__(self) -> FragmentStream:
+        return self
+
+    async def __anext__(self) -> bytes | bytearray:
+        if self._next >= len(self._indices):
+            raise StopAsyncIteration
+        position = self._next
+        await self._event(position).wait()
+        result = self._results.pop(position)
+        del self._ready[position]
+        self._taken()
+        if isinstance(result, DirectFSError):
+            self._next = len(self._indices)  # the stream is over: a new one resumes from self.position
+            raise StreamError(
+                f"Stream interrupted at byte {self.position}: {result}",
+                filename=self.file.metadata.file_id,
+                offset=self.position,
+            ) from result
+        self._next += 1
+        layout = self.file.layout
+        index = self._indices[position]
+        block_start = layout.block_start(index)
+        lo = max(self.start, block_start) - block_start
+        hi = min(self.stop, layout.offsets[index + 1]) - block_start
+        fragment = result if (lo, hi) == (0, len(result)) else bytes(memoryview(result)[lo:hi])
+        self.position = block_start + hi
+        return fragment
+
+
+__all__ = [
+    "Block",
+    "BlockStream",
+    "ByteRange",
+    "Chunk",
+    "DirectIO",
+    "DirectIOFile",
+    "DirectIOSettings",
+    "FileMetadata",
+    "FragmentStream",
+]

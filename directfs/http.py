@@ -1,0 +1,322 @@
+"""The one place that builds HTTP clients: TLS, deadlines, pool limits, retries with backoff, URL redaction.
+
+Every network call of directfs goes through a client made by :func:`build_client` and, when it may be retried,
+through :func:`send_with_retries`. Nothing here knows about CTERA: callers map statuses and transport errors to
+the exception tree in ``directfs.errors``.
+
+Concurrency: clients are shared by all tasks of one trio run (httpx's pool is task-safe). The retry helper only
+uses trio time (``trio.current_time``/``trio.sleep``), so tests drive it with trio's autojump clock.
+
+Redaction: presigned URLs are bearer-equivalent until they expire and a Portal URL may carry userinfo, so every log
+line and exception message about a URL uses :func:`redact_url` (scheme, host, port and path only).
+"""
+
+from __future__ import annotations
+
+import email.utils
+import ipaddress
+import logging
+import random
+import ssl
+from collections.abc import Awaitable, Callable, Collection
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Final, Protocol, TypeVar
+
+import httpx
+import trio
+
+log = logging.getLogger(__name__)
+
+# h11 hands httpcore what one recv() returns, 64 KiB by default. 1 MiB cuts per-chunk overhead (h11 buffer, httpcore
+# events, trio scheduling) and measured 3x the single-stream throughput (testbed section 5: ~280 -> ~800 MB/s).
+READ_NUM_BYTES: Final = 1 << 20
+
+# Statuses worth asking again: the server said "not now" (429) or failed on its side (5xx).
+RETRY_STATUSES: Final[frozenset[int]] = frozenset({429, *range(500, 600)})
+
+
+@dataclass(frozen=True)
+class HTTPSettings:
+    """How to talk to one kind of server (the Portal, or object storage)."""
+
+    connect_timeout_seconds: float = 5.0  # loopback/LAN connects take ms; 5 s tolerates a congested WAN (as cterasdk)
+    read_timeout_seconds: float = 10.0  # per socket read, not per body: a slow but moving body never times out
+    write_timeout_seconds: float = 10.0  # our requests are bodiless GETs/PROPFINDs; a stuck send is a dead peer
+    # Waiting for a free pooled connection: callers bound their own concurrency below max_connections, so a long
+    # wait means connections are stuck; the per-operation budget of RetryPolicy bounds it as well.
+    pool_timeout_seconds: float = 20.0
+    verify_tls: bool = True  # on by default: an untrusted certificate is refused unless the user says otherwise
+    ca_file: str | None = None  # extra trust anchors (PEM), e.g. a private CA in front of the Portal
+    client_cert: str | None = None  # PEM path of a client certificate (mutual TLS proxies)
+    client_key: str | None = None
+    trust_env: bool = False  # proxies/CA from the environment only when asked: a daemon should not inherit them
+    # One connection per concurrent block fetch: 16 is twice the default max_workers of a stream (8), leaving room
+    # for a second reader and metadata refreshes without queueing on the pool.
+    max_connections: int = 16
+    # Idle connections kept for reuse; as many as we may use at once, so a stream never reconnects between blocks.
+    max_keepalive_connections: int = 16
+    keepalive_expiry_seconds: float = 30.0  # S3 front ends close idle connections after ~20-60 s
+
+    def __post_init__(self) -> None:
+        for name in ("connect_timeout_seconds", "read_timeout_seconds", "write_timeout_seconds"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive")
+        if self.max_connections < 1 or self.max_keepalive_connections < 0:
+            raise ValueError("connection limits must be positive")
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Exponential backoff with full jitter, bounded in attempts and in total time per operation.
+
+    Defaults keep one block read (every attempt, timeout and sleep included) under ~25 s: the kernel retries a failed
+    FUSE READ once, so a user waits about twice this before seeing EIO (design-notes section 5).
+    """
+
+    max_attempts: int = 4  # 1 try + 3 retries: rides out a restarting server or a dropped connection
+    base_delay_seconds: float = 0.25  # first retry soon: most transient failures (reset connection) clear at once
+    max_delay_seconds: float = 4.0  # never sleep longer than this between attempts (unless Retry-After asks)
+    total_budget_seconds: float = 20.0  # hard deadline for all attempts of one operation; see the class docstring
+
+    def __post_init__(self) -> None:
+        if self.max_attempts < 1:
+            raise ValueError("max_attempts must be at least 1")
+        if self.base_delay_seconds < 0 or self.max_delay_seconds < 0 or not self.total_budget_seconds > 0:
+            raise ValueError("delays must be >= 0 and the budget > 0")
+
+    def backoff_seconds(self, retry_number: int, rng: random.Random | None = None) -> float:
+        """Full jitter: uniform in [0, min(max_delay, base * 2**(retry_number-1))] (AWS architecture blog)."""
+        ceiling = min(self.max_delay_seconds, self.base_delay_seconds * (2 ** max(0, retry_number - 1)))
+        return (rng or _RNG).uniform(0.0, ceiling)
+
+
+NO_RETRIES: Final = RetryPolicy(max_attempts=1)
+
+_RNG = random.Random()  # noqa: S311 - jitter, not cryptography
+
+
+class RetryBudgetExceeded(httpx.TimeoutException):
+    """All attempts of one operation together ran past ``RetryPolicy.total_budget_seconds``."""
+
+
+def _raise_read_size() -> None:
+    """Make httpcore read up to READ_NUM_BYTES per recv (private API: httpcore is pinned; a test asserts that
+    the attribute still exists so an upgrade cannot silently drop the 3x)."""
+    from httpcore._async.http11 import AsyncHTTP11Connection
+
+    if AsyncHTTP11Connection.READ_NUM_BYTES < READ_NUM_BYTES:
+        AsyncHTTP11Connection.READ_NUM_BYTES = READ_NUM_BYTES
+
+
+class _RedactURLs(logging.Filter):
+    """httpx logs every request's full URL at INFO; presigned queries must not reach any log, whatever level the
+    application enables. Rewrites URL arguments of httpx's records in place."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple) and any(isinstance(a, httpx.URL) for a in record.args):
+            record.args = tuple(redact_url(a) if isinstance(a, httpx.URL) else a for a in record.args)
+        return True
+
+
+_URL_FILTER: Final = _RedactURLs()
+
+
+def _install_log_redaction() -> None:
+    logger = logging.getLogger("httpx")
+    if _URL_FILTER not in logger.filters:
+        logger.addFilter(_URL_FILTER)
+
+
+def ssl_context(settings: HTTPSettings) -> ssl.SSLContext:
+    """The TLS context for ``settings``: system trust (+ ``ca_file``), or no verification when switched off."""
+    if settings.verify_tls:
+        context = ssl.create_default_context(cafile=settings.ca_file)
+    else:
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    if settings.client_cert:
+        context.load_cert_chain(settings.client_cert, settings.client_key)
+    return context
+
+
+def build_client(
+    settings: HTTPSettings,
+    *,
+    headers: dict[str, str] | None = None,
+    transport: httpx.AsyncBaseTransport | None = None,
+) -> httpx.AsyncClient:
+    """An HTTP/1.1-only client with our deadlines, limits and TLS (h2 measured 3-5x slower here: testbed section 5).
+
+    Redirects are not followed: a presigned URL or the Portal API redirecting elsewhere is unexpected, and following
+    it could carry the Authorization header to another host. ``transport`` replaces the network (tests use
+    ``httpx.MockTransport`` for scripted edge cases); TLS and pool limits then belong to that transport.
+    """
+    _raise_read_size()
+    _install_log_redaction()
+    return httpx.AsyncClient(
+        http1=True,
+        http2=False,
+        verify=ssl_context(settings),
+        trust_env=settings.trust_env,
+        follow_redirects=False,
+        headers=headers,
+        transport=transport,
+        timeout=httpx.Timeout(
+            connect=settings.connect_timeout_seconds,
+            read=settings.read_timeout_seconds,
+            write=settings.write_timeout_seconds,
+            pool=settings.pool_timeout_seconds,
+        ),
+        limits=httpx.Limits(
+            max_connections=settings.max_connections,
+            max_keepalive_connections=settings.max_keepalive_connections,
+            keepalive_expiry=settings.keepalive_expiry_seconds,
+        ),
+    )
+
+
+def redact_url(url: str | httpx.URL) -> str:
+    """``url`` without userinfo, query and fragment: safe for logs and exception messages."""
+    try:
+        parsed = url if isinstance(url, httpx.URL) else httpx.URL(url)
+        return str(parsed.copy_with(username=None, password=None, query=None, fragment=None))
+    except (httpx.InvalidURL, TypeError, ValueError):
+        return "<unparseable URL>"
+
+
+def is_loopback_host(host: str) -> bool:
+    """Whether ``host`` is this machine (plain HTTP is only acceptable there)."""
+    if host.lower() in ("localhost", "localhost.localdomain"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def parse_retry_after(value: str | None, *, now: datetime | None = None) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header (delta-seconds or an HTTP date); None when absent or invalid."""
+    if value is None:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - (now or datetime.now(UTC))).total_seconds())
+
+
+def tls_failure(exc: BaseException) -> ssl.SSLError | None:
+    """The TLS error (certificate verification, handshake) behind a transport error, if that is what it was."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, ssl.SSLError):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def describe_transport_error(exc: BaseException) -> str:
+    """A short, secret-free description of a transport failure for error messages (names the TLS cause)."""
+    tls = tls_failure(exc)
+    if isinstance(tls, ssl.SSLCertVerificationError):
+        return f"TLS certificate verification failed ({tls.verify_message}); see --ca-file / --no-verify-tls"
+    if tls is not None:
+        return f"TLS failure ({type(tls).__name__})"
+    return type(exc).__name__
+
+
+class StatusReply(Protocol):
+    """What the retry helper needs of an attempt's result (an ``httpx.Response`` fits)."""
+
+    @property
+    def status_code(self) -> int: ...
+
+    @property
+    def headers(self) -> httpx.Headers: ...
+
+
+R = TypeVar("R", bound=StatusReply)
+
+# Transport failures worth another attempt: the request may not have reached the server, or its answer was lost.
+# Not retried: httpx.UnsupportedProtocol / LocalProtocolError / InvalidURL (our bug or a bad URL: same next time).
+RETRYABLE_ERRORS: Final = (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError, httpx.ProxyError)
+
+
+async def send_with_retries(
+    attempt: Callable[[], Awaitable[R]],
+    *,
+    policy: RetryPolicy,
+    what: str,
+    retry_statuses: Collection[int] = RETRY_STATUSES,
+    rng: random.Random | None = None,
+) -> R:
+    """Run ``attempt`` until it returns a status not in ``retry_statuses``, attempts run out, or the budget does.
+
+    Returns the last reply (the caller maps its status) or raises the last transport error (an ``httpx``
+    exception; the caller maps it). The whole operation runs under one deadline of ``policy.total_budget_seconds``;
+    running past it raises :class:`RetryBudgetExceeded` (an ``httpx.TimeoutException``). A ``Retry-After`` longer
+    than the remaining budget ends the retries at once: sleeping it would only turn a clear answer into a timeout.
+    ``what`` names the operation in logs and must already be redacted.
+    """
+    deadline = trio.current_time() + policy.total_budget_seconds
+    attempt_number = 0
+    while True:
+        attempt_number += 1
+        reply: R | None = None
+        error: Exception | None = None
+        with trio.move_on_at(deadline) as scope:
+            try:
+                reply = await attempt()
+            except RETRYABLE_ERRORS as exc:
+                if tls_failure(exc) is not None:
+                    raise  # a refused certificate or handshake is refused again: fail at once
+                error = exc
+        if scope.cancelled_caught:
+            raise RetryBudgetExceeded(f"{what}: no answer within {policy.total_budget_seconds:g} s")
+        retry_after: float | None = None
+        if reply is not None:
+            if reply.status_code not in retry_statuses:
+                return reply
+            retry_after = parse_retry_after(reply.headers.get("retry-after"))
+            outcome = f"HTTP {reply.status_code}"
+        else:
+            outcome = type(error).__name__
+        remaining = deadline - trio.current_time()
+        delay = retry_after if retry_after is not None else policy.backoff_seconds(attempt_number, rng)
+        if attempt_number >= policy.max_attempts or delay >= remaining:
+            log.debug("%s: %s, giving up after %d attempt(s)", what, outcome, attempt_number)
+            if reply is not None:
+                return reply
+            assert error is not None
+            raise error
+        log.debug("%s: %s, retry %d in %.2f s", what, outcome, attempt_number, delay)
+        await trio.sleep(delay)
+
+
+__all__ = [
+    "NO_RETRIES",
+    "READ_NUM_BYTES",
+    "RETRYABLE_ERRORS",
+    "RETRY_STATUSES",
+    "HTTPSettings",
+    "RetryBudgetExceeded",
+    "RetryPolicy",
+    "StatusReply",
+    "build_client",
+    "describe_transport_error",
+    "is_loopback_host",
+    "parse_retry_after",
+    "redact_url",
+    "send_with_retries",
+    "ssl_context",
+    "tls_failure",
+]
