@@ -21,6 +21,7 @@ COMMANDS: dict[str, str] = {
     "umount": "umount",
     "serve": "serve",
     "get": "get",
+    "stats": "stats",
 }
 
 

@@ -24,6 +24,7 @@ section 11 (403 from the Portal is ``AuthorizationError``, a length mismatch is 
     │   ├── DecryptKeyError                      EIO      wrapped key does not unwrap with the secret
     │   ├── BlockError                           EIO      carries ``block`` (number, offset, length)
     │   │   ├── DownloadError                    EIO      storage status error, truncated body
+    │   │   ├── BlockDigestError                 EIO      object differs from the storage's MD5 (ETag/Content-MD5)
     │   │   ├── DownloadTimeout                  ETIMEDOUT
     │   │   ├── DataNotOnlineError               ETIMEDOUT nearline data not staged within the staging deadline
     │   │   ├── DownloadConnectionError          ENETRESET
@@ -167,6 +168,13 @@ class BlockError(DirectIOError):
 
 class DownloadError(BlockError):
     default_message = "Failed to download block"
+
+
+class BlockDigestError(BlockError):
+    """The downloaded object does not match the MD5 the storage sent with it (Content-MD5, x-goog-hash, or an S3
+    single-part ETag): damaged on the wire or at rest. Never decoded, never cached."""
+
+    default_message = "Downloaded block does not match the storage digest"
 
 
 class DownloadTimeout(BlockError):

@@ -1,0 +1,315 @@
+"""The thin pyfuse3 adapter: translate pyfuse3 types, call ``directfs.vfs.FileSystem``, translate back. Nothing else.
+
+One boundary (``_boundary``) wraps every handler: a ``DirectFSError`` becomes ``FUSEError(its errno)``; anything
+unexpected is logged with its traceback and answered ``EIO``, so one bug costs one failed request, never the mount
+(an exception escaping a pyfuse3 handler kills the daemon and leaves "Transport endpoint is not connected").
+Exception groups from nurseries are unwrapped: only our errors inside means their errno, anything else means EIO.
+``trio.Cancelled`` (shutdown) passes through untouched. ``forget`` never raises.
+
+Kernel page-cache invalidation runs in ``drain_invalidations``, a task of its own, never inside a handler (the
+kernel would wait on the very request we are answering). Each call runs in a worker thread: libfuse's notify
+blocks in the kernel, and the trio thread must keep serving requests meanwhile.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+import time
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any, ParamSpec, TypeVar
+
+import pyfuse3
+import trio
+
+from .errors import DirectFSError, EntryNotFoundError, errno_of
+from .metrics import OpStats
+from .vfs import Attributes, FileSystem
+
+log = logging.getLogger(__name__)
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        found: list[BaseException] = []
+        for inner in exc.exceptions:
+            found.extend(_leaves(inner))
+        return found
+    return [exc]
+
+
+def fuse_errno(exc: Exception) -> int:
+    """The errno to answer for ``exc``; logs it with traceback when it is not one of ours."""
+    leaves = _leaves(exc)
+    if leaves and all(isinstance(leaf, DirectFSError) for leaf in leaves):
+        return errno_of(leaves[0])
+    log.error("unexpected error in a FUSE handler; answering EIO", exc_info=exc)
+    return errno.EIO
+
+
+# Answers that are normal operation, not failures: absent names, absent xattrs (ls asks for security.* on every
+# file), writes to a read-only mount.
+_EXPECTED_ERRNOS = frozenset({errno.ENOENT, errno.ENODATA, errno.EROFS})
+
+
+def _boundary(handler: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Coroutine[Any, Any, R]]:
+    # Metrics: every answer is counted by op and errno with its latency (directfs.metrics.OpStats, plain counters
+    # written only here, on the trio thread). A failure other than ENOENT (lookups of absent names are normal) is one
+    # WARNING line naming the op, its inode or handle and the errno (answers that are part of normal operation are
+    # DEBUG: see _EXPECTED_ERRNOS); logs.RateLimitFilter bounds repeats.
+    op = handler.__name__
+
+    @functools.wraps(handler)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        stats: OpStats | None = getattr(args[0], "op_stats", None) if args else None
+        started = time.perf_counter()
+        code = 0
+        try:
+            return await handler(*args, **kwargs)
+        except pyfuse3.FUSEError as exc:
+            code = exc.errno
+            raise
+        except Exception as exc:  # ExceptionGroup included; trio.Cancelled (a BaseException) is not
+            code = fuse_errno(exc)
+            target = args[1] if len(args) > 1 else "-"
+            level = logging.DEBUG if code in _EXPECTED_ERRNOS else logging.WARNING
+            log.log(level, "%s %s failed: %s (%s)", op, target, errno.errorcode.get(code, code), exc)
+            raise pyfuse3.FUSEError(code) from None
+        finally:
+            if stats is not None:
+                stats.record(op, code, time.perf_counter() - started)
+
+    return wrapper
+
+
+def _decode(name: bytes) -> str:
+    # Names come from the kernel as bytes; the namespace is UTF-8. A name that is not UTF-8 cannot exist in it.
+    try:
+        return name.decode("utf-8")
+    except UnicodeDecodeError:
+        raise EntryNotFoundError("name is not UTF-8") from None
+
+
+class Operations(pyfuse3.Operations):
+    supports_dot_lookup = False  # no NFS export: the kernel never asks us for '.'/'..'
+    enable_writeback_cache = False
+    enable_acl = False
+
+    def __init__(self, fs: FileSystem, *, negative_ttl_seconds: float, op_stats: OpStats | None = None) -> None:
+        super().__init__()
+        self.fs = fs
+        self.op_stats = op_stats
+        self.negative_ttl_seconds = negative_ttl_seconds
+
+    # --- translation helpers -------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _entry_attributes(attrs: Attributes) -> pyfuse3.EntryAttributes:
+        out = pyfuse3.EntryAttributes()
+        out.st_ino = attrs.inode
+        out.generation = 0
+        out.entry_timeout = attrs.ttl_seconds
+        out.attr_timeout = attrs.ttl_seconds
+        out.st_mode = attrs.mode
+        out.st_nlink = attrs.nlink
+        out.st_uid = attrs.uid
+        out.st_gid = attrs.gid
+        out.st_rdev = 0
+        out.st_size = attrs.size
+        out.st_blksize = attrs.blksize
+        out.st_blocks = attrs.blocks
+        out.st_atime_ns = attrs.mtime_ns
+        out.st_mtime_ns = attrs.mtime_ns
+        out.st_ctime_ns = attrs.mtime_ns
+        return out
+
+    # --- lifecycle -----------------------------------------------------------------------------------------------
+
+    def init(self) -> None:
+        log.debug("FUSE session initialised")
+
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+        try:
+            self.fs.forget(inode_list)
+        except Exception:  # forget has no reply: an error here can only be logged
+            log.exception("forget failed")
+
+    # --- metadata ------------------------------------------------------------------------------------------------
+
+    @_boundary
+    async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        try:
+            attrs = await self.fs.lookup(parent_inode, _decode(name))
+        except EntryNotFoundError:
+            # A negative entry (st_ino 0) lets the kernel cache the miss for the negative TTL, not count a lookup.
+            negative = pyfuse3.EntryAttributes()
+            negative.st_ino = 0
+            negative.entry_timeout = self.negative_ttl_seconds
+            return negative
+        return self._entry_attributes(attrs)
+
+    @_boundary
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        return self._entry_attributes(await self.fs.getattr(inode))
+
+    @_boundary
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        return await self.fs.opendir(inode)
+
+    @_boundary
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        def emit(name: str, attrs: Attributes, next_id: int) -> bool:
+            accepted: bool = pyfuse3.readdir_reply(token, name.encode(), self._entry_attributes(attrs), next_id)
+            return accepted
+
+        self.fs.readdir(fh, start_id, emit)
+        await trio.lowlevel.checkpoint()
+
+    @_boundary
+    async def releasedir(self, fh: int) -> None:
+        self.fs.releasedir(fh)
+        await trio.lowlevel.checkpoint()
+
+    @_boundary
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        await trio.lowlevel.checkpoint()
+        fs = self.fs.statfs()
+        out = pyfuse3.StatvfsData()
+        out.f_bsize = fs.block_size
+        out.f_frsize = fs.fragment_size
+        out.f_blocks = fs.blocks
+        out.f_bfree = fs.blocks_free
+        out.f_bavail = fs.blocks_available
+        out.f_files = fs.files
+        out.f_ffree = fs.files_free
+        out.f_favail = fs.files_free
+        out.f_namemax = fs.name_max
+        return out
+
+    @_boundary
+    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        await trio.lowlevel.checkpoint()
+        return self.fs.getxattr(inode, name.decode("utf-8", "surrogateescape"))
+
+    @_boundary
+    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> Sequence[bytes]:
+        await trio.lowlevel.checkpoint()
+        return [name.encode() for name in self.fs.listxattr(inode)]
+
+    # --- data ----------------------------------------------------------------------------------------------------
+
+    @_boundary
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        fh, keep_cache = await self.fs.open(inode, flags)
+        info = pyfuse3.FileInfo(fh=fh)
+        info.keep_cache = keep_cache
+        info.direct_io = False  # never: direct_io breaks mmap and bypasses the page cache (design notes 1)
+        info.nonseekable = False
+        return info
+
+    @_boundary
+    async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:  # type: ignore[override]
+        return await self.fs.read(fh, off, size)
+
+    @_boundary
+    async def release(self, fh: int) -> None:
+        await self.fs.release(fh)
+
+    @_boundary
+    async def flush(self, fh: int) -> None:
+        await trio.lowlevel.checkpoint()
+
+    # --- write class: all EROFS ----------------------------------------------------------------------------------
+
+    @_boundary
+    async def setattr(
+        self,
+        inode: int,
+        attr: pyfuse3.EntryAttributes,
+        fields: pyfuse3.SetattrFields,
+        fh: int | None,
+        ctx: pyfuse3.RequestContext,
+    ) -> pyfuse3.EntryAttributes:
+        self.fs.refuse_write()
+
+    @_boundary
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        self.fs.refuse_write()
+
+    @_boundary
+    async def create(
+        self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
+    ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        self.fs.refuse_write()
+
+    @_boundary
+    async def mkdir(
+        self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        self.fs.refuse_write()
+
+    @_boundary
+    async def mknod(
+        self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        self.fs.refuse_write()
+
+    @_boundary
+    async def symlink(
+        self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        self.fs.refuse_write()
+
+    @_boundary
+    async def link(
+        self, inode: int, new_parent_inode: int, new_name: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        self.fs.refuse_write()
+
+    @_boundary
+    async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self.fs.refuse_write()
+
+    @_boundary
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self.fs.refuse_write()
+
+    @_boundary
+    async def rename(
+        self, p_old: int, n_old: bytes, p_new: int, n_new: bytes, flags: int, ctx: pyfuse3.RequestContext
+    ) -> None:
+        self.fs.refuse_write()
+
+    @_boundary
+    async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self.fs.refuse_write()
+
+    @_boundary
+    async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self.fs.refuse_write()
+
+    @_boundary
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        await trio.lowlevel.checkpoint()  # nothing is ever dirty
+
+
+def _invalidate(inode: int) -> None:
+    try:
+        pyfuse3.invalidate_inode(inode, attr_only=False)
+    except OSError as exc:
+        # ENOENT: the kernel already forgot the inode, so there is nothing cached to drop.
+        if exc.errno != errno.ENOENT:
+            log.warning("could not invalidate the kernel cache of inode %d: %s", inode, os.strerror(exc.errno or 0))
+
+
+async def drain_invalidations(fs: FileSystem) -> None:
+    """Drop the kernel's cached pages of every inode the filesystem reports changed; runs until cancelled."""
+    async with fs.invalidation_requests:
+        async for inode in fs.invalidation_requests:
+            log.debug("invalidating kernel cache of inode %d", inode)
+            await trio.to_thread.run_sync(_invalidate, inode)

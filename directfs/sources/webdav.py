@@ -1,0 +1,160 @@
+"""``webdav://`` and ``webdavs://`` sources: any WebDAV server (dCache, nginx dav-ext, Apache mod_dav, ...).
+
+URL: ``webdavs://HOST[:PORT]/path`` (HTTPS) or ``webdav://HOST[:PORT]/path`` (plain HTTP: with credentials only to
+loopback, unless ``SourceOptions.allow_plain_http``). The mount root is ``/path``.
+
+* Listing: ``PROPFIND`` ``Depth: 1`` for a folder, ``Depth: 0`` for one entry, parsed by ``davxml`` (defusedxml;
+  names that are empty, ``.``, ``..``, or hold ``/``/NUL are skipped with a warning, as are duplicates).
+* Data: fixed-size blocks (``SourceOptions.block_size_bytes``) read with strict ranged GETs (``httprange``), with
+  ``If-Match`` when the server gives a strong ETag (Apache does; nginx dav-ext gives none, and then the
+  ``Content-Range`` total still catches a size change).
+* Version: ETag, size and mtime together: nginx gives no ETag, so size + mtime must carry the change.
+* Credentials (see ``web``): a Bearer token file re-read when it changes and once more after a 401, a Bearer token,
+  Basic, and an X.509 client certificate (mutual TLS, e.g. a grid proxy certificate for dCache).
+* Nearline: dCache answers a read of a file still on tape with 503 + Retry-After; reads wait within
+  ``SourceOptions.staging_deadline_seconds`` (``nearline``).
+
+Concurrency: as ``web.HTTPSource`` (one shared client, no other mutable state).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from urllib.parse import quote
+
+import httpx
+import trio
+
+from ..errors import ConfigError, EntryNotFoundError, IsADirectory, MalformedListingError, NotADirectory
+from ..http import RetryPolicy, build_client, redact_url
+from . import davxml
+from .base import Entry, OpenFile, SourceOptions
+from .nearline import StagingPolicy
+from .web import HTTPAuth, Reply, check_url, http_mtime_ns, http_settings, plain_file, raise_for_status, request
+
+
+class WebDAVSource:
+    """A folder tree on a WebDAV server. Create with :func:`create`; ``aclose`` releases connections."""
+
+    def __init__(self, url: str, options: SourceOptions) -> None:
+        if options.block_size_bytes <= 0:
+            raise ConfigError(f"block size must be positive, not {options.block_size_bytes}")
+        self._auth = HTTPAuth(options.credentials)
+        self._origin, root = check_url(url, {"webdav": "http", "webdavs": "https"}, options, self._auth)
+        self._root = root.rstrip("/")  # "" for the server's root
+        self._options = options
+        self._settings = http_settings(options)
+        self._retry = RetryPolicy()
+        self._staging = StagingPolicy(deadline_seconds=options.staging_deadline_seconds)
+        self._client: httpx.AsyncClient | None = None
+        scheme = "webdavs" if self._origin.startswith("https:") else "webdav"
+        self.display_url = f"{scheme}://{self._origin.split('://', 1)[1]}{quote(root)}"
+
+    def _http(self) -> httpx.AsyncClient:
+        if self._client is None:
+            self._client = build_client(self._settings)
+        return self._client
+
+    def _abs(self, path: str) -> str:
+        return f"{self._root}/{path}" if path else self._root or "/"
+
+    def _url(self, path: str, *, collection: bool = False) -> str:
+        full = self._abs(path)
+        if collection and not full.endswith("/"):
+            full += "/"
+        return self._origin + quote(full, safe="/")
+
+    async def aclose(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+
+    async def _propfind(self, path: str, depth: int) -> list[davxml.DavResource]:
+        # Folders are asked with their trailing slash (the root always is: a server may only know "/root/"); one
+        # entry of unknown kind without, following a redirect to the slashed form (a folder, as Apache answers).
+        collection = depth == 1 or not path
+        reply = await self._propfind_once(path, depth, collection)
+        if reply.status_code in (301, 302, 307, 308) and not collection:
+            collection = True
+            reply = await self._propfind_once(path, depth, collection)
+        if reply.status_code != 207:
+            raise_for_status(reply, f"PROPFIND {redact_url(self._url(path, collection=collection))}", path or "/")
+        return list(davxml.parse_multistatus(reply.body))
+
+    async def _propfind_once(self, path: str, depth: int, collection: bool) -> Reply:
+        return await request(
+            self._http(),
+            "PROPFIND",
+            self._url(path, collection=collection),
+            auth=self._auth,
+            policy=self._retry,
+            path=path or "/",
+            headers={"Depth": str(depth), "Content-Type": "application/xml; charset=utf-8"},
+            content=davxml.PROPFIND_BODY,
+            read_body_if=lambda status: status == 207,
+            max_body_bytes=davxml.MAX_PROPFIND_BODY_BYTES,
+        )
+
+    async def _entry(self, path: str, name: str, resource: davxml.DavResource) -> Entry:
+        mtime_ns = resource.mtime_ns or 0
+        if resource.is_collection:
+            return Entry(name=name, is_dir=True, size=0, mtime_ns=mtime_ns, version=f"dav-dir:{resource.etag or ''}")
+        etag = resource.etag
+        size = resource.size
+        if size is None:  # a server that omits getcontentlength: ask HEAD rather than guess
+            url = self._url(path)
+            reply = await request(self._http(), "HEAD", url, auth=self._auth, policy=self._retry, path=path)
+            length = reply.headers.get("content-length", "")
+            if reply.status_code != 200:
+                raise_for_status(reply, f"HEAD {redact_url(url)}", path)
+            if not length.isdigit():
+                raise MalformedListingError("the server gives no size for the file", filename=path)
+            size = int(length)
+            etag = etag or reply.headers.get("etag")
+            mtime_ns = mtime_ns or http_mtime_ns(reply.headers.get("last-modified"))
+        return Entry(
+            name=name,
+            is_dir=False,
+            size=size,
+            mtime_ns=mtime_ns,
+            version=f"dav:{etag or '-'}:{size}:{mtime_ns}",
+            xattrs=(("user.etag", etag.encode()),) if etag else (),
+        )
+
+    async def stat(self, path: str) -> Entry:
+        wanted = davxml.normalize_path(self._abs(path))  # unquoted, as parse_multistatus gives resource paths
+        for resource in await self._propfind(path, 0):
+            if resource.path == wanted:
+                return await self._entry(path, path.rpartition("/")[2], resource)
+        raise MalformedListingError(f"PROPFIND Depth 0 of {path or '/'!r} did not describe it", filename=path or "/")
+
+    async def list_dir(self, path: str) -> AsyncIterator[Entry]:
+        resources = await self._propfind(path, 1)
+        folder = self._abs(path)  # unquoted absolute path, as davxml.children_of expects
+        wanted = davxml.normalize_path(folder)
+        itself = next((r for r in resources if r.path == wanted), None)
+        if itself is not None and not itself.is_collection:  # Depth 1 on a file describes just the file
+            raise NotADirectory(filename=path)
+        if itself is None and not resources:
+            raise EntryNotFoundError(filename=path or "/")
+        for name, resource in davxml.children_of(folder, iter(resources)):
+            yield await self._entry(f"{path}/{name}" if path else name, name, resource)
+
+    async def open(self, path: str, entry: Entry) -> OpenFile:
+        await trio.lowlevel.checkpoint()
+        if entry.is_dir:
+            raise IsADirectory(filename=path)
+        return plain_file(
+            self._http(),
+            self._url(path),
+            entry,
+            path=path,
+            block_size_bytes=self._options.block_size_bytes,
+            policy=self._retry,
+            auth=self._auth,
+            staging=self._staging,
+        )
+
+
+def create(url: str, options: SourceOptions) -> WebDAVSource:
+    return WebDAVSource(url, options)
