@@ -69,7 +69,8 @@ def portal(tree: Path, state: Path, extra: list[str] | None = None) -> Iterator[
         DIRECTFS_PASSWORD=secrets.token_urlsafe(12),
     )
     cmd = directfs("serve", str(tree), "--listen", "127.0.0.1:0", "--state-dir", str(state), "--rescan-interval", "0")
-    proc = subprocess.Popen([*cmd, *(extra or [])], stdout=subprocess.PIPE, env=env, text=True)
+    log = (state.parent / "portal.log").open("ab")  # its per-request access log would drown the table
+    proc = subprocess.Popen([*cmd, *(extra or [])], stdout=subprocess.PIPE, stderr=log, env=env, text=True)
     try:
         assert proc.stdout is not None
         url = None
@@ -90,6 +91,7 @@ def portal(tree: Path, state: Path, extra: list[str] | None = None) -> Iterator[
             proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
             proc.kill()
+        log.close()
 
 
 @dataclass

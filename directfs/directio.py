@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import hashlib
 import json
 import logging
@@ -46,6 +47,7 @@ from functools import partial
 from typing import Any, Final, TypeGuard
 from urllib.parse import urlsplit
 
+import cachetools
 import httpx
 import trio
 
@@ -111,6 +113,14 @@ class DirectIOSettings:
     # default because it is the only integrity signal we get; off only for a store whose ETag looks like an MD5 but
     # is not one (a mismatch names this setting).
     verify_storage_digest: bool = True
+    # Block lists of opened versions are kept this long: a program that opens the same file again and again costs one
+    # Portal call per 10 minutes, and during a Portal outage of that length re-opening a file whose blocks are cached
+    # keeps working. Safe because the key is the listing's version token (a changed file is a new key) and expired
+    # URLs are refreshed on 403 as usual. 0 turns it off.
+    metadata_cache_seconds: float = 600.0
+    # Bound of that cache in chunks (~400 bytes each with the URL): 100k chunks is ~40 MiB at worst and covers
+    # 50 GB of files at CTERA's 512 KiB average block.
+    metadata_cache_chunks: int = 100_000
 
     @classmethod
     def from_options(cls, options: SourceOptions, *, retry: RetryPolicy | None = None) -> DirectIOSettings:
@@ -349,6 +359,14 @@ class DirectIO:
         self._transports = (portal_transport, storage_transport)
         self._portal: httpx.AsyncClient | None = None
         self._storage: httpx.AsyncClient | None = None
+        # (file id, version) -> block list of an opened version; touched only from the trio thread, between awaits.
+        self._opened: cachetools.TTLCache[tuple[str, str], FileMetadata] | None = None
+        if self.settings.metadata_cache_seconds > 0 and self.settings.metadata_cache_chunks > 0:
+            self._opened = cachetools.TTLCache(
+                maxsize=self.settings.metadata_cache_chunks,
+                ttl=self.settings.metadata_cache_seconds,
+                getsizeof=lambda meta: max(1, len(meta.chunks)),
+            )
 
     def __repr__(self) -> str:
         return f"DirectIO({self.portal_url!r})"
@@ -506,8 +524,13 @@ class DirectIO:
         """Open a file for block reads. ``expected_size`` (from the listing) is checked against the block list
         (``StaleFileError`` on a mismatch); 0 opens an empty file without asking the Portal."""
         text = _file_id_text(file_id)
+        cache_key = (text, version) if version is not None else None
+        cached = self._opened.get(cache_key) if self._opened is not None and cache_key is not None else None
         if expected_size == 0:
             meta = FileMetadata(text, encrypted=False, compression=codec.Compression.NONE, chunks=(), size=0)
+        elif cached is not None and (expected_size is None or cached.size == expected_size):
+            await trio.lowlevel.checkpoint()
+            meta = cached
         else:
             meta = await self._metadata(text, empty_ok=True)
             if expected_size is not None and meta.size != expected_size:
@@ -515,7 +538,16 @@ class DirectIO:
                     f"The file changed on the server: {meta.size} bytes, the listing said {expected_size}",
                     filename=text,
                 )
-        return DirectIOFile(self, meta, version if version is not None else f"directio:{text}:{meta.size}")
+            self._remember(cache_key, meta)
+        opened = DirectIOFile(self, meta, version if version is not None else f"directio:{text}:{meta.size}")
+        opened.cache_key = cache_key
+        return opened
+
+    def _remember(self, cache_key: tuple[str, str] | None, meta: FileMetadata) -> None:
+        if self._opened is None or cache_key is None or not meta.chunks:
+            return
+        with contextlib.suppress(ValueError):  # one block list larger than the whole cache: not kept
+            self._opened[cache_key] = meta
 
     async def _get_object(self, chunk: Chunk, info: BlockInfo) -> bytearray | None:
         """The stored object of ``chunk`` (body checked against a size bound and, when the storage sent one, against
@@ -752,6 +784,7 @@ class DirectIOFile:
         self._refresh_failure: tuple[int, DirectFSError] | None = None
         self.layout = meta.layout(version)
         self.refreshes = 0  # block-list refreshes done (observable in tests and stats)
+        self.cache_key: tuple[str, str] | None = None  # where the client keeps this version's block list
 
     @property
     def metadata(self) -> FileMetadata:
@@ -809,6 +842,7 @@ class DirectIOFile:
                 self._refresh_failure = (seen_generation, exc)
                 raise
             self._meta = fresh
+            self._client._remember(self.cache_key, fresh)  # later opens get the fresh URLs too
             self._generation += 1
             self.refreshes += 1
             log.debug("refreshed the block list of file %s", self._meta.file_id)

@@ -14,17 +14,21 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import hashlib
 import hmac
 import json
 import logging
+import os
 import random
 import re
 import time
 import urllib.parse
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Final
 
+import cachetools
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
@@ -44,6 +48,11 @@ MAX_FOLDER_IDS: Final = 100
 # Long-poll: the SDK sends timeout=10000 (ms). A cap keeps a misbehaving client from parking a request for hours.
 DEFAULT_LONGPOLL_MS: Final = 10000
 MAX_LONGPOLL_MS: Final = 60000
+# MD5s of served objects, keyed by (path, inode, mtime, size) so a re-written object is hashed again. 64k entries
+# (~10 MiB) cover every object of a large test tree; a miss costs one read of the object (page-cached by then).
+MD5_CACHE_ENTRIES: Final = 65536
+# Hash small objects on the event loop; bigger ones in a thread (MD5 runs ~700 MB/s: 4 MiB is ~6 ms).
+MD5_INLINE_BYTES: Final = 64 * 1024
 _OBJECT_KEY_RE: Final = re.compile(r"^blocks/[0-9a-f]{2}/[0-9a-f]{64}$")
 _DIGITS_RE: Final = re.compile(r"^[0-9]{1,18}$")
 
@@ -59,6 +68,9 @@ class Portal:
     rng: random.Random = field(default_factory=random.Random)
     last_scan: ScanStats | None = None
     stopping: bool = False  # set on SIGTERM: parked long-polls answer at once so shutdown does not wait for them
+    md5s: cachetools.LRUCache[tuple[str, int, int, int], str] = field(
+        default_factory=lambda: cachetools.LRUCache(maxsize=MD5_CACHE_ENTRIES)
+    )
 
     async def stop(self) -> None:
         self.stopping = True
@@ -313,20 +325,56 @@ async def block_get(request: web.Request) -> web.StreamResponse:
     if not _OBJECT_KEY_RE.match(key):
         return web.Response(status=404, text="no such object")
     path = store.path(key)
+    try:
+        etag = await _object_etag(portal, path)
+    except FileNotFoundError:
+        return web.Response(status=404, text="no such object")
     faults = portal.config.faults
     if "blocks" in faults.targets and (faults.corrupt_blocks_rate or faults.drop_mid_body_rate):
         corrupt = faults.corrupt_blocks_rate and portal.rng.random() < faults.corrupt_blocks_rate
         drop = faults.drop_mid_body_rate and portal.rng.random() < faults.drop_mid_body_rate
         if corrupt or drop:
-            return await _faulty_block(request, portal, path.read_bytes(), corrupt=bool(corrupt), drop=bool(drop))
-    if not path.is_file():
-        return web.Response(status=404, text="no such object")
-    return web.FileResponse(path, headers={"Content-Type": "application/octet-stream"})
+            data = path.read_bytes()
+            return await _faulty_block(request, portal, data, etag, corrupt=bool(corrupt), drop=bool(drop))
+    return _DigestFileResponse(path, etag)
+
+
+class _DigestFileResponse(web.FileResponse):
+    """``FileResponse`` (sendfile) whose ETag is the MD5 of the object, as S3 sends for single-part objects: clients
+    verify the download against it. aiohttp sets its own mtime/size ETag while preparing, so ours goes on in
+    ``on_response_prepare`` (``_set_storage_etag``), the last moment before the headers are sent."""
+
+    def __init__(self, path: Path, etag: str) -> None:
+        super().__init__(path, headers={"Content-Type": "application/octet-stream"})
+        self.storage_etag = etag
+
+
+async def _set_storage_etag(request: web.Request, response: web.StreamResponse) -> None:
+    if isinstance(response, _DigestFileResponse):
+        response.headers["ETag"] = response.storage_etag
+
+
+async def _object_etag(portal: Portal, path: Path) -> str:
+    """``"<md5 hex>"`` of the object at ``path`` (cached per inode/mtime/size). FileNotFoundError when missing."""
+    st = os.stat(path)  # one syscall on a local file: cheaper than a thread hop
+    cache_key = (str(path), st.st_ino, st.st_mtime_ns, st.st_size)
+    etag = portal.md5s.get(cache_key)
+    if etag is None:
+
+        def digest() -> str:
+            return hashlib.md5(path.read_bytes(), usedforsecurity=False).hexdigest()
+
+        hexdigest = await asyncio.to_thread(digest) if st.st_size > MD5_INLINE_BYTES else digest()
+        etag = f'"{hexdigest}"'
+        portal.md5s[cache_key] = etag
+    return etag
 
 
 async def _faulty_block(
-    request: web.Request, portal: Portal, data: bytes, *, corrupt: bool, drop: bool
+    request: web.Request, portal: Portal, data: bytes, etag: str, *, corrupt: bool, drop: bool
 ) -> web.StreamResponse:
+    """Damage the bytes on the wire only: the stored object stays intact and the ETag still names its MD5, exactly
+    what a flaky network or proxy does; a client that verifies the digest catches it."""
     if corrupt and data:
         buf = bytearray(data)
         pos = portal.rng.randrange(len(buf))
@@ -334,9 +382,9 @@ async def _faulty_block(
         data = bytes(buf)
         log.info("fault: corrupted byte %d of %s", pos, request.rel_url.path)
     if not drop:
-        return web.Response(body=data, content_type="application/octet-stream")
+        return web.Response(body=data, content_type="application/octet-stream", headers={"ETag": etag})
     log.info("fault: dropping the connection mid-body for %s", request.rel_url.path)
-    response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+    response = web.StreamResponse(headers={"Content-Type": "application/octet-stream", "ETag": etag})
     response.content_length = len(data)
     await response.prepare(request)
     await response.write(data[: len(data) // 2])
@@ -422,6 +470,7 @@ def make_app(portal: Portal) -> web.Application:
     # client_max_size: PROPFIND and notification bodies are small; 1 MiB bounds a hostile one.
     app = web.Application(middlewares=middlewares, client_max_size=1024 * 1024)
     app[PORTAL_KEY] = portal
+    app.on_response_prepare.append(_set_storage_etag)
     dav = WEBDAV_ROOT + "{tail:(/.*)?}"
     app.router.add_route("OPTIONS", dav, webdav_options)
     app.router.add_route("PROPFIND", dav, webdav_propfind)
