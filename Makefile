@@ -4,9 +4,10 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTHON ?= python3
 # Debian packages: FUSE runtime + headers to build pyfuse3, ffmpeg/sqlite3 for the demo and mount tests,
-# nginx + apache with WebDAV for the webdav:// tests.
+# nginx + apache with WebDAV for the webdav:// tests, shellcheck and systemd-analyze (package systemd) to check the
+# container entrypoint and the unit file.
 APT_PACKAGES := fuse3 libfuse3-dev pkg-config gcc ffmpeg sqlite3 \
-	nginx-light libnginx-mod-http-dav-ext apache2 apache2-utils
+	nginx-light libnginx-mod-http-dav-ext apache2 apache2-utils shellcheck systemd
 PYTEST_ARGS ?=
 
 .PHONY: all system-deps venv lint typecheck test demo bench clean
