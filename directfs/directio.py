@@ -280,6 +280,8 @@ def _parse_page(file_id: str, body: Any, settings: DirectIOSettings) -> _Page:
             raise _malformed(file_id, f"chunk {position} has an invalid len (an integer 0..{settings.max_block_bytes})")
         if not isinstance(url, str):
             raise _malformed(file_id, f"chunk {position} has no url")
+        if any(c <= " " or c == "\x7f" for c in url):  # NUL, CR/LF, spaces: refused here, not at fetch time
+            raise _malformed(file_id, f"chunk {position} has control characters or spaces in its url")
         try:
             parts = urlsplit(url)
             host = parts.hostname

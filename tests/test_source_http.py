@@ -6,6 +6,7 @@ import errno
 import hashlib
 import os
 import random
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from directfs.sources.base import Credentials, Entry, OpenFile, Source, SourceOp
 from directfs.sources.web import create, index_links
 
 from .support.httpfiles import HTTPFiles, serve_files
+from .support.mountd import fuse_available, mounted
 
 BLOCK = 64 * 1024  # small blocks: every file of the tree crosses block edges
 SIZES = {"empty": 0, "one": 1, "block-1": BLOCK - 1, "block": BLOCK, "block+1": BLOCK + 1, "many.bin": 5 * BLOCK + 7}
@@ -273,3 +275,54 @@ def test_plain_http_credentials_only_to_loopback() -> None:
     create("http://files.example.org/x/", options())  # anonymous plain HTTP is fine
     with pytest.raises(ConfigError):
         create("https://user:pw@files.example.org/x/", options())
+
+
+# --- through a real mount -----------------------------------------------------------------------------------------
+
+needs_fuse = pytest.mark.skipif(not fuse_available(), reason="needs /dev/fuse, fusermount3 and root")
+
+
+def check_mounted_tree(mnt: Path, files: dict[str, bytes]) -> None:
+    """``ls -lR``, sha256 of every file, and a seeded pread oracle with several fds open at once."""
+    listing = subprocess.run(["ls", "-lR", str(mnt)], capture_output=True, text=True, timeout=60, check=True).stdout
+    for rel, data in files.items():
+        assert rel.rpartition("/")[2] in listing
+        path = mnt / rel
+        assert path.stat().st_size == len(data)
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == hashlib.sha256(data).hexdigest()
+    rng = random.Random(7)
+    big = [rel for rel, data in files.items() if len(data) > BLOCK]
+    fds = {rel: os.open(mnt / rel, os.O_RDONLY) for rel in big}
+    try:
+        for _ in range(200):
+            rel = rng.choice(big)
+            data = files[rel]
+            offset = rng.randrange(0, len(data) + 10)
+            length = rng.choice([1, 100, 4096, BLOCK - 1, BLOCK + 1, 2 * BLOCK])
+            assert os.pread(fds[rel], length, offset) == data[offset : offset + length]
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+
+
+@needs_fuse
+@pytest.mark.mount
+def test_mount_http_folder_with_staging(tree: tuple[Path, dict[str, bytes]]) -> None:
+    with serve_files(tree[0]) as server:
+        # Real seconds here (the daemon is another process): two 503 + Retry-After: 1 answers, then the data.
+        server.staging["many.bin"] = 2
+        with mounted(server.url, extra_args=["--log-level", "debug"]) as m:
+            check_mounted_tree(m.mountpoint, tree[1])
+            assert server.staging["many.bin"] == 0
+            assert (m.mountpoint / "sub dir" / "na me #1%.txt").read_bytes() == tree[1]["sub dir/na me #1%.txt"]
+
+
+@needs_fuse
+@pytest.mark.mount
+def test_mount_https_single_file_with_ca(tree: tuple[Path, dict[str, bytes]], tmp_path: Path) -> None:
+    with serve_files(tree[0], tls=True) as server:
+        ca_file = tmp_path / "ca.pem"
+        ca_file.write_bytes(server.ca_pem)
+        with mounted(server.url + "many.bin", extra_args=["--ca-file", str(ca_file)]) as m:
+            assert os.listdir(m.mountpoint) == ["many.bin"]
+            check_mounted_tree(m.mountpoint, {"many.bin": tree[1]["many.bin"]})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import os
 import random
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,8 +23,9 @@ from directfs.errors import (
 )
 from directfs.sources.s3 import create
 
+from .support.mountd import mounted
 from .support.seaweed import SeaweedFS, start_seaweed
-from .test_source_http import BLOCK, check_tree, make_tree, options, read_all
+from .test_source_http import BLOCK, check_mounted_tree, check_tree, make_tree, needs_fuse, options, read_all
 
 BUCKET = "directfs-test"
 PAGING_KEYS = 25
@@ -251,3 +253,12 @@ async def test_invalid_object_state_past_deadline(fake_keys: None, autojump_cloc
         assert trio.current_time() - start <= 120
     finally:
         await source.aclose()
+
+
+@needs_fuse
+@pytest.mark.mount
+def test_mount_bucket_prefix(aws_env: SeaweedFS, weed: tuple[SeaweedFS, dict[str, bytes]]) -> None:
+    env = {**aws_env.env(), "AWS_ENDPOINT_URL_S3": aws_env.endpoint, "AWS_EC2_METADATA_DISABLED": "true"}
+    with mounted(f"s3://{BUCKET}/data", env=env) as m:
+        check_mounted_tree(m.mountpoint, weed[1])
+        assert sorted(os.listdir(m.mountpoint / "sub dir")) == ["deeper", "na me #1%.txt"]  # marker not shown

@@ -86,15 +86,28 @@ class NginxDav:
     def set_tokens(self, tokens: Sequence[str]) -> None:
         """Accept exactly ``tokens`` on /bearer/ from now on (reload, then wait until nginx answers accordingly)."""
         _write_tokens(self.workdir, tokens)
+        old_workers = self._workers()
         self.proc.send_signal(signal.SIGHUP)
         deadline = time.monotonic() + START_TIMEOUT_SECONDS
         probe = f"http://{self.host}/bearer/"
         while time.monotonic() < deadline:
-            # New workers take over within milliseconds; old ones finish their keep-alive requests and exit.
-            if all(_status(probe, t) == 207 for t in tokens) and _status(probe, "stale-probe") == 401:
+            # New workers take over within milliseconds. An old worker keeps serving the keep-alive connections it
+            # holds with the old config, so also wait for the old workers to exit (they close idle connections).
+            if (
+                not (old_workers & self._workers())
+                and all(_status(probe, t) == 207 for t in tokens)
+                and _status(probe, "stale-probe") == 401
+            ):
                 return
             time.sleep(0.05)  # polling a reloading server, not an assertion
         raise RuntimeError("nginx did not pick up the new tokens")
+
+    def _workers(self) -> set[int]:
+        children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children")
+        try:
+            return {int(pid) for pid in children.read_text().split()}
+        except OSError:
+            return set()
 
 
 def _status(url: str, token: str) -> int:
