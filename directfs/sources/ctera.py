@@ -52,7 +52,7 @@ FALLBACK_BLOCK_SIZE_BYTES = 4 * 1024 * 1024
 class _DavReply:
     status_code: int
     headers: httpx.Headers
-    body: bytes
+    resources: list[davxml.DavResource]
 
 
 def create(url: str, options: SourceOptions) -> CteraSource:
@@ -146,7 +146,7 @@ class CteraSource:
 
     # --- namespace ---
 
-    async def _propfind(self, path: str, depth: int) -> bytes:
+    async def _propfind(self, path: str, depth: int) -> list[davxml.DavResource]:
         url = self._url(path, collection=depth == 1)
         what = f"PROPFIND {redact_url(url)}"
 
@@ -155,13 +155,14 @@ class CteraSource:
             async with self._client().stream(
                 "PROPFIND", url, headers=headers, content=davxml.PROPFIND_BODY
             ) as response:
-                body = bytearray()
+                # Parsed as it arrives: a huge folder is never held as one body or one XML tree.
+                resources: list[davxml.DavResource] = []
                 if response.status_code == 207:
+                    parser = davxml.MultistatusParser()
                     async for piece in response.aiter_bytes():
-                        body += piece
-                        if len(body) > davxml.MAX_PROPFIND_BODY_BYTES:
-                            raise MalformedListingError(f"{what}: reply larger than the limit", filename=path or "/")
-                return _DavReply(response.status_code, response.headers, bytes(body))
+                        resources += parser.feed(piece)
+                    resources += parser.close()
+                return _DavReply(response.status_code, response.headers, resources)
 
         try:
             response = await send_with_retries(attempt, policy=self._retry, what=what)
@@ -173,7 +174,7 @@ class CteraSource:
             raise NamespaceError(f"{what}: {type(exc).__name__}", filename=path or "/") from exc
         status = response.status_code
         if status == 207:
-            return response.body
+            return response.resources
         if status == 404:
             raise EntryNotFoundError(filename=path or "/")
         if status in (401, 403):
@@ -196,17 +197,16 @@ class CteraSource:
         )
 
     async def stat(self, path: str) -> Entry:
-        body = await self._propfind(path, 0)
+        resources = await self._propfind(path, 0)
         wanted = davxml.normalize_path(f"{self._root}/{path}" if path else self._root)
-        for resource in davxml.parse_multistatus(body):
+        for resource in resources:
             if resource.path == wanted:
                 return self._entry(path.rsplit("/", 1)[-1], resource)
         raise MalformedListingError(f"PROPFIND Depth 0 of {path or '/'!r} did not describe it")
 
     async def list_dir(self, path: str) -> AsyncIterator[Entry]:
-        body = await self._propfind(path, 1)
+        resources = await self._propfind(path, 1)
         folder = f"{self._root}/{path}" if path else self._root
-        resources = list(davxml.parse_multistatus(body))
         wanted = davxml.normalize_path(folder)
         itself = next((r for r in resources if r.path == wanted), None)
         if itself is not None and not itself.is_collection:  # Depth 1 on a file describes just the file

@@ -88,52 +88,123 @@ def _parse_size(text: str | None) -> int | None:
     return int(value)
 
 
+class MultistatusParser:
+    """Incremental parser of a 207 body: ``feed`` chunks as they arrive and get back the ``<response>``s they
+    completed; ``close`` at the end. Memory stays proportional to one ``<response>`` (plus the resources the caller
+    keeps), not to the body: a folder of a million entries is never held as one XML tree.
+
+    Parsing goes through defusedxml's expat parser (entity declarations and external references are refused); the
+    root must be ``DAV:multistatus``; more than ``MAX_PROPFIND_BODY_BYTES`` is refused. Every failure is
+    ``MalformedListingError``.
+    """
+
+    def __init__(self) -> None:
+        self._collector = _ResponseCollector()
+        self._parser = SafeET.XMLParser(target=self._collector)
+        self._fed_bytes = 0
+
+    def feed(self, data: bytes) -> list[DavResource]:
+        self._fed_bytes += len(data)
+        if self._fed_bytes > MAX_PROPFIND_BODY_BYTES:
+            raise MalformedListingError(f"PROPFIND reply exceeds the limit of {MAX_PROPFIND_BODY_BYTES} bytes")
+        try:
+            self._parser.feed(data)
+        except (ET.ParseError, ValueError) as exc:  # defusedxml raises ValueError subclasses for entity attacks
+            raise MalformedListingError(f"PROPFIND reply is not valid XML: {exc}") from exc
+        return self._collector.take()
+
+    def close(self) -> list[DavResource]:
+        try:
+            self._parser.close()
+        except (ET.ParseError, ValueError) as exc:
+            raise MalformedListingError(f"PROPFIND reply is not valid XML: {exc}") from exc
+        return self._collector.take()
+
+
+class _ResponseCollector:
+    """Parser target: builds one ``<response>`` element at a time and turns it into a ``DavResource``."""
+
+    def __init__(self) -> None:
+        self._depth = 0
+        self._builder: ET.TreeBuilder | None = None
+        self._done: list[DavResource] = []
+
+    def take(self) -> list[DavResource]:
+        done, self._done = self._done, []
+        return done
+
+    def start(self, tag: str, attrib: dict[str, str]) -> None:
+        if self._depth == 0 and tag != _tag(DAV, "multistatus"):
+            raise MalformedListingError(f"PROPFIND reply is not a multistatus (root {tag[:64]!r})")
+        if self._depth == 1 and tag == _tag(DAV, "response"):
+            self._builder = ET.TreeBuilder()
+        if self._builder is not None:
+            self._builder.start(tag, attrib)
+        self._depth += 1
+
+    def end(self, tag: str) -> None:
+        self._depth -= 1
+        if self._builder is None:
+            return
+        element = self._builder.end(tag)
+        if self._depth == 1:
+            self._builder = None
+            resource = _resource_of(element)
+            if resource is not None:
+                self._done.append(resource)
+
+    def data(self, text: str) -> None:
+        if self._builder is not None:
+            self._builder.data(text)
+
+    def close(self) -> None:
+        if self._depth != 0:
+            raise MalformedListingError("PROPFIND reply ends inside an element (truncated?)")
+
+
 def parse_multistatus(body: bytes) -> Iterator[DavResource]:
-    """Yield every response of a 207 body. Raises ``MalformedListingError`` when the body is not a multistatus."""
-    if len(body) > MAX_PROPFIND_BODY_BYTES:
-        raise MalformedListingError(f"PROPFIND reply of {len(body)} bytes exceeds the limit")
+    """Every response of a whole 207 body (see ``MultistatusParser`` for the incremental form)."""
+    parser = MultistatusParser()
+    yield from parser.feed(body)
+    yield from parser.close()
+
+
+def _resource_of(response: ET.Element) -> DavResource | None:
+    href = response.findtext(_tag(DAV, "href"))
+    if not href:
+        log.warning("PROPFIND: skipping a response without href")
+        return None
     try:
-        root = SafeET.fromstring(body)
-    except (ET.ParseError, ValueError) as exc:  # defusedxml raises ValueError subclasses for entity attacks
-        raise MalformedListingError(f"PROPFIND reply is not valid XML: {exc}") from exc
-    if root.tag != _tag(DAV, "multistatus"):
-        raise MalformedListingError(f"PROPFIND reply is not a multistatus (root {root.tag[:64]!r})")
-    for response in root.iterfind(_tag(DAV, "response")):
-        href = response.findtext(_tag(DAV, "href"))
-        if not href:
-            log.warning("PROPFIND: skipping a response without href")
+        path = href_path(href)
+    except UnicodeDecodeError:
+        log.warning("PROPFIND: skipping an href that is not valid UTF-8 once unquoted")
+        return None
+    props: dict[str, ET.Element] = {}
+    for propstat in response.iterfind(_tag(DAV, "propstat")):
+        status = propstat.findtext(_tag(DAV, "status")) or ""
+        if " 200 " not in f" {status} ":
             continue
-        try:
-            path = href_path(href)
-        except UnicodeDecodeError:
-            log.warning("PROPFIND: skipping an href that is not valid UTF-8 once unquoted")
-            continue
-        props: dict[str, ET.Element] = {}
-        for propstat in response.iterfind(_tag(DAV, "propstat")):
-            status = propstat.findtext(_tag(DAV, "status")) or ""
-            if " 200 " not in f" {status} ":
-                continue
-            prop = propstat.find(_tag(DAV, "prop"))
-            if prop is not None:
-                for child in prop:
-                    props[child.tag] = child
-        resourcetype = props.get(_tag(DAV, "resourcetype"))
-        is_collection = resourcetype is not None and resourcetype.find(_tag(DAV, "collection")) is not None
-        try:
-            size = _parse_size(_text(props, DAV, "getcontentlength"))
-        except ValueError as exc:
-            log.warning("PROPFIND: skipping %r: %s", path, exc)
-            continue
-        file_id = _text(props, CTERA_NS, "fileid")
-        yield DavResource(
-            path=path,
-            is_collection=is_collection,
-            size=size,
-            mtime_ns=_parse_mtime_ns(_text(props, DAV, "getlastmodified")),
-            etag=_text(props, DAV, "getetag"),
-            file_id=file_id.strip() if file_id and file_id.strip() else None,
-            display_name=_text(props, DAV, "displayname"),
-        )
+        prop = propstat.find(_tag(DAV, "prop"))
+        if prop is not None:
+            for child in prop:
+                props[child.tag] = child
+    resourcetype = props.get(_tag(DAV, "resourcetype"))
+    is_collection = resourcetype is not None and resourcetype.find(_tag(DAV, "collection")) is not None
+    try:
+        size = _parse_size(_text(props, DAV, "getcontentlength"))
+    except ValueError as exc:
+        log.warning("PROPFIND: skipping %r: %s", path, exc)
+        return None
+    file_id = _text(props, CTERA_NS, "fileid")
+    return DavResource(
+        path=path,
+        is_collection=is_collection,
+        size=size,
+        mtime_ns=_parse_mtime_ns(_text(props, DAV, "getlastmodified")),
+        etag=_text(props, DAV, "getetag"),
+        file_id=file_id.strip() if file_id and file_id.strip() else None,
+        display_name=_text(props, DAV, "displayname"),
+    )
 
 
 def _text(props: dict[str, ET.Element], ns: str, name: str) -> str | None:
