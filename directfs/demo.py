@@ -37,7 +37,8 @@ def make_sample_tree(root: Path) -> None:
     (root / "README.txt").write_text("Welcome to directfs: this file was read through the mount.\n")
     (root / "docs" / "notes with spaces.txt").write_text("".join(f"line {i}: directfs\n" for i in range(2000)))
     (root / "docs" / "nested" / "deeper" / "naïve-日本.txt").write_text("unicode names work\n")
-    (root / "docs" / "random.bin").write_bytes(os.urandom(9 * 1024 * 1024 + 123))  # several blocks, odd size
+    if not (root / "docs" / "random.bin").exists():  # several blocks, odd size; kept so a re-run re-encodes nothing
+        (root / "docs" / "random.bin").write_bytes(os.urandom(9 * 1024 * 1024 + 123))
     database = root / "inventory.sqlite"
     if not database.exists():
         with contextlib.closing(sqlite3.connect(database)) as db:
@@ -69,10 +70,12 @@ def directfs_command() -> list[str]:
 
 
 @contextlib.contextmanager
-def portal(tree: Path, state: Path, env: dict[str, str]) -> Iterator[str]:
+def portal(tree: Path, state: Path, env: dict[str, str], log_path: Path) -> Iterator[str]:
+    log = log_path.open("ab")  # its per-request access log would drown the tour
     proc = subprocess.Popen(
         [*directfs_command(), "serve", str(tree), "--listen", "127.0.0.1:0", "--state-dir", str(state)],
         stdout=subprocess.PIPE,
+        stderr=log,
         env=env,
         text=True,
     )
@@ -88,7 +91,7 @@ def portal(tree: Path, state: Path, env: dict[str, str]) -> Iterator[str]:
                 url = line.rsplit("listening on ", 1)[1].strip()
                 break
         if url is None:
-            raise SystemExit("the reference portal did not start (see its messages above)")
+            raise SystemExit(f"the reference portal did not start (see {log_path})")
         yield url
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -96,6 +99,7 @@ def portal(tree: Path, state: Path, env: dict[str, str]) -> Iterator[str]:
             proc.wait(timeout=15)
         except subprocess.TimeoutExpired:
             proc.kill()
+        log.close()
 
 
 def sha256(path: Path) -> str:
@@ -136,8 +140,8 @@ def main(argv: list[str] | None = None) -> int:
 
     say(f"Generating a sample namespace in {tree}")
     make_sample_tree(tree)
-    say("Starting the reference portal (directfs serve)")
-    with portal(tree, state, env) as url:
+    say(f"Starting the reference portal (directfs serve; its log: {workdir / 'portal.log'})")
+    with portal(tree, state, env, workdir / "portal.log") as url:
         source = "ctera+" + url
         say(f"Mounting {source} at {mountpoint}")
         run([*directfs_command(), "mount", source, str(mountpoint)], env=env)
