@@ -22,6 +22,9 @@ COMMANDS: dict[str, str] = {
     "serve": "serve",
     "get": "get",
     "stats": "stats",
+    "ls": "ls",
+    "cp": "cp",
+    "stage": "stage",
 }
 
 

@@ -45,7 +45,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from .commands.common import parse_duration_seconds, parse_size
+from .commands.common import parse_block_size, parse_duration_seconds, parse_endpoint_url, parse_size
 from .errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -162,6 +162,22 @@ def _as_url(value: object) -> str:
     return text
 
 
+def _as_endpoint_url(value: object) -> str:
+    try:
+        return parse_endpoint_url(_as_str(value), "endpoint_url")
+    except ConfigError as exc:
+        raise ValueError(exc.strerror) from None
+
+
+def _as_block_size(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise ValueError('expected a size: bytes or a string such as "8M"')
+    try:
+        return parse_block_size(str(value), "block_size")
+    except ConfigError as exc:
+        raise ValueError(exc.strerror) from None
+
+
 def _as_abs_path(value: object) -> str:
     text = _as_str(value)
     if not os.path.isabs(text):
@@ -251,6 +267,9 @@ SOURCE_KEYS: Final[Mapping[str, _Key]] = {
     "client_key": _Key(_as_abs_path, "client_key"),
     "connect_timeout": _Key(_as_positive_seconds, "connect_timeout"),
     "read_timeout": _Key(_as_positive_seconds, "read_timeout"),
+    "endpoint_url": _Key(_as_endpoint_url, "endpoint_url"),
+    "block_size": _Key(_as_block_size, "block_size"),
+    "staging_deadline": _Key(_as_seconds, "staging_deadline"),
     **{name: _Key(_as_str, name, secret=True) for name in SECRET_KEYS},
     **{f"{name}_file": _Key(_as_abs_path, f"{name}_file") for name in SECRET_KEYS},
     **{f"{name}_credential": _Key(_as_credential_name, f"{name}_file") for name in SECRET_KEYS},
@@ -273,6 +292,9 @@ ENV_KEYS: Final[Mapping[str, str]] = {
     "DIRECTFS_VERIFY_TLS": "verify_tls",
     "DIRECTFS_CONNECT_TIMEOUT": "connect_timeout",
     "DIRECTFS_READ_TIMEOUT": "read_timeout",
+    "DIRECTFS_ENDPOINT_URL": "endpoint_url",
+    "DIRECTFS_BLOCK_SIZE": "block_size",
+    "DIRECTFS_STAGING_DEADLINE": "staging_deadline",
 }
 # Other variables of ours, known so they do not draw the "unknown variable" warning.
 OTHER_ENV: Final = frozenset(
@@ -495,9 +517,9 @@ def _o_keys(args: argparse.Namespace) -> set[str]:
 
 def _as_arg(key: str, value: Any) -> Any:
     """A parsed value in the form `directfs mount` expects in its Namespace (the flag's own type)."""
-    if key in ("cache_size", "read_ahead"):
+    if key in ("cache_size", "read_ahead", "block_size"):
         return str(value)  # bytes; parse_size accepts a plain number
-    if key in ("connect_timeout", "read_timeout"):
+    if key in ("connect_timeout", "read_timeout", "staging_deadline"):
         return repr(float(value))  # seconds; parse_duration_seconds accepts a plain number
     if key == "metrics_address":
         return str(value)
@@ -513,22 +535,55 @@ def apply_to_mount_args(args: argparse.Namespace, env: Mapping[str, str] = os.en
     ``KEY_file``/``KEY_credential`` become ``--KEY-file`` paths and inline values stay in memory only.
     """
     config = load_for(getattr(args, "config", None), env)
-    from_env = env_values(env)
-    source: SourceConfig | None = None
-    if is_source_name(args.source):
-        source = config.source(args.source)
-        args.source_name = args.source
-        args.source = source.url
-    else:
-        args.source_name = None
-    o_keys = _o_keys(args)
-
+    source = _resolve_source_name(args, config)
     layered: dict[str, Any] = dict(config.mount)
     if source is not None:
         layered.update(source.values)
         layered.update(source.mount)
+    _fill(args, layered, env)
+    if not getattr(args, "mountpoint", None):
+        named = f"[source.{source.name}] has no mountpoint" if source is not None else "no MOUNTPOINT given"
+        raise ConfigError(f'{named}: give MOUNTPOINT on the command line or mountpoint = "/mnt/..." in the config')
+    return config
+
+
+def apply_to_source_args(args: argparse.Namespace, env: Mapping[str, str] = os.environ) -> Config:
+    """The same folding for commands that read a store without mounting it (``ls``, ``cp``, ``stage``): fills the
+    source keys of ``[source.NAME]`` (credentials, TLS, store flags) and their ``DIRECTFS_*`` twins into ``args``
+    where the flags left them unset, and turns ``args.source`` from a NAME into its URL. ``[mount]`` and the
+    per-source mount keys are not used: there is no mount."""
+    config = load_for(getattr(args, "config", None), env)
+    source = _resolve_source_name(args, config)
+    layered: dict[str, Any] = dict(source.values) if source is not None else {}
+    layered.pop("mountpoint", None)
+    _fill(args, layered, env, keys=SOURCE_KEYS)
+    return config
+
+
+def _resolve_source_name(args: argparse.Namespace, config: Config) -> SourceConfig | None:
+    if is_source_name(args.source):
+        source = config.source(args.source)
+        args.source_name = args.source
+        args.source = source.url
+        return source
+    args.source_name = None
+    return None
+
+
+def _fill(
+    args: argparse.Namespace,
+    layered: dict[str, Any],
+    env: Mapping[str, str],
+    keys: Mapping[str, _Key] | None = None,
+) -> None:
+    """Environment over ``layered`` (file values), then every key the flags (and ``-o``) left unset into ``args``.
+    ``keys``: only these config keys (None: mount and source keys)."""
+    from_env = env_values(env)
+    if keys is not None:
+        from_env = {key: value for key, value in from_env.items() if key in keys}
     layered.update(from_env)
     layered.pop("url", None)
+    o_keys = _o_keys(args)
     for name in SECRET_KEYS:
         env_name = f"DIRECTFS_{name.upper()}"
         flags_given = _flag_given(args, name) or _flag_given(args, f"{name}_file")
@@ -547,7 +602,3 @@ def apply_to_mount_args(args: argparse.Namespace, env: Mapping[str, str] = os.en
         if key == "mountpoint" and getattr(args, "mountpoint", None):
             continue
         setattr(args, spec.dest, _as_arg(key, value))
-    if not getattr(args, "mountpoint", None):
-        named = f"[source.{source.name}] has no mountpoint" if source is not None else "no MOUNTPOINT given"
-        raise ConfigError(f'{named}: give MOUNTPOINT on the command line or mountpoint = "/mnt/..." in the config')
-    return config

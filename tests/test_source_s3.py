@@ -258,7 +258,7 @@ async def test_invalid_object_state_past_deadline(fake_keys: None, autojump_cloc
 @needs_fuse
 @pytest.mark.mount
 def test_mount_bucket_prefix(aws_env: SeaweedFS, weed: tuple[SeaweedFS, dict[str, bytes]]) -> None:
-    env = {**aws_env.env(), "AWS_ENDPOINT_URL_S3": aws_env.endpoint, "AWS_EC2_METADATA_DISABLED": "true"}
-    with mounted(f"s3://{BUCKET}/data", env=env) as m:
+    env = {**aws_env.env(), "AWS_EC2_METADATA_DISABLED": "true"}
+    with mounted(f"s3://{BUCKET}/data", env=env, extra_args=["--endpoint-url", aws_env.endpoint]) as m:
         check_mounted_tree(m.mountpoint, weed[1])
         assert sorted(os.listdir(m.mountpoint / "sub dir")) == ["deeper", "na me #1%.txt"]  # marker not shown

@@ -136,8 +136,83 @@ def add_tls_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+# Bounds of --block-size (plain stores fetch and hold one block whole). Below 4 KiB (a page) every 128 KiB READ of
+# the kernel would cost dozens of requests; above 256 MiB (the default --cache-size) one block fills the cache and a
+# random 4 KiB read waits seconds for a block it mostly throws away.
+MIN_BLOCK_SIZE_BYTES: Final = 4 * 1024
+MAX_BLOCK_SIZE_BYTES: Final = 256 * 1024 * 1024
+
+
+def add_store_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of plain stores (s3://, webdav(s)://, http(s)://, file://) and of nearline (tape) data."""
+    group = parser.add_argument_group("stores")
+    group.add_argument(
+        "--endpoint-url",
+        metavar="URL",
+        help="s3:// only: an S3-compatible server, http(s)://HOST[:PORT] (default: $AWS_ENDPOINT_URL_S3, "
+        "$AWS_ENDPOINT_URL, else AWS; plain http:// only on loopback)",
+    )
+    group.add_argument(
+        "--block-size",
+        metavar="SIZE",
+        help="plain stores: bytes per ranged GET and per cached block, K/M suffix, 4K to 256M (default 8M: "
+        "measured against SeaweedFS, it amortises the per-request cost while a random read waits ~20 ms; "
+        "ctera sources use the Portal's own blocks)",
+    )
+    group.add_argument(
+        "--staging-deadline",
+        metavar="DURATION",
+        help="nearline stores: how long one read waits for data to come online from tape (503 + Retry-After, "
+        "S3 InvalidObjectState) before it fails with ETIMEDOUT, e.g. 30m (default 5m: a disk-cache recall; "
+        "stage bigger recalls ahead with `directfs stage`)",
+    )
+
+
+def add_source_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--config`` and every credential, TLS and store flag: what a command reading a store without a mount needs
+    (``ls``, ``cp``, ``stage``)."""
+    parser.add_argument(
+        "--config",
+        metavar="PATH",
+        help="config file for a source NAME (default: $DIRECTFS_CONFIG, else /etc/directfs/directfs.toml when "
+        "present); precedence: file < DIRECTFS_* environment < flags",
+    )
+    add_credential_arguments(parser)
+    add_tls_arguments(parser)
+    add_store_arguments(parser)
+
+
+def parse_block_size(text: str, flag: str = "--block-size") -> int:
+    """Bytes of a block size (``"64K"``, ``"8M"``), within MIN_/MAX_BLOCK_SIZE_BYTES; ConfigError otherwise."""
+    size = parse_size(text)
+    if not MIN_BLOCK_SIZE_BYTES <= size <= MAX_BLOCK_SIZE_BYTES:
+        raise ConfigError(f"{flag} must be between 4K and 256M, not {text!r}")
+    return size
+
+
+def parse_endpoint_url(text: str, flag: str = "--endpoint-url") -> str:
+    """``http(s)://HOST[:PORT]`` (a trailing ``/`` is dropped); ConfigError for anything else. Credentials in it are
+    refused (argv is visible to every user) and never echoed back."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(text.strip())
+        port = parts.port  # ValueError for a non-numeric or out-of-range port
+    except ValueError:
+        port, parts = -1, None
+    shown = text.split("?", 1)[0].rsplit("@", 1)[-1][:100]
+    if parts is None or port == -1 or parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"{flag} wants http(s)://HOST[:PORT], not {shown!r}")
+    if parts.username is not None or parts.password is not None:
+        raise ConfigError(f"{flag} must not hold credentials: use AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or a profile")
+    if parts.query or parts.fragment or parts.path.strip("/"):
+        raise ConfigError(f"{flag} wants http(s)://HOST[:PORT] without a path or query, not {shown!r}")
+    return f"{parts.scheme}://{parts.netloc}"
+
+
 def build_source_options(args: argparse.Namespace, credentials: Credentials) -> SourceOptions:
-    """Store-independent options from the TLS/network flags (absent flags keep ``SourceOptions`` defaults)."""
+    """Store-independent options from the TLS/network and store flags (absent flags keep ``SourceOptions``
+    defaults)."""
     defaults = SourceOptions()
     verify_tls = bool(getattr(args, "verify_tls", True))
     storage_verify = None if getattr(args, "verify_storage_tls", True) else False
@@ -146,6 +221,9 @@ def build_source_options(args: argparse.Namespace, credentials: Credentials) -> 
         raise ConfigError(f"--ca-file {ca_file!r} is not a file")
     connect = getattr(args, "connect_timeout", None)
     read = getattr(args, "read_timeout", None)
+    endpoint = getattr(args, "endpoint_url", None)
+    block_size = getattr(args, "block_size", None)
+    staging = getattr(args, "staging_deadline", None)
     return SourceOptions(
         credentials=credentials,
         verify_tls=verify_tls,
@@ -153,6 +231,11 @@ def build_source_options(args: argparse.Namespace, credentials: Credentials) -> 
         storage_verify_tls=storage_verify,
         connect_timeout_seconds=_positive(connect, "--connect-timeout", defaults.connect_timeout_seconds),
         read_timeout_seconds=_positive(read, "--read-timeout", defaults.read_timeout_seconds),
+        endpoint_url=parse_endpoint_url(endpoint) if endpoint else None,
+        block_size_bytes=parse_block_size(block_size) if block_size is not None else defaults.block_size_bytes,
+        staging_deadline_seconds=(
+            parse_duration_seconds(staging) if staging is not None else defaults.staging_deadline_seconds
+        ),
     )
 
 

@@ -12,18 +12,37 @@ from ..errors import ConfigError
 from ..logs import LEVELS, setup_logging
 from . import common
 
-HELP = "Mount a namespace (ctera+https://HOST[/folder], file:///path) read-only at MOUNTPOINT."
+HELP = (
+    "Mount a store read-only at MOUNTPOINT: ctera+https://HOST[/folder], s3://BUCKET[/prefix], "
+    "webdav(s)://HOST/path, http(s)://HOST/path, file:///path, or a [source.NAME] of the config file."
+)
 
 
 # Names accepted in -o, each the twin of a flag (fstab-style); "ro" is accepted because the mount always is.
-O_KEYS: Final = ("allow_other", "uid", "gid", "umask", "cache_size", "read_ahead", "metadata_ttl", "ro")
+O_KEYS: Final = (
+    "allow_other",
+    "uid",
+    "gid",
+    "umask",
+    "cache_size",
+    "read_ahead",
+    "metadata_ttl",
+    "endpoint_url",
+    "block_size",
+    "staging_deadline",
+    "ro",
+)
+# The -o keys that are flags of common.add_store_arguments: copied into args when the flag is absent.
+_O_STORE_KEYS: Final = ("endpoint_url", "block_size", "staging_deadline")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "source",
         metavar="SOURCE",
-        help="ctera+https://HOST[:PORT][/sub/folder], file:///path, or the NAME of a [source.NAME] in the config file",
+        help="ctera+https://HOST[:PORT][/sub/folder] (CTERA Portal, Direct IO), s3://BUCKET[/prefix] (AWS or "
+        "--endpoint-url), webdav://HOST[:PORT]/path or webdavs://..., http(s)://HOST/folder/ (an index page) or "
+        "http(s)://HOST/file, file:///path, or the NAME of a [source.NAME] in the config file",
     )
     parser.add_argument(
         "mountpoint",
@@ -111,6 +130,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)  # daemon mode: see directfs.mount
     common.add_credential_arguments(parser)
     common.add_tls_arguments(parser)
+    common.add_store_arguments(parser)
 
 
 @dataclass(frozen=True)
@@ -150,6 +170,9 @@ def _int(key: str, text: str, base: int = 10) -> int:
 def resolve_options(args: argparse.Namespace) -> _Options:
     """Flags first, then -o, then defaults; every value validated (ConfigError, EINVAL)."""
     o = _parse_o(args.options)
+    for key in _O_STORE_KEYS:  # validated by common.build_source_options, like the flags
+        if getattr(args, key, None) is None and o.get(key):
+            setattr(args, key, o[key])
     cache_size = args.cache_size if args.cache_size is not None else o.get("cache_size")
     read_ahead = args.read_ahead if args.read_ahead is not None else o.get("read_ahead")
     ttl: float | None = args.metadata_ttl

@@ -1,0 +1,343 @@
+"""What ``directfs ls``, ``cp`` and ``stage`` share: a store URL (or NAME) opened through the Source API, the tree
+walked below it, every block of a file fetched with bounded concurrency, errors as one line, a progress line.
+
+A URL may name a folder or a file. The Source API has no notion of "the root is a file" (``file://`` refuses it,
+``s3://bucket/key`` reads as an empty folder, WebDAV stats it as a file), so :func:`open_target` stats and lists the
+root and, when it is a file (or an empty folder whose parent URL has a file of that name), opens the parent URL and
+the file in it instead. Only the root's listing is kept; deeper folders are listed as the walk reaches them.
+
+Concurrency: :func:`fetch_blocks` runs one task per block, started in order, each holding a slot of a shared
+``trio.Semaphore`` from before its fetch until its bytes are delivered, so at most ``slots`` blocks are in memory
+across every file of a command. A failing block cancels that file's other fetches (its nursery) and nothing else.
+
+This module is imported by those commands' ``run()`` only: it may import trio and the sources.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import os
+import sys
+import time
+import unicodedata
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Final
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
+
+import trio
+
+from ..cache import unwrap_error
+from ..errors import BlockValidationError, ConfigError, DirectFSError, EntryNotFoundError, NotADirectory
+from ..sources.base import Entry, OpenFile, Source, SourceOptions, join, valid_name
+from ..sources.registry import create_source
+
+# A walk deeper than this is a loop (a file:// tree with a symlink to its own parent), not data: PATH_MAX (4096)
+# allows at most ~2000 levels of one-letter names, and no real namespace comes near 256.
+MAX_DEPTH: Final = 256
+PROGRESS_INTERVAL_SECONDS: Final = 0.25  # redraws per second on a terminal: smooth, and cheap
+
+
+def display_url(url: str) -> str:
+    """``url`` without user info, query or fragment: safe to print (a query may hold a token or a signature)."""
+    parts = urlsplit(url)
+    if not parts.scheme:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[-1]
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+def where(base: str, path: str) -> str:
+    """How a path below a target is shown in messages: the displayed URL (or NAME) and the relative path."""
+    shown = printable(display_url(base))
+    return f"{shown.rstrip('/')}/{printable(path)}" if path else shown
+
+
+def describe(exc: OSError, place: str) -> str:
+    """One line for an error: ``place: <the errno's message> (<detail>)``; never a secret (sources keep them out)."""
+    code = exc.errno or errno.EIO
+    text = os.strerror(code)
+    detail = exc.strerror
+    default = getattr(type(exc), "default_message", None)
+    if detail and detail not in (text, default):
+        text = f"{text} ({detail})"
+    return f"{place}: {text}"
+
+
+def printable(name: str) -> str:
+    """A name safe to print on a terminal: control characters (a server may send ESC or newlines) become ``\\xNN``
+    escapes and a backslash becomes ``\\\\``, so the output is unambiguous and cannot drive the terminal."""
+    out: list[str] = []
+    for char in name:
+        if char == "\\":
+            out.append("\\\\")
+        elif unicodedata.category(char) in ("Cc", "Cf") or char in "\u2028\u2029":
+            code = ord(char)
+            out.append(f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}")
+        else:
+            out.append(char)
+    return "".join(out)
+
+
+# --- the target: a folder or a file named by URL --------------------------------------------------------------
+
+
+@dataclass
+class Target:
+    """What a URL names: ``entry`` at ``path`` in ``source`` (``path`` is ``""`` for a folder URL). For a folder,
+    ``children`` is its listing (already fetched to tell a folder from a file)."""
+
+    source: Source
+    path: str
+    entry: Entry
+    children: list[Entry] | None
+
+
+def _parent_url(url: str) -> tuple[str, str] | None:
+    """``(parent URL, name)`` of a URL whose last path segment names an entry, or None at a root."""
+    parts = urlsplit(url)
+    path = parts.path.rstrip("/")
+    if not path.strip("/"):
+        return None
+    parent, _, last = path.rpartition("/")
+    name = unquote(last)
+    if not valid_name(name):
+        return None
+    return urlunsplit((parts.scheme, parts.netloc, parent + "/", parts.query, "")), name
+
+
+async def _file_in_parent(url: str, options: SourceOptions) -> Target | None:
+    """The file the URL names, reached through its parent folder; None if the parent has a folder of that name."""
+    parent = _parent_url(url)
+    if parent is None:
+        return None
+    parent_url, name = parent
+    source = create_source(parent_url, options)
+    try:
+        entry = await source.stat(name)
+    except BaseException:
+        with trio.CancelScope(shield=True):
+            await source.aclose()
+        raise
+    if entry.is_dir:
+        await source.aclose()
+        return None
+    return Target(source, name, entry, None)
+
+
+def _local_kind(path: str) -> str | None:
+    return None if not os.path.exists(path) else "dir" if os.path.isdir(path) else "file"
+
+
+def _single_file(url: str, children: list[Entry]) -> Entry | None:
+    """The http(s):// source mounts a file URL (no trailing ``/``) as a folder holding just that file: that file."""
+    parts = urlsplit(url)
+    if parts.scheme.lower() not in ("http", "https") or parts.path.endswith("/") or len(children) != 1:
+        return None
+    (only,) = children
+    name = unquote(parts.path.rpartition("/")[2])
+    return only if not only.is_dir and only.name == name else None
+
+
+async def open_target(url: str, options: SourceOptions) -> Target:
+    """Open what ``url`` names (see the module docstring); the caller closes ``target.source``."""
+    if urlsplit(url).scheme.lower() == "file":
+        local = unquote(urlsplit(url).path)
+        kind = await trio.to_thread.run_sync(_local_kind, local)
+        if kind is None:
+            raise EntryNotFoundError(filename=display_url(url))
+        if kind == "file":
+            found = await _file_in_parent(url, options)
+            if found is None:  # pragma: no cover - a race: it became a folder between the checks
+                raise NotADirectory(filename=display_url(url))
+            return found
+    source = create_source(url, options)
+    try:
+        root = await source.stat("")
+        if root.is_dir:
+            try:
+                children = [entry async for entry in source.list_dir("")]
+            except NotADirectory:
+                children = None
+            if children is not None:
+                single = _single_file(url, children)
+                if single is not None:
+                    return Target(source, single.name, single, None)
+                if not children:
+                    # s3://bucket/key (and a missing s3 prefix) reads as an empty folder: the parent knows better.
+                    # An empty folder stays one; a parent that cannot be read leaves the answer as it is.
+                    try:
+                        found = await _file_in_parent(url, options)
+                    except EntryNotFoundError:
+                        raise EntryNotFoundError(filename=display_url(url)) from None
+                    except DirectFSError:
+                        found = None
+                    if found is not None:
+                        await source.aclose()
+                        return found
+                return Target(source, "", root, children)
+        found = await _file_in_parent(url, options)
+        if found is None:
+            raise NotADirectory(f"{display_url(url)} is not a folder and its parent does not list it as a file")
+        await source.aclose()
+        return found
+    except BaseException:
+        with trio.CancelScope(shield=True):
+            await source.aclose()
+        raise
+
+
+async def walk(
+    source: Source,
+    path: str,
+    children: list[Entry] | None,
+    on_error: Callable[[str, DirectFSError], None],
+    _depth: int = 0,
+) -> AsyncIterator[tuple[str, Entry]]:
+    """Every entry below folder ``path`` as ``(relative path, entry)``, depth first, names sorted. Each folder is
+    listed completely before anything of it is yielded (no listing is left half-run when the caller stops). A
+    folder that cannot be listed goes to ``on_error`` and the walk goes on with its siblings."""
+    if _depth > MAX_DEPTH:
+        on_error(path, DirectFSError(f"more than {MAX_DEPTH} folder levels (a loop?); not descending"))
+        return
+    if children is None:
+        try:
+            children = [entry async for entry in source.list_dir(path)]
+        except DirectFSError as exc:
+            on_error(path, exc)
+            return
+    for entry in sorted(children, key=lambda e: e.name):
+        if not valid_name(entry.name):  # sources skip such names; a local path is built from it, so check again
+            on_error(join(path, entry.name), DirectFSError("invalid name from the store; skipped"))
+            continue
+        rel = join(path, entry.name)
+        yield rel, entry
+        if entry.is_dir:
+            async for item in walk(source, rel, None, on_error, _depth + 1):
+                yield item
+
+
+# --- blocks -----------------------------------------------------------------------------------------------------
+
+
+async def fetch_blocks(
+    handle: OpenFile,
+    slots: trio.Semaphore,
+    deliver: Callable[[int, bytes | bytearray], Awaitable[None]],
+) -> None:
+    """Fetch every block of ``handle`` (length-checked), calling ``deliver(offset, data)`` for each, in any order.
+    At most ``slots`` blocks (shared with the caller's other files) are fetched or held at once. Raises one
+    ``DirectFSError`` (the first of a failed file's blocks), never an exception group."""
+    layout = handle.layout
+
+    async def one(index: int) -> None:
+        try:
+            data = await handle.fetch_block(index)
+            expected = layout.block_length(index)
+            if len(data) != expected:
+                raise BlockValidationError(f"the store returned {len(data)} bytes for block {index}, not {expected}")
+            await deliver(layout.block_start(index), data)
+        finally:
+            slots.release()
+
+    try:
+        async with trio.open_nursery() as nursery:
+            for index in range(layout.block_count):
+                if layout.block_length(index) == 0:
+                    continue
+                await slots.acquire()  # before the task starts: no more tasks than slots, however big the file
+                nursery.start_soon(one, index)
+    except BaseExceptionGroup as group:
+        ours, rest = group.split(DirectFSError)
+        if rest is not None or ours is None:
+            raise  # cancelled from outside, or a bug: as it is
+        raise unwrap_error(ours, context="fetching blocks") from None
+
+
+def check_max_workers(value: int) -> int:
+    # 64: far beyond what hides object-store latency (8 in flight, testbed 5); more only holds memory and sockets.
+    if not 1 <= value <= 64:
+        raise ConfigError(f"--max-workers must be between 1 and 64, not {value}")
+    return value
+
+
+# --- progress ---------------------------------------------------------------------------------------------------
+
+
+class Progress:
+    """One progress line on stderr, only when it is a terminal: files and bytes done of the totals, and MB/s."""
+
+    def __init__(self, command: str, *, files: int, total_bytes: int, enabled: bool | None = None) -> None:
+        self.command = command
+        self.enabled = sys.stderr.isatty() if enabled is None else enabled
+        self.files = files
+        self.total_bytes = total_bytes
+        self.files_done = 0
+        self.bytes_done = 0
+        self._started = time.monotonic()
+        self._drawn = 0.0
+
+    def advance(self, count: int) -> None:
+        self.bytes_done += count
+        self._maybe_draw()
+
+    def file_done(self) -> None:
+        self.files_done += 1
+        self._maybe_draw()
+
+    def _maybe_draw(self) -> None:
+        now = time.monotonic()
+        if self.enabled and now - self._drawn >= PROGRESS_INTERVAL_SECONDS:
+            self._drawn = now
+            self._draw(now)
+
+    def _draw(self, now: float) -> None:
+        elapsed = max(now - self._started, 1e-6)
+        percent = 100 * self.bytes_done / self.total_bytes if self.total_bytes else 100.0
+        sys.stderr.write(
+            f"\r{percent:5.1f}%  {self.files_done}/{self.files} files  {self.bytes_done / 1e6:.1f}/"
+            f"{self.total_bytes / 1e6:.1f} MB  {self.bytes_done / elapsed / 1e6:.1f} MB/s\x1b[K"
+        )
+        sys.stderr.flush()
+
+    def message(self, text: str) -> None:
+        """A line of its own (an error) without breaking the progress line."""
+        if self.enabled:
+            sys.stderr.write("\r\x1b[K")
+        sys.stderr.write(f"directfs {self.command}: {text}\n")
+        sys.stderr.flush()
+        if self.enabled:
+            self._draw(time.monotonic())
+
+    def finish(self) -> None:
+        if self.enabled:
+            self._draw(time.monotonic())
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+
+    @property
+    def elapsed_seconds(self) -> float:
+        return time.monotonic() - self._started
+
+
+# --- arguments --------------------------------------------------------------------------------------------------
+
+
+def resolve_source_arg(args: argparse.Namespace) -> SourceOptions:
+    """``args.source`` (a URL, a ``NAME`` or ``NAME/sub/path`` of the config file) to a URL, the config and
+    ``DIRECTFS_*`` folded under the flags, and the SourceOptions of it all."""
+    from ..config import apply_to_source_args
+    from . import common
+
+    sub = ""
+    if "://" not in args.source:
+        name, _, sub = args.source.partition("/")
+        args.source = name
+    apply_to_source_args(args)
+    if sub.strip("/"):
+        parts = urlsplit(args.source)
+        path = parts.path.rstrip("/") + "/" + quote(sub.strip("/"))
+        args.source = urlunsplit((parts.scheme, parts.netloc, path, parts.query, ""))
+    credentials = common.resolve_credentials(args)
+    return common.build_source_options(args, credentials)
