@@ -45,8 +45,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from .commands.common import parse_block_size, parse_duration_seconds, parse_endpoint_url, parse_size
+from .commands.common import parse_block_size, parse_endpoint_url
 from .errors import ConfigError
+from .units import parse_duration_seconds, parse_size
 
 log = logging.getLogger(__name__)
 

@@ -13,6 +13,7 @@ from directfs import cli
 from directfs.commands import common
 from directfs.commands.get import parse_portal, parse_range
 from directfs.errors import ConfigError
+from directfs.units import parse_size
 
 from .support.blockserver import SECRET, BlockServer, Fault, payload
 
@@ -235,13 +236,13 @@ def test_build_source_options(tmp_path: Path) -> None:
     ],
 )
 def test_parse_size(text: str, expected: int) -> None:
-    assert common.parse_size(text) == expected
+    assert parse_size(text) == expected
 
 
 @pytest.mark.parametrize("text", ["", "M", "-1", "1.2.3", "64X", "0.1K", "1e3", "iB", "5iB", "nan", "99999999P"])
 def test_parse_size_refuses(text: str) -> None:
     with pytest.raises(ConfigError):
-        common.parse_size(text)
+        parse_size(text)
 
 
 @pytest.mark.parametrize(

@@ -15,21 +15,22 @@ from directfs.server.config import (
     DEMO_SECRET_ACCESS_KEY,
     EncodingRules,
     parse_compression_rule,
-    parse_size_bytes,
 )
 from directfs.server.index import Node
 from directfs.server.store import UrlSigner
 from directfs.server.webdav import BadPropfind, href_for, multistatus, parse_propfind
+from directfs.units import parse_size
 
 
-def test_sizes() -> None:
-    assert parse_size_bytes("4M") == 4 * 1024 * 1024
-    assert parse_size_bytes("512K") == 512 * 1024
-    assert parse_size_bytes("512KiB") == 512 * 1024
-    assert parse_size_bytes("65536") == 65536
-    for bad in ("", "4X", "-1", "1.5M"):
+def test_sizes_use_the_shared_parser() -> None:
+    # --block-size of the portal means what it means for every other command (directfs.units).
+    assert parse_size("4M") == 4 * 1024 * 1024
+    assert parse_size("512K") == 512 * 1024
+    assert parse_size("512KiB") == 512 * 1024
+    assert parse_size("65536") == 65536
+    for bad in ("", "4X", "-1", "0.3"):
         with pytest.raises(ConfigError):
-            parse_size_bytes(bad)
+            parse_size(bad)
 
 
 def test_demo_secret_has_the_shape_of_a_ctera_secret() -> None:

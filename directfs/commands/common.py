@@ -11,14 +11,13 @@ This module is imported by every command at parse time: it must stay light (no t
 from __future__ import annotations
 
 import argparse
-import math
 import os
-import re
 from collections.abc import Mapping
 from typing import Final
 
 from ..errors import ConfigError
 from ..sources.base import Credentials, SourceOptions
+from ..units import parse_duration_seconds, parse_size
 
 ENV_ACCESS_KEY_ID: Final = "DIRECTFS_ACCESS_KEY_ID"
 ENV_SECRET_ACCESS_KEY: Final = "DIRECTFS_SECRET_ACCESS_KEY"  # noqa: S105 - a variable name, not a secret
@@ -245,41 +244,4 @@ def _positive(text: str | None, flag: str, default: float) -> float:
     seconds = parse_duration_seconds(text)
     if seconds <= 0:
         raise ConfigError(f"{flag} must be more than 0, not {text!r}")
-    return seconds
-
-
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtp]?)(i?b)?\s*$", re.IGNORECASE)
-_SIZE_POWERS: Final = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4, "p": 5}
-
-
-def parse_size(text: str) -> int:
-    """Bytes from ``"4096"``, ``"64K"``, ``"64M"``, ``"1.5G"``, ``"2TiB"``, ``"512KB"``; suffixes are binary
-    (K = 1024: memory sizes, as ``free``/``ls -h`` use them). ConfigError on anything else."""
-    match = _SIZE.match(text) if isinstance(text, str) else None
-    if match is None:
-        raise ConfigError(f"invalid size {text!r}: use a number of bytes or K/M/G/T (e.g. 64M, 1.5G, 512KiB)")
-    number, unit, suffix = match.groups()
-    if suffix and suffix.lower() == "ib" and not unit:
-        raise ConfigError(f"invalid size {text!r}: 'iB' needs a unit (KiB, MiB, ...)")
-    value = float(number) * 1024 ** _SIZE_POWERS[unit.lower()]
-    if not math.isfinite(value) or value >= 2**63:
-        raise ConfigError(f"size {text!r} is too large")
-    if value != int(value):
-        raise ConfigError(f"size {text!r} is not a whole number of bytes")
-    return int(value)
-
-
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$", re.IGNORECASE)
-_DURATION_SECONDS: Final = {None: 1.0, "ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-
-
-def parse_duration_seconds(text: str) -> float:
-    """Seconds from ``"10"``, ``"2.5s"``, ``"500ms"``, ``"5m"``, ``"1h"``, ``"1d"``; ConfigError on anything else."""
-    match = _DURATION.match(text) if isinstance(text, str) else None
-    if match is None:
-        raise ConfigError(f"invalid duration {text!r}: use seconds or a unit (500ms, 10s, 5m, 1h, 1d)")
-    number, unit = match.groups()
-    seconds = float(number) * _DURATION_SECONDS[unit.lower() if unit else None]
-    if not math.isfinite(seconds):
-        raise ConfigError(f"duration {text!r} is too large")
     return seconds

@@ -10,6 +10,7 @@ from typing import Final
 
 from ..errors import ConfigError
 from ..logs import LEVELS, setup_logging
+from ..units import parse_size
 from . import common
 
 HELP = (
@@ -188,8 +189,8 @@ def resolve_options(args: argparse.Namespace) -> _Options:
     umask = args.umask if args.umask is not None else (_int("umask", o["umask"], 8) if "umask" in o else None)
     if umask is not None and not 0 <= umask <= 0o777:
         raise ConfigError(f"umask must be between 000 and 777, not {umask:o}")
-    cache_size_bytes = common.parse_size(cache_size) if cache_size is not None else None
-    read_ahead_bytes = common.parse_size(read_ahead) if read_ahead is not None else None
+    cache_size_bytes = parse_size(cache_size) if cache_size is not None else None
+    read_ahead_bytes = parse_size(read_ahead) if read_ahead is not None else None
     return _Options(
         allow_other=bool(args.allow_other) or "allow_other" in o,
         uid=uid,

@@ -262,6 +262,7 @@ def build_config(args: argparse.Namespace) -> ServeConfig:
     from ..errors import ConfigError
     from ..server import config as cfg
     from ..server.store import parse_store_url
+    from ..units import parse_size
 
     root = Path(args.dir)
     if not root.is_dir():
@@ -269,7 +270,7 @@ def build_config(args: argparse.Namespace) -> ServeConfig:
     host, port = _parse_listen(args.listen)
     if bool(args.tls_cert) != bool(args.tls_key):
         raise ConfigError("--tls-cert and --tls-key go together")
-    block_size = cfg.parse_size_bytes(args.block_size)
+    block_size = parse_size(args.block_size)
     if block_size < 1:
         raise ConfigError("--block-size must be at least 1 byte")
     for name in ("fault_error_rate", "fault_drop_mid_body_rate", "fault_corrupt_blocks_rate"):

@@ -8,7 +8,6 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final, Literal
@@ -40,22 +39,12 @@ DEFAULT_RESCAN_INTERVAL_SECONDS: Final = 30.0
 Chunking = Literal["fixed", "cdc"]
 EmptyFiles = Literal["empty-list", "zero-chunk"]
 
-_SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMG]?)(?:i?B)?\s*$", re.IGNORECASE)
 _COMPRESSION_NAMES: Final = {
     "snappy": Compression.SNAPPY,
     "snappy-raw": Compression.SNAPPY_RAW,
     "gzip": Compression.GZIP,
     "none": Compression.NONE,
 }
-
-
-def parse_size_bytes(text: str) -> int:
-    """``4M`` -> 4194304. Suffixes K, M, G are binary (KiB, MiB, GiB); ``KiB``/``MB`` spellings are accepted too."""
-    match = _SIZE_RE.match(text)
-    if not match:
-        raise ConfigError(f"not a size: {text!r} (use e.g. 4M, 512K, 65536)")
-    number, suffix = int(match.group(1)), match.group(2).upper()
-    return number * {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3}[suffix]
 
 
 def parse_compression(name: str) -> Compression:
