@@ -24,6 +24,7 @@ before the first entry is yielded (a nursery must not stay open across a ``yield
 
 from __future__ import annotations
 
+import abc
 import base64
 import html.parser
 import logging
@@ -336,13 +337,55 @@ def index_links(page_url: str, html_text: str) -> list[tuple[str, bool]]:
 # --- the source ---------------------------------------------------------------------------------------------------
 
 
-class HTTPSource:
-    """A file or a folder tree served over plain HTTP(S). Create with :func:`create`."""
+class PlainHTTPStore(abc.ABC):
+    """What the HTTP and WebDAV sources share: credentials (rotating tokens included), one lazily built client, the
+    retry and staging policies, and files read as strict ranged GETs (``plain_file``)."""
 
-    def __init__(self, url: str, options: SourceOptions) -> None:
+    def __init__(self, options: SourceOptions) -> None:
         if options.block_size_bytes <= 0:
             raise ConfigError(f"block size must be positive, not {options.block_size_bytes}")
         self._auth = HTTPAuth(options.credentials)
+        self._options = options
+        self._settings = http_settings(options)
+        self._retry = RetryPolicy()
+        self._staging = StagingPolicy(deadline_seconds=options.staging_deadline_seconds)
+        self._client: httpx.AsyncClient | None = None
+
+    @abc.abstractmethod
+    def _file_url(self, path: str) -> str:
+        """The URL that a ranged GET of the file at ``path`` goes to."""
+
+    def _http(self) -> httpx.AsyncClient:
+        if self._client is None:
+            self._client = build_client(self._settings)
+        return self._client
+
+    async def aclose(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+
+    async def open(self, path: str, entry: Entry) -> OpenFile:
+        await trio.lowlevel.checkpoint()
+        if entry.is_dir:
+            raise IsADirectory(filename=path)
+        return plain_file(
+            self._http(),
+            self._file_url(path),
+            entry,
+            path=path,
+            block_size_bytes=self._options.block_size_bytes,
+            policy=self._retry,
+            auth=self._auth,
+            staging=self._staging,
+        )
+
+
+class HTTPSource(PlainHTTPStore):
+    """A file or a folder tree served over plain HTTP(S). Create with :func:`create`."""
+
+    def __init__(self, url: str, options: SourceOptions) -> None:
+        super().__init__(options)
         self._origin, url_path = check_url(url, {"http": "http", "https": "https"}, options, self._auth)
         if url_path.endswith("/"):
             self._folder = url_path
@@ -353,26 +396,14 @@ class HTTPSource:
                 raise ConfigError(f"cannot name a file {name!r}")
             self._folder = parent.rstrip("/") + "/"
             self._single = name
-        self._options = options
-        self._settings = http_settings(options)
-        self._retry = RetryPolicy()
-        self._staging = StagingPolicy(deadline_seconds=options.staging_deadline_seconds)
-        self._client: httpx.AsyncClient | None = None
         self.display_url = self._origin + quote(url_path)
-
-    def _http(self) -> httpx.AsyncClient:
-        if self._client is None:
-            self._client = build_client(self._settings)
-        return self._client
 
     def _url(self, path: str, *, folder: bool = False) -> str:
         full = self._folder + path + ("/" if folder and path else "")
         return self._origin + quote(full, safe="/")
 
-    async def aclose(self) -> None:
-        if self._client is not None:
-            await self._client.aclose()
-            self._client = None
+    def _file_url(self, path: str) -> str:
+        return self._url(path)
 
     async def _head(self, url: str, path: str) -> Reply:
         return await request(self._http(), "HEAD", url, auth=self._auth, policy=self._retry, path=path)
@@ -493,21 +524,6 @@ class HTTPSource:
         for entry in entries:
             if entry is not None:
                 yield entry
-
-    async def open(self, path: str, entry: Entry) -> OpenFile:
-        await trio.lowlevel.checkpoint()
-        if entry.is_dir:
-            raise IsADirectory(filename=path)
-        return plain_file(
-            self._http(),
-            self._url(path),
-            entry,
-            path=path,
-            block_size_bytes=self._options.block_size_bytes,
-            policy=self._retry,
-            auth=self._auth,
-            staging=self._staging,
-        )
 
 
 def plain_file(

@@ -22,38 +22,22 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from urllib.parse import quote
 
-import httpx
-import trio
-
-from ..errors import ConfigError, EntryNotFoundError, IsADirectory, MalformedListingError, NotADirectory
-from ..http import RetryPolicy, build_client, redact_url
+from ..errors import EntryNotFoundError, MalformedListingError, NotADirectory
+from ..http import redact_url
 from . import davxml
-from .base import Entry, OpenFile, SourceOptions
-from .nearline import StagingPolicy
-from .web import HTTPAuth, Reply, check_url, http_mtime_ns, http_settings, plain_file, raise_for_status, request
+from .base import Entry, SourceOptions
+from .web import PlainHTTPStore, Reply, check_url, http_mtime_ns, raise_for_status, request
 
 
-class WebDAVSource:
+class WebDAVSource(PlainHTTPStore):
     """A folder tree on a WebDAV server. Create with :func:`create`; ``aclose`` releases connections."""
 
     def __init__(self, url: str, options: SourceOptions) -> None:
-        if options.block_size_bytes <= 0:
-            raise ConfigError(f"block size must be positive, not {options.block_size_bytes}")
-        self._auth = HTTPAuth(options.credentials)
+        super().__init__(options)
         self._origin, root = check_url(url, {"webdav": "http", "webdavs": "https"}, options, self._auth)
         self._root = root.rstrip("/")  # "" for the server's root
-        self._options = options
-        self._settings = http_settings(options)
-        self._retry = RetryPolicy()
-        self._staging = StagingPolicy(deadline_seconds=options.staging_deadline_seconds)
-        self._client: httpx.AsyncClient | None = None
         scheme = "webdavs" if self._origin.startswith("https:") else "webdav"
         self.display_url = f"{scheme}://{self._origin.split('://', 1)[1]}{quote(root)}"
-
-    def _http(self) -> httpx.AsyncClient:
-        if self._client is None:
-            self._client = build_client(self._settings)
-        return self._client
 
     def _abs(self, path: str) -> str:
         return f"{self._root}/{path}" if path else self._root or "/"
@@ -64,10 +48,8 @@ class WebDAVSource:
             full += "/"
         return self._origin + quote(full, safe="/")
 
-    async def aclose(self) -> None:
-        if self._client is not None:
-            await self._client.aclose()
-            self._client = None
+    def _file_url(self, path: str) -> str:
+        return self._url(path)
 
     async def _propfind(self, path: str, depth: int) -> list[davxml.DavResource]:
         # Folders are asked with their trailing slash (the root always is: a server may only know "/root/"); one
@@ -139,21 +121,6 @@ class WebDAVSource:
             raise EntryNotFoundError(filename=path or "/")
         for name, resource in davxml.children_of(folder, iter(resources)):
             yield await self._entry(f"{path}/{name}" if path else name, name, resource)
-
-    async def open(self, path: str, entry: Entry) -> OpenFile:
-        await trio.lowlevel.checkpoint()
-        if entry.is_dir:
-            raise IsADirectory(filename=path)
-        return plain_file(
-            self._http(),
-            self._url(path),
-            entry,
-            path=path,
-            block_size_bytes=self._options.block_size_bytes,
-            policy=self._retry,
-            auth=self._auth,
-            staging=self._staging,
-        )
 
 
 def create(url: str, options: SourceOptions) -> WebDAVSource:
