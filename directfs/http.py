@@ -96,6 +96,19 @@ NO_RETRIES: Final = RetryPolicy(max_attempts=1)
 _RNG = random.Random()  # noqa: S311 - jitter, not cryptography
 
 
+@dataclass
+class HTTPStatistics:
+    """Process-wide counts of what ``send_with_retries`` did, for metrics. Written only by trio tasks; readers in
+    other threads (the metrics endpoint) see plain ints, whose reads and writes are atomic under the GIL."""
+
+    attempts: int = 0  # every attempt, the first included
+    retries: int = 0  # attempts after the first: timeouts, resets, 5xx, 429
+    gave_up: int = 0  # operations that ended on a retryable failure (attempts or budget exhausted)
+
+
+STATISTICS: Final = HTTPStatistics()
+
+
 class RetryBudgetExceeded(httpx.TimeoutException):
     """All attempts of one operation together ran past ``RetryPolicy.total_budget_seconds``."""
 
@@ -271,6 +284,9 @@ async def send_with_retries(
     attempt_number = 0
     while True:
         attempt_number += 1
+        STATISTICS.attempts += 1
+        if attempt_number > 1:
+            STATISTICS.retries += 1
         reply: R | None = None
         error: Exception | None = None
         with trio.move_on_at(deadline) as scope:
@@ -281,6 +297,7 @@ async def send_with_retries(
                     raise  # a refused certificate or handshake is refused again: fail at once
                 error = exc
         if scope.cancelled_caught:
+            STATISTICS.gave_up += 1
             raise RetryBudgetExceeded(f"{what}: no answer within {policy.total_budget_seconds:g} s")
         retry_after: float | None = None
         if reply is not None:
@@ -293,6 +310,7 @@ async def send_with_retries(
         remaining = deadline - trio.current_time()
         delay = retry_after if retry_after is not None else policy.backoff_seconds(attempt_number, rng)
         if attempt_number >= policy.max_attempts or delay >= remaining:
+            STATISTICS.gave_up += 1
             log.debug("%s: %s, giving up after %d attempt(s)", what, outcome, attempt_number)
             if reply is not None:
                 return reply
@@ -307,7 +325,9 @@ __all__ = [
     "READ_NUM_BYTES",
     "RETRYABLE_ERRORS",
     "RETRY_STATUSES",
+    "STATISTICS",
     "HTTPSettings",
+    "HTTPStatistics",
     "RetryBudgetExceeded",
     "RetryPolicy",
     "StatusReply",

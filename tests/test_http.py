@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 import ssl
@@ -147,6 +148,15 @@ async def test_gives_up_after_max_attempts_and_returns_last_reply(autojump_clock
     response = await call(script, RetryPolicy(max_attempts=3))
     assert response.status_code == 500
     assert len(script.times) == 3
+
+
+async def test_statistics_count_attempts_retries_and_give_ups(autojump_clock: trio.testing.MockClock) -> None:
+    before = dataclasses.replace(http.STATISTICS)
+    await call(Script(503, 502, 200), RetryPolicy(max_attempts=4))  # 3 attempts, 2 retries, success
+    await call(Script(500), RetryPolicy(max_attempts=2))  # 2 attempts, 1 retry, gave up
+    assert http.STATISTICS.attempts - before.attempts == 5
+    assert http.STATISTICS.retries - before.retries == 3
+    assert http.STATISTICS.gave_up - before.gave_up == 1
 
 
 @pytest.mark.parametrize("status", [400, 401, 403, 404, 422])
