@@ -52,6 +52,7 @@ reader is still slicing (or that pyfuse3 is still copying into the reply) stays 
 released; it just no longer counts against ``capacity_bytes``. That transient overshoot is bounded by the blocks of
 the reads in progress (at most ``max_tasks`` FUSE requests, each touching one or two blocks), which is why the cache
 does not try to pin blocks. Readers must not mutate what they get; :mod:`directfs.reader` hands out read-only views.
+:meth:`BlockCache.discard` drops one cached block early (the prefetcher's drop-behind) under the same rule.
 """
 
 from __future__ import annotations
@@ -105,6 +106,7 @@ class CacheStatistics:
     fast_failures: int = 0  # requests answered with a remembered failure instead of a new fetch
     uncacheable_blocks: int = 0  # blocks served but not cached because they exceed the whole capacity
     cancelled_fetches: int = 0  # prefetches cancelled before they finished
+    dropped_behind: int = 0  # blocks dropped after a sequential reader passed them (ReadSettings.drop_behind)
 
 
 class _Flight:
@@ -209,6 +211,7 @@ class BlockCache:
         self._fast_failures = 0
         self._uncacheable = 0
         self._cancelled = 0
+        self._dropped = 0
 
     @property
     def capacity_bytes(self) -> int:
@@ -225,6 +228,14 @@ class BlockCache:
             return None
         self._hits += 1
         return data
+
+    def discard(self, key: BlockKey) -> bool:
+        """Drop the cached block of ``key`` now (not a fetch in flight); returns whether one was cached. Used for
+        drop-behind: its memory is then recycled by the next block instead of the cache growing into fresh pages."""
+        if self._lru.pop(key, None) is None:
+            return False
+        self._dropped += 1
+        return True
 
     def __contains__(self, key: object) -> bool:
         """Whether ``key`` is cached; a pure probe (no statistics, no change of LRU order)."""
@@ -407,6 +418,7 @@ class BlockCache:
             fast_failures=self._fast_failures,
             uncacheable_blocks=self._uncacheable,
             cancelled_fetches=self._cancelled,
+            dropped_behind=self._dropped,
         )
 
 

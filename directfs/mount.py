@@ -34,11 +34,12 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import trio
 
 from . import metrics
+from .allocator import tune_allocator
 from .errors import ConfigError, DirectFSError, NamespaceTimeout
 from .logs import dump_tasks_on_sigusr1
 from .notify import Notifier
@@ -208,8 +209,9 @@ class _Readiness:
 
 
 def _read_engine(nursery: trio.Nursery, config: MountConfig) -> ReadEngine:
-    defaults = ReadSettings()
-    overrides: dict[str, int] = {}
+    # drop_behind: the kernel's page cache (keep_cache) holds what a sequential reader has read; see ReadSettings.
+    defaults = ReadSettings(drop_behind=True)
+    overrides: dict[str, Any] = {}  # ReadSettings field -> value (validated by ReadSettings)
     if config.cache_size_bytes is not None:
         overrides["cache_size_bytes"] = config.cache_size_bytes
         # Keep the default ratio (prefetch budget = half the cache): prefetched blocks wait in the cache, so a
@@ -241,6 +243,7 @@ async def _serve(config: MountConfig, readiness: _Readiness, state: _State) -> N
     from .sources.registry import create_source
     from .vfs import FileSystem
 
+    tune_allocator()  # block buffers are recycled, not refaulted (directfs.allocator), whatever the source
     source = create_source(config.source_url, config.source_options)
     notifier = Notifier.from_environment()  # systemd Type=notify: READY=1 after the stat probe, STOPPING=1 at the end
     exits: list[Callable[[], None]] = []  # closers of the metrics endpoint (it runs in a thread)

@@ -397,3 +397,25 @@ async def test_replayed_errors_keep_class_message_and_block(make: Callable[[], D
     for caught in (first.value, second.value):
         assert type(caught) is type(original) and str(caught) == str(original)
         assert caught.__cause__ is original
+
+
+async def test_discard_drops_a_cached_block_but_never_a_fetch_in_flight() -> None:
+    async with trio.open_nursery() as nursery:
+        cache = BlockCache(100, nursery=nursery)
+        await cache.get_or_fetch(key(0), Fetcher(b"abc"))
+        assert cache.discard(key(0)) is True
+        assert key(0) not in cache and cache.discard(key(0)) is False  # idempotent
+        held = Fetcher(b"def")
+        held.hold = True
+        ticket = cache.start_prefetch(key(1), held)
+        assert ticket is not None
+        await trio.testing.wait_all_tasks_blocked()
+        assert cache.discard(key(1)) is False  # in flight: not cached yet, and the fetch goes on
+        held.release.set()
+        await ticket.wait()
+        assert cache.lookup(key(1)) == b"def" and held.cancelled == 0
+        stats = cache.statistics()
+        assert (stats.dropped_behind, stats.evictions, stats.size_bytes, stats.entries) == (1, 0, 3, 1)
+        refetch = Fetcher(b"abc")  # a dropped block is fetched anew
+        assert await cache.get_or_fetch(key(0), refetch) == b"abc" and refetch.calls == 1
+        nursery.cancel_scope.cancel()

@@ -290,3 +290,98 @@ async def test_random_workload_settles_and_adds_up(engine_nursery: trio.Nursery)
         await reader.aclose()
     stats = engine.statistics()
     assert stats.prefetch_outstanding == 0 and stats.gate.reserved_bytes == 0 and stats.gate.inflight == 0
+
+
+async def test_drop_behind_frees_what_a_sequential_reader_passed(engine_nursery: trio.Nursery) -> None:
+    file = FakeFile.fixed(32 * BLOCK)
+    engine = make_engine(engine_nursery, drop_behind=True, **TIGHT)
+    reader = engine.open(file, identity="f")
+    for index in range(32):
+        await read_block(reader, file, index)
+        stats = engine.statistics()
+        # The cache holds the blocks ahead (read-ahead: at most 4) and those within the backward tolerance
+        # (1 block): never the whole file.
+        assert stats.cache.entries <= 4 + 1 + 1, (index, stats.cache.entries)
+    stats = engine.statistics()
+    assert stats.cache.dropped_behind >= 32 - 2
+    assert all(count == 1 for count in file.calls.values()) and len(file.calls) == 32  # no block fetched twice
+    assert stats.bytes_fetched == stats.bytes_served == file.layout.size
+    await reader.aclose()
+
+
+async def test_without_drop_behind_the_cache_keeps_what_was_read(engine_nursery: trio.Nursery) -> None:
+    file = FakeFile.fixed(32 * BLOCK)
+    engine = make_engine(engine_nursery, **TIGHT)
+    reader = engine.open(file, identity="f")
+    for index in range(32):
+        await read_block(reader, file, index)
+    stats = engine.statistics()
+    assert (stats.cache.entries, stats.cache.dropped_behind) == (32, 0)
+    await reader.aclose()
+
+
+async def test_drop_behind_tolerates_kernel_reordering(engine_nursery: trio.Nursery) -> None:
+    # READs of half a block, pairs swapped across every block edge (the kernel's async readahead READ may overtake
+    # the sync one): each late READ of a block's end still finds its block, so nothing is fetched twice.
+    file = FakeFile.fixed(24 * BLOCK)
+    engine = make_engine(engine_nursery, drop_behind=True, **TIGHT)
+    reader = engine.open(file, identity="f")
+    half = BLOCK // 2
+    offsets = list(range(0, file.layout.size, half))
+    for i in range(1, len(offsets) - 1, 2):
+        offsets[i], offsets[i + 1] = offsets[i + 1], offsets[i]
+    for offset in offsets:
+        got = await reader.read(offset, half)
+        assert bytes(got) == file.data[offset : offset + half]
+        await trio.testing.wait_all_tasks_blocked()
+    assert all(count == 1 for count in file.calls.values()) and len(file.calls) == 24
+    assert engine.statistics().cache.dropped_behind > 0
+    await reader.aclose()
+
+
+async def test_drop_behind_spares_skipped_and_random_blocks_and_the_current_read(
+    engine_nursery: trio.Nursery,
+) -> None:
+    file = FakeFile([BLOCK // 4] * 64)  # small blocks: one read spans many of them
+    quarter = BLOCK // 4
+    engine = make_engine(engine_nursery, drop_behind=True, **TIGHT)
+    random_reader = engine.open(file, identity="f")
+    for index in (40, 50, 60):  # random reads: cached, never dropped
+        await random_reader.read(index * quarter, quarter)
+    reader = engine.open(file, identity="f")
+    # One read over 12 blocks (3 KiB more than the 1-block backward tolerance): all of it is served, none refetched.
+    got = await reader.read(0, 12 * quarter)
+    assert bytes(got) == file.data[: 12 * quarter]
+    await trio.testing.wait_all_tasks_blocked()
+    assert all(count == 1 for count in file.calls.values())
+    # Sequential on, with a forward jump over blocks 13..19 (within the forward tolerance).
+    await reader.read(12 * quarter, quarter)
+    await trio.testing.wait_all_tasks_blocked()
+    key = reader._key  # the cache key of a block of this file
+    cache = engine.cache
+    skipped_cached = [index for index in range(13, 20) if key(index) in cache]  # read-ahead fetched them
+    await reader.read(20 * quarter, 4 * quarter)
+    await reader.read(24 * quarter, 8 * quarter)
+    await trio.testing.wait_all_tasks_blocked()
+    assert all(key(index) not in cache for index in (*range(0, 13), *range(20, 24)))  # read whole and passed
+    assert all(key(index) in cache for index in skipped_cached)  # never read by this cursor: kept
+    assert all(key(index) in cache for index in (40, 50, 60))  # the random reader's blocks stay
+    assert all(count == 1 for count in file.calls.values())
+    await reader.aclose()
+    await random_reader.aclose()
+
+
+async def test_drop_behind_keeps_blocks_a_cursor_read_only_in_part(engine_nursery: trio.Nursery) -> None:
+    # 100 bytes from every block: each read lies within the cursor's forward tolerance, so one cursor follows them
+    # with a window, but no block was read whole, so none is dropped (a strided reader may come back for the rest).
+    file = FakeFile.fixed(16 * BLOCK)
+    engine = make_engine(engine_nursery, drop_behind=True, **TIGHT)
+    reader = engine.open(file, identity="f")
+    for index in range(16):
+        got = await reader.read(index * BLOCK + 50, 100)
+        assert bytes(got) == file.data[index * BLOCK + 50 : index * BLOCK + 150]
+        await trio.testing.wait_all_tasks_blocked()
+    stats = engine.statistics()
+    assert stats.cache.dropped_behind == 0 and stats.window_resets == 0
+    assert all(count == 1 for count in file.calls.values())
+    await reader.aclose()
