@@ -47,6 +47,7 @@ if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
     from prometheus_client.registry import CollectorRegistry
 
+    from .http import HTTPStatistics
     from .reader import ReadStatistics
 
 log = logging.getLogger(__name__)
@@ -130,7 +131,7 @@ class Sources:
     read_statistics: Callable[[], ReadStatistics] | None = None
     vfs_statistics: Callable[[], Mapping[str, int]] | None = None
     op_stats: OpStats | None = None
-    retries: Callable[[], int] | None = None  # HTTP retries, when the HTTP layer counts them
+    http: Callable[[], HTTPStatistics] | None = None  # the HTTP layer's attempt/retry counts
 
 
 class DirectfsCollector:
@@ -187,6 +188,11 @@ class DirectfsCollector:
             yield counter("cache_hits", "Block reads answered from the cache", c.hits)
             yield counter("cache_misses", "Block reads that waited for a fetch", c.misses)
             yield counter("cache_evictions", "Blocks dropped from the cache to make room", c.evictions)
+            yield counter(
+                "cache_dropped_behind",
+                "Blocks a sequential reader finished, dropped (the page cache has them)",
+                c.dropped_behind,
+            )
             yield counter("cache_joined_misses", "Misses that joined a fetch already in flight", c.joined_misses)
             yield gauge("cache_size_bytes", "Bytes of decrypted blocks cached now", c.size_bytes)
             yield gauge("cache_capacity_bytes", "Cache capacity", c.capacity_bytes)
@@ -228,8 +234,13 @@ class DirectfsCollector:
                 if key in v:
                     yield gauge(key, doc, v[key])
 
-        if self.sources.retries is not None:
-            yield counter("http_retries", "HTTP attempts retried (timeouts, resets, 5xx, 429)", self.sources.retries())
+        if self.sources.http is not None:
+            h = self.sources.http()
+            yield counter(
+                "http_attempts", "HTTP attempts (Portal, listing and storage), first tries included", h.attempts
+            )
+            yield counter("http_retries", "HTTP attempts retried (timeouts, resets, 5xx, 429)", h.retries)
+            yield counter("http_gave_up", "HTTP operations that failed after their retries or budget", h.gave_up)
 
 
 def build_registry(sources: Sources) -> CollectorRegistry:

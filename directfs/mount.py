@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 import trio
 
-from . import metrics
+from . import http, metrics
 from .allocator import tune_allocator
 from .errors import ConfigError, DirectFSError, NamespaceTimeout
 from .logs import dump_tasks_on_sigusr1
@@ -258,7 +258,12 @@ async def _serve(config: MountConfig, readiness: _Readiness, state: _State) -> N
                 await fs.start()
                 op_stats = metrics.OpStats()
                 registry = metrics.build_registry(
-                    metrics.Sources(read_statistics=engine.statistics, vfs_statistics=fs.statistics, op_stats=op_stats)
+                    metrics.Sources(
+                        read_statistics=engine.statistics,
+                        vfs_statistics=fs.statistics,
+                        op_stats=op_stats,
+                        http=lambda: http.STATISTICS,
+                    )
                 )
                 await _start_metrics(nursery, config, registry, exits)
                 ops = Operations(fs, negative_ttl_seconds=config.vfs_settings.negative_ttl, op_stats=op_stats)

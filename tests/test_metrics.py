@@ -125,9 +125,14 @@ def test_op_stats_histogram_and_errno_labels() -> None:
     assert metrics.errno_label(0) == "ok" and metrics.errno_label(5) == "EIO" and metrics.errno_label(99999) == "99999"
 
 
-def test_retries_are_exported_when_counted() -> None:
-    registry = metrics.build_registry(metrics.Sources(retries=lambda: 7))
-    assert value(metrics.exposition(registry).decode(), "directfs_http_retries_total") == 7
+def test_http_attempts_retries_and_give_ups_are_exported() -> None:
+    from directfs.http import HTTPStatistics
+
+    registry = metrics.build_registry(metrics.Sources(http=lambda: HTTPStatistics(attempts=10, retries=7, gave_up=2)))
+    text = metrics.exposition(registry).decode()
+    assert value(text, "directfs_http_attempts_total") == 10
+    assert value(text, "directfs_http_retries_total") == 7
+    assert value(text, "directfs_http_gave_up_total") == 2
 
 
 async def test_http_endpoint_serves_valid_exposition(mounted: Mounted) -> None:
