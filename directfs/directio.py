@@ -36,6 +36,7 @@ Concurrency rules (trio):
 
 from __future__ import annotations
 
+import abc
 import base64
 import binascii
 import contextlib
@@ -899,7 +900,7 @@ class DirectIOFile:
         await trio.lowlevel.checkpoint()
 
 
-class _Window:
+class _Window(abc.ABC):
     """Dispatch state shared by both streams: ``tokens`` bound fetched-but-unconsumed blocks to max_workers."""
 
     def __init__(self, opened: DirectIOFile, indices: Sequence[int], max_workers: int) -> None:
@@ -941,8 +942,9 @@ class _Window:
             await self._tokens.acquire()
             nursery.start_soon(self._run, position, index)
 
+    @abc.abstractmethod
     async def _run(self, position: int, index: int) -> None:
-        raise NotImplementedError
+        """Fetch block ``index`` (the ``position``-th selected) and hand it to the consumer side of the subclass."""
 
 
 class BlockStream(_Window):

@@ -354,12 +354,7 @@ def test_serve_help_is_complete() -> None:
 
 
 def test_cli_dispatches_serve() -> None:
-    """``directfs serve --help`` through the real CLI, once every command module of the CLI exists."""
-    from directfs.cli import COMMANDS
-
-    missing = [m for m in COMMANDS.values() if not (Path(__file__).parents[1] / f"directfs/commands/{m}.py").exists()]
-    if missing:
-        pytest.skip(f"command modules not written yet: {missing}")
+    """``directfs serve --help`` through the real CLI (which builds every command's parser)."""
     result = subprocess.run(
         [sys.executable, "-m", "directfs.cli", "serve", "--help"], capture_output=True, text=True, check=True
     )
