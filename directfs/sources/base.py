@@ -112,6 +112,19 @@ class OpenFile(Protocol):
 
 
 @runtime_checkable
+class RangeReadable(Protocol):
+    """Optional capability of an ``OpenFile`` whose store serves arbitrary byte ranges of the plaintext (plain stores:
+    HTTP ``Range``, ``pread``). The read engine uses it for reads that do not look sequential, so a random 4 KiB read
+    fetches a small aligned range instead of a whole block (design-notes section 1, "cheap first fetch"). CTERA Direct
+    IO files never have it: their blocks are encrypted and compressed as a whole. Check with ``isinstance``."""
+
+    async def fetch_range(self, start: int, length: int) -> bytes | bytearray:
+        """Exactly ``length`` (> 0) plaintext bytes from ``start``, within the layout's size, or a ``DirectFSError``;
+        verified as strictly as ``fetch_block`` (same version checks, same retries and deadlines)."""
+        ...
+
+
+@runtime_checkable
 class Source(Protocol):
     """A store, named by a URL. ``display_url`` is safe to log (no credentials, no query)."""
 

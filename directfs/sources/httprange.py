@@ -28,6 +28,7 @@ from ..errors import (
     DownloadError,
     DownloadTimeout,
     EntryNotFoundError,
+    InvalidArgumentError,
     PermissionDeniedError,
     StaleFileError,
 )
@@ -87,9 +88,20 @@ class RangeFile:
     async def fetch_block(self, index: int) -> bytes | bytearray:
         start = self._layout.block_start(index)
         length = self._layout.block_length(index)
-        info = BlockInfo(self._name, index + 1, start, length)
         if length == 0:
             return b""
+        return await self._fetch(start, length, BlockInfo(self._name, index + 1, start, length))
+
+    async def fetch_range(self, start: int, length: int) -> bytes | bytearray:
+        """``length`` bytes from ``start`` (``RangeReadable``): the same strict GET as a block. Errors name the block
+        holding ``start`` (its 1-based number) with the range's own offset and length."""
+        size = self._layout.size
+        if start < 0 or length <= 0 or start + length > size:
+            raise InvalidArgumentError(f"range {start}+{length} outside a file of {size} bytes", filename=self._name)
+        return await self._fetch(start, length, BlockInfo(self._name, self._layout.block_at(start) + 1, start, length))
+
+    async def _fetch(self, start: int, length: int, info: BlockInfo) -> bytes | bytearray:
+        """One strictly checked ranged GET of ``[start, start + length)`` (module docstring), ``length > 0``."""
         whole = start == 0 and length == self._layout.size
         reply = await self._get(start, length, info)
         if reply.status_code in (401, 403) and self._on_unauthorized is not None and await self._on_unauthorized():

@@ -7,8 +7,9 @@ without a server, and it is the oracle the mount tests compare against.
   use tiny blocks and cross many block edges with little data).
 - Version: ``size:mtime_ns:inode``. A file rewritten in place changes size or mtime; a file replaced by rename
   changes inode.
-- Reads: ``os.pread`` on an fd opened at ``open()``, in a worker thread (``trio.to_thread``) so a slow disk or NFS
-  never stalls the trio loop. After every read the fd is ``fstat``-ed again: if size or mtime moved since open, the
+- Reads (whole blocks, or any range for the read engine's random reads: ``RangeReadable``): ``os.pread`` on an fd
+  opened at ``open()``, in a worker thread (``trio.to_thread``) so a slow disk or NFS never stalls the trio loop.
+  After every read the fd is ``fstat``-ed again: if size or mtime moved since open, the
   bytes may mix two versions, so ``StaleFileError`` (ESTALE) is raised instead of returning them. A file replaced by
   rename keeps serving the old inode's bytes: that version is still whole and consistent.
 - Listing: ``os.scandir`` in a thread, delivered in pages of ``LIST_PAGE_ENTRIES``. Symlinks are followed (like
@@ -33,6 +34,7 @@ import trio
 from ..errors import (
     ConfigError,
     EntryNotFoundError,
+    InvalidArgumentError,
     IsADirectory,
     NamespaceError,
     NotADirectory,
@@ -100,25 +102,33 @@ class LocalOpenFile:
     def layout(self) -> BlockLayout:
         return self._layout
 
-    def _read_sync(self, index: int) -> bytes:
-        start = self._layout.block_start(index)
-        length = self._layout.block_length(index)
+    def _read_sync(self, start: int, length: int) -> bytes:
         data = os.pread(self._fd, length, start)
         if len(data) != length or _version(os.fstat(self._fd)) != self._layout.version:
             raise StaleFileError(filename=self._path)
         return data
 
-    async def fetch_block(self, index: int) -> bytes:
+    async def _read(self, start: int, length: int) -> bytes:
         if self._closed:
             raise StaleFileError("file handle already closed", filename=self._path)
-        if not 0 <= index < self._layout.block_count:
-            raise ValueError(f"block {index} outside a file of {self._layout.block_count} blocks")
         try:
-            return await trio.to_thread.run_sync(self._read_sync, index)
+            return await trio.to_thread.run_sync(self._read_sync, start, length)
         except StaleFileError:
             raise
         except OSError as exc:
             raise _os_error(exc, self._path) from exc
+
+    async def fetch_block(self, index: int) -> bytes:
+        if not 0 <= index < self._layout.block_count:
+            raise ValueError(f"block {index} outside a file of {self._layout.block_count} blocks")
+        return await self._read(self._layout.block_start(index), self._layout.block_length(index))
+
+    async def fetch_range(self, start: int, length: int) -> bytes:
+        """``length`` bytes from ``start`` (``RangeReadable``), with the same version check as a block."""
+        size = self._layout.size
+        if start < 0 or length <= 0 or start + length > size:
+            raise InvalidArgumentError(f"range {start}+{length} outside a file of {size} bytes", filename=self._path)
+        return await self._read(start, length)
 
     async def aclose(self) -> None:
         if not self._closed:
