@@ -22,7 +22,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from directfs.mount import mount_device
+from directfs.mount import _unescape_mountinfo, mount_device
 
 # Start-up on a loaded 2-core CI box: interpreter + imports ~1 s, the root stat, the mount itself.
 START_TIMEOUT_SECONDS = 30.0
@@ -72,8 +72,34 @@ def _wait_live(mount: Mount, timeout: float) -> None:
     raise RuntimeError(f"mount not live after {timeout} s:\n{mount.stderr()}")
 
 
+def directfs_mounts() -> list[tuple[str, int]]:
+    """(mountpoint, device minor) of every directfs FUSE mount this machine has."""
+    found = []
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as info:
+        for line in info:
+            fields = line.split(" ")
+            tail = fields[fields.index("-") + 1 :] if "-" in fields else []
+            if tail and tail[0] == "fuse.directfs":
+                found.append((_unescape_mountinfo(fields[4]), int(fields[2].split(":")[1])))
+    return found
+
+
+def force_unmount(path: str) -> None:
+    """Detach every directfs mount stacked at ``path``, even one whose daemon is gone but whose connection is not:
+    abort the FUSE connection (fusectl) so nothing can block on it, then lazy-unmount. A test that died between
+    mount and teardown must not leave a mount that hangs a later run's cleanup of old temp folders."""
+    for _ in range(8):  # bounded: at most a few mounts can be stacked on one path
+        minors = [minor for mountpoint, minor in directfs_mounts() if mountpoint == path]
+        if not minors:
+            return
+        abort = Path(f"/sys/fs/fuse/connections/{minors[-1]}/abort")
+        with contextlib.suppress(OSError):
+            abort.write_text("1\n")
+        subprocess.run(["fusermount3", "-uz", path], capture_output=True, check=False, timeout=30)
+
+
 def teardown(mountpoint: Path, proc: subprocess.Popen[bytes] | None) -> None:
-    """Unmount and stop the daemon, escalating: fusermount3 -u, -uz, SIGKILL."""
+    """Unmount and stop the daemon, escalating: fusermount3 -u, -uz, SIGKILL, then abort what is left."""
     path = str(mountpoint)
     if mount_device(path) is not None:
         subprocess.run(["fusermount3", "-u", path], capture_output=True, check=False, timeout=30)
@@ -85,6 +111,7 @@ def teardown(mountpoint: Path, proc: subprocess.Popen[bytes] | None) -> None:
             proc.wait(timeout=STOP_TIMEOUT_SECONDS)
     if mount_device(path) is not None:
         subprocess.run(["fusermount3", "-uz", path], capture_output=True, check=False, timeout=30)
+    force_unmount(path)
 
 
 def start(
