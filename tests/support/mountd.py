@@ -150,7 +150,10 @@ def mounted(
     """Mount ``source_url`` in a subprocess; yields once live; always unmounts and reaps the daemon."""
     workdir = Path(tempfile.mkdtemp(prefix="directfs-mount-"))
     mnt = mountpoint if mountpoint is not None else workdir / "mnt"
-    mnt.mkdir(exist_ok=True)
+    # Not mkdir(exist_ok=True): it stats an existing path, and a mountpoint left dead by a killed daemon answers
+    # ENOTCONN (when the kernel's attribute cache has expired). The daemon itself cleans such a mountpoint up.
+    with contextlib.suppress(FileExistsError):
+        mnt.mkdir()
     mount = start(source_url, mnt, extra_args=extra_args, env=env, stderr_path=workdir / "daemon.stderr")
     try:
         yield mount
