@@ -16,7 +16,7 @@ import time
 
 import trio
 
-from directfs.reader import ReadEngine, ReadSettings
+from directfs.engine.reader import ReadEngine, ReadSettings
 from directfs.sources.base import BlockLayout
 
 KiB = 1024

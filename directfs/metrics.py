@@ -47,8 +47,8 @@ if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
     from prometheus_client.registry import CollectorRegistry
 
+    from .engine.reader import ReadStatistics
     from .http import HTTPStatistics
-    from .reader import ReadStatistics
 
 log = logging.getLogger(__name__)
 

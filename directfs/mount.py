@@ -39,11 +39,11 @@ from typing import TYPE_CHECKING, Any, Final
 import trio
 
 from . import http, metrics
-from .allocator import tune_allocator
+from .engine.allocator import tune_allocator
+from .engine.reader import ReadEngine, ReadSettings
 from .errors import ConfigError, DirectFSError, NamespaceTimeout
 from .logs import dump_tasks_on_sigusr1
 from .notify import Notifier
-from .reader import ReadEngine, ReadSettings
 from .sources.base import SourceOptions
 from .vfs import VfsSettings
 

@@ -8,7 +8,7 @@ import platform
 import pytest
 import trio
 
-from directfs import allocator
+from directfs.engine import allocator
 from directfs.mount import MountConfig, _read_engine
 
 GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"

@@ -18,8 +18,6 @@ import cramjam
 import pytest
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-from directfs import codec
-from directfs.codec import Compression
 from directfs.errors import (
     BlockValidationError,
     DecompressBlockError,
@@ -27,6 +25,8 @@ from directfs.errors import (
     DecryptKeyError,
     DirectFSError,
 )
+from directfs.sources.ctera import codec
+from directfs.sources.ctera.codec import Compression
 
 SECRET = base64.b64encode(bytes(range(30))).decode()  # 40 chars, decodes to 30 bytes like real CTERA secrets
 KEY = bytes(range(100, 132))

@@ -15,8 +15,6 @@ import pytest
 import trio
 import trio.testing
 
-from directfs import codec
-from directfs.directio import DirectIO, DirectIOSettings
 from directfs.errors import (
     AuthorizationError,
     BlockListConnectionError,
@@ -37,6 +35,8 @@ from directfs.errors import (
 )
 from directfs.http import HTTPSettings, RetryPolicy
 from directfs.sources.base import OpenFile
+from directfs.sources.ctera import codec
+from directfs.sources.ctera.client import DirectIO, DirectIOSettings
 
 from .support.blockserver import FAST_RETRY, SECRET, BlockServer, Fault, client, json_response, mock_file, payload
 

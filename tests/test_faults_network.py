@@ -20,7 +20,6 @@ from pathlib import Path
 import pytest
 import trio
 
-from directfs.directio import DirectIO, DirectIOSettings
 from directfs.errors import (
     BlockDigestError,
     BlockListConnectionError,
@@ -35,6 +34,7 @@ from directfs.errors import (
 from directfs.http import HTTPSettings, RetryPolicy
 from directfs.sources.base import Credentials, SourceOptions
 from directfs.sources.ctera import CteraSource
+from directfs.sources.ctera.client import DirectIO, DirectIOSettings
 
 from .support.blockserver import SECRET, BlockServer, Fault, payload
 from .support.blockserver import client as blockserver_client

@@ -17,8 +17,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from directfs import metrics
 from directfs.commands import stats
+from directfs.engine.reader import ReadEngine, ReadSettings
 from directfs.errors import ConfigError
-from directfs.reader import ReadEngine, ReadSettings
 from directfs.sources.base import SourceOptions
 from directfs.sources.registry import create_source
 from directfs.vfs import ROOT_INODE, FileSystem

@@ -9,8 +9,8 @@ import pytest
 import trio
 import trio.testing
 
-from directfs.prefetch import PrefetchGate
-from directfs.reader import FileReader, ReadEngine, ReadSettings
+from directfs.engine.prefetch import PrefetchGate
+from directfs.engine.reader import FileReader, ReadEngine, ReadSettings
 from tests.test_reader import BLOCK, FakeFile
 
 # Tight tolerances so that small test files can hold streams that are "far apart".

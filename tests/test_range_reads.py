@@ -20,6 +20,7 @@ import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
+from directfs.engine.reader import MAX_RANGES_PER_READ, ReadEngine, ReadSettings
 from directfs.errors import (
     BlockValidationError,
     DownloadError,
@@ -27,7 +28,6 @@ from directfs.errors import (
     StaleFileError,
 )
 from directfs.http import RetryPolicy
-from directfs.reader import MAX_RANGES_PER_READ, ReadEngine, ReadSettings
 from directfs.sources.base import BlockLayout, OpenFile, RangeReadable, SourceOptions
 from directfs.sources.httprange import RangeFile
 from directfs.sources.registry import create_source

@@ -13,6 +13,7 @@ import trio.testing
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from directfs.engine.reader import FileReader, ReadEngine, ReadSettings
 from directfs.errors import (
     BlockValidationError,
     ConfigError,
@@ -20,7 +21,6 @@ from directfs.errors import (
     DownloadError,
     InvalidArgumentError,
 )
-from directfs.reader import FileReader, ReadEngine, ReadSettings
 from directfs.sources.base import BlockLayout, OpenFile
 
 BLOCK = 4096

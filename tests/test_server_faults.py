@@ -7,9 +7,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from directfs import codec
-from directfs.codec import Compression
 from directfs.errors import BlockError
+from directfs.sources.ctera import codec
+from directfs.sources.ctera.codec import Compression
 
 from .support.portal import start_portal
 from .test_server_portal import directio_json

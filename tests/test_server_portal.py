@@ -28,8 +28,8 @@ from typing import Any
 import httpx
 import pytest
 
-from directfs import codec
-from directfs.codec import Compression
+from directfs.sources.ctera import codec
+from directfs.sources.ctera.codec import Compression
 
 from .support.portal import (
     UNICODE_NAME,

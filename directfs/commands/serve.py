@@ -226,7 +226,7 @@ def _credentials(args: argparse.Namespace) -> Credentials:
         password=pick(from_file(args.password_file, "password"), "DIRECTFS_PASSWORD", cfg.DEMO_PASSWORD, "password"),
         token=pick(from_file(args.token_file, "token"), "DIRECTFS_TOKEN", cfg.DEMO_TOKEN, "token"),
     )
-    from ..codec import wrap_file_key
+    from ..sources.ctera.codec import wrap_file_key
 
     try:  # fail at start, not on the first file: the secret must be base64 to wrap keys with it
         wrap_file_key(bytes(32), creds.secret_access_key)

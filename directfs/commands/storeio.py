@@ -28,7 +28,7 @@ from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 import trio
 
-from ..cache import unwrap_error
+from ..engine.cache import unwrap_error
 from ..errors import BlockValidationError, ConfigError, DirectFSError, EntryNotFoundError, NotADirectory
 from ..sources.base import Entry, OpenFile, Source, SourceOptions, join, valid_name
 from ..sources.registry import create_source

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final, Literal
 
-from ..codec import Compression
 from ..errors import ConfigError
+from ..sources.ctera.codec import Compression
 
 # Demo credentials, printed with a warning when the user gives none. The secret is 40 base64 characters (30 bytes),
 # the shape of real CTERA secret access keys, so the codec's zero-padding to 32 bytes is exercised by every demo.

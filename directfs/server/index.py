@@ -48,9 +48,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-from .. import codec
-from ..codec import Compression
 from ..errors import ConfigError
+from ..sources.ctera import codec
+from ..sources.ctera.codec import Compression
 from .chunking import cdc_spans, fixed_spans
 from .config import EncodingRules
 from .store import BlockStore, object_key

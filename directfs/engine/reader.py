@@ -41,10 +41,10 @@ from dataclasses import dataclass
 
 import trio
 
+from ..errors import BlockValidationError, ConfigError, DirectFSError, InvalidArgumentError
+from ..sources.base import OpenFile, RangeReadable
 from .cache import BlockCache, BlockData, BlockFetch, BlockKey, CacheStatistics, FetchOutcome, unwrap_error
-from .errors import BlockValidationError, ConfigError, DirectFSError, InvalidArgumentError
 from .prefetch import FilePrefetcher, GateStatistics, PrefetchCounters, PrefetchGate, PrefetchPolicy
-from .sources.base import OpenFile, RangeReadable
 
 MiB = 1024 * 1024
 # A non-sequential read needing more ranges than this takes whole blocks instead: 4 x 256 KiB covers the largest FUSE

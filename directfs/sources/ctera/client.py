@@ -55,9 +55,8 @@ import cachetools
 import httpx
 import trio
 
-from . import codec
-from .allocator import tune_allocator
-from .errors import (
+from ...engine.allocator import tune_allocator  # TODO(engine): moves to the API facade
+from ...errors import (
     AuthorizationError,
     BlockDigestError,
     BlockError,
@@ -77,7 +76,7 @@ from .errors import (
     StreamError,
     UnsupportedStorageError,
 )
-from .http import (
+from ...http import (
     HTTPSettings,
     RetryPolicy,
     build_client,
@@ -86,8 +85,9 @@ from .http import (
     redact_url,
     send_with_retries,
 )
-from .sources.base import BlockLayout, SourceOptions
-from .workers import run_codec
+from ...workers import run_codec
+from ..base import BlockLayout, SourceOptions
+from . import codec
 
 log = logging.getLogger(__name__)
 

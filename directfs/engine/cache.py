@@ -67,7 +67,7 @@ from typing import Final
 import cachetools
 import trio
 
-from .errors import BlockError, DirectFSError, StreamError
+from ..errors import BlockError, DirectFSError, StreamError
 
 logger = logging.getLogger(__name__)
 

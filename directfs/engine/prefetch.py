@@ -69,8 +69,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from ..sources.base import BlockLayout
 from .cache import BlockCache, BlockFetch, BlockKey, FetchOutcome, PrefetchTicket
-from .sources.base import BlockLayout
 
 
 @dataclass(frozen=True, slots=True)

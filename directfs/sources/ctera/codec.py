@@ -35,7 +35,7 @@ from typing import Final
 import cramjam
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-from .errors import BlockValidationError, DecompressBlockError, DecryptBlockError, DecryptKeyError
+from ...errors import BlockValidationError, DecompressBlockError, DecryptBlockError, DecryptKeyError
 
 AES_BLOCK_BYTES: Final = 16
 IV_BYTES: Final = 16

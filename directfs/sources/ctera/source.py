@@ -24,8 +24,7 @@ from urllib.parse import quote, unquote, urlsplit
 import httpx
 import trio
 
-from ..directio import DirectIO, DirectIOSettings
-from ..errors import (
+from ...errors import (
     ConfigError,
     EntryNotFoundError,
     MalformedListingError,
@@ -36,10 +35,11 @@ from ..errors import (
     PermissionDeniedError,
     UnsupportedStorageError,
 )
-from ..http import HTTPSettings, RetryPolicy, build_client, is_loopback_host, redact_url, send_with_retries
-from . import davxml
-from .base import BlockLayout, Entry, OpenFile, SourceOptions
-from .httprange import RangeFile
+from ...http import HTTPSettings, RetryPolicy, build_client, is_loopback_host, redact_url, send_with_retries
+from .. import davxml
+from ..base import BlockLayout, Entry, OpenFile, SourceOptions
+from ..httprange import RangeFile
+from .client import DirectIO, DirectIOSettings
 
 log = logging.getLogger(__name__)
 
