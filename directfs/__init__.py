@@ -12,11 +12,11 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
-    from .sources.ctera.client import Block, ByteRange, Chunk, DirectIO, DirectIOFile, DirectIOSettings, FileMetadata
+    from .api import Block, ByteRange, Chunk, DirectIO, DirectIOFile, DirectIOSettings, FileMetadata
 
 # name -> module that defines it (loaded lazily by __getattr__)
 _LAZY = {
-    name: "directfs.sources.ctera.client"
+    name: "directfs.api"
     for name in ("Block", "ByteRange", "Chunk", "DirectIO", "DirectIOFile", "DirectIOSettings", "FileMetadata")
 }
 

@@ -50,8 +50,12 @@ Secrets never enter these messages: callers pass file ids, paths and redacted UR
 from __future__ import annotations
 
 import errno as _errno
+import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import ClassVar
+
+logger = logging.getLogger(__name__)
 
 
 class DirectFSError(OSError):
@@ -279,3 +283,57 @@ def errno_of(exc: BaseException) -> int:
     if isinstance(exc, DirectFSError):
         return exc.errno if exc.errno is not None else _errno.EIO
     return _errno.EIO
+
+
+# --- exception groups and shared errors ---------------------------------------------------------------------
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> Iterator[BaseException]:
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            yield from _leaves(exc)
+        else:
+            yield exc
+
+
+def unwrap_error(exc: Exception, *, context: str) -> DirectFSError:
+    """The ``DirectFSError`` to report for ``exc``: itself, the first one inside an ``ExceptionGroup`` made only of
+    ours, or (for anything else, i.e. a bug) a plain ``DirectFSError`` chained to it, logged once with traceback."""
+    if isinstance(exc, DirectFSError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        leaves = list(_leaves(exc))
+        ours = [leaf for leaf in leaves if isinstance(leaf, DirectFSError)]
+        if ours and len(ours) == len(leaves):
+            return ours[0]
+    logger.error("unexpected %s while %s", type(exc).__name__, context, exc_info=exc)
+    error = DirectFSError(f"unexpected {type(exc).__name__} while {context}")
+    error.__cause__ = exc
+    return error
+
+
+def replay_error(error: DirectFSError) -> DirectFSError:
+    """A fresh exception of the same class and message, chained to ``error``, for one more waiter. Raising one shared
+    object from many tasks would splice all their tracebacks onto it (and keep their frames alive)."""
+    kwargs: dict[str, object] = {"filename": error.filename}
+    if isinstance(error, BlockError):
+        kwargs["block"] = error.block
+    if isinstance(error, StreamError):
+        kwargs["offset"] = error.offset
+    try:
+        clone = type(error)(error.strerror, **kwargs)  # type: ignore[arg-type]
+    except TypeError:  # a subclass with another constructor: the shared object is still the right error
+        return error
+    clone.__cause__ = error
+    return clone
+
+
+def raise_single(group: BaseExceptionGroup[BaseException]) -> None:
+    """Re-raise the one real exception of a nursery's group (``strict_exception_groups``), else the group as it is.
+    ``trio.Cancelled`` leaves do not count: they are the siblings the real failure cancelled."""
+    import trio  # here, not at the top: importing the error tree must not load trio (the CLI's start-up)
+
+    real = [leaf for leaf in _leaves(group) if not isinstance(leaf, trio.Cancelled)]
+    if len(real) == 1:
+        raise real[0] from real[0].__cause__
+    raise group

@@ -17,9 +17,9 @@ from collections.abc import Iterator
 
 import pytest
 
+from directfs.api import DirectIO, DirectIOSettings
 from directfs.errors import DirectFSError, MalformedListingError, MalformedMetadataError
 from directfs.sources import davxml
-from directfs.sources.ctera.client import DirectIO, DirectIOSettings
 
 from .support.blockserver import FAST_RETRY, SECRET, json_response, mock_file, payload
 

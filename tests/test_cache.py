@@ -12,12 +12,12 @@ import trio.testing
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from directfs.engine.cache import BlockCache, BlockData, BlockKey, FetchOutcome, unwrap_error
-from directfs.errors import BlockInfo, DirectFSError, DownloadError, DownloadTimeout
+from directfs.engine.cache import BlockCache, BlockData, BlockKey, FetchOutcome
+from directfs.errors import BlockInfo, DirectFSError, DownloadError, DownloadTimeout, unwrap_error
 
 
 def key(index: int, version: str = "v1") -> BlockKey:
-    return ("file", version, index)
+    return BlockKey("file", version, index)
 
 
 class Fetcher:
@@ -280,7 +280,7 @@ async def test_exception_group_is_unwrapped() -> None:
 async def test_unexpected_error_becomes_eio_and_is_logged(caplog: pytest.LogCaptureFixture) -> None:
     async with trio.open_nursery() as nursery:
         cache = BlockCache(100, nursery=nursery)
-        with caplog.at_level(logging.ERROR, logger="directfs.engine.cache"), pytest.raises(DirectFSError) as caught:
+        with caplog.at_level(logging.ERROR, logger="directfs.errors"), pytest.raises(DirectFSError) as caught:
             await cache.get_or_fetch(key(0), Fetcher(error=ZeroDivisionError("bug")))
     assert type(caught.value) is DirectFSError and caught.value.errno == errno.EIO
     assert isinstance(caught.value.__cause__, DirectFSError)  # the replayed copy chains to the original...

@@ -15,6 +15,7 @@ import pytest
 import trio
 import trio.testing
 
+from directfs.api import DirectIO, DirectIOSettings
 from directfs.errors import (
     AuthorizationError,
     BlockListConnectionError,
@@ -36,7 +37,6 @@ from directfs.errors import (
 from directfs.http import HTTPSettings, RetryPolicy
 from directfs.sources.base import OpenFile
 from directfs.sources.ctera import codec
-from directfs.sources.ctera.client import DirectIO, DirectIOSettings
 
 from .support.blockserver import FAST_RETRY, SECRET, BlockServer, Fault, client, json_response, mock_file, payload
 

@@ -238,3 +238,47 @@ async def test_bad_max_workers(server: BlockServer) -> None:
             with pytest.raises(ConfigError):
                 async with dio.streamer("1", max_workers=bad):  # type: ignore[arg-type]
                     pass
+
+
+async def test_a_second_streamer_over_a_cached_range_makes_no_block_get(server: BlockServer) -> None:
+    # The Python API reads through the engine: blocks the first stream fetched are cached, so the second stream over
+    # the same range is served from memory (one Portal call for the block list, no storage GET).
+    async with client(server) as dio:
+        assert await stream_bytes(dio, ByteRange(5, 40_000)) == DATA[5:40_001]
+        gets = server.stats.started
+        assert gets == 4  # the blocks overlapping bytes 5..40,000: lengths 10,000 + 1 + 25,000 + 10,000
+        assert await stream_bytes(dio, ByteRange(100, 39_000)) == DATA[100:39_001]
+        async with dio.blocks("1", ByteRange(0, 40_000)) as blocks:
+            assert sorted([block.number async for block in blocks]) == [1, 2, 3, 4]
+        assert server.stats.started == gets
+        assert dio.engine.statistics().cache.hits >= 8
+        # A range beyond what was read fetches only the blocks not cached yet.
+        assert await stream_bytes(dio, ByteRange(30_000)) == DATA[30_000:]
+        assert server.stats.started == gets + 2
+
+
+async def test_two_concurrent_streamers_fetch_each_block_once(server: BlockServer) -> None:
+    async with client(server) as dio:
+        async with trio.open_nursery() as nursery:
+            results: list[bytes] = []
+
+            async def one() -> None:
+                results.append(await stream_bytes(dio, None))
+
+            nursery.start_soon(one)
+            nursery.start_soon(one)
+        assert results == [DATA, DATA]
+        assert sorted(server.stats.block_requests.values()) == [1] * len(LENGTHS)
+
+
+async def test_leaving_a_stream_early_cancels_the_fetches_nobody_waits_for() -> None:
+    with BlockServer(SECRET, block_delay_seconds=0.5) as slow:
+        slow.add_file("1", DATA, LENGTHS)
+        async with client(slow) as dio:
+            with trio.fail_after(5):
+                async with dio.streamer("1", max_workers=6) as stream:
+                    async for _fragment in stream:
+                        break
+            statistics = dio.engine.statistics()
+            assert statistics.cache.inflight_fetches == 0
+            assert statistics.cache.cancelled_fetches >= 1  # the rest of the window was cancelled, not awaited

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from directfs.api import DirectIO, DirectIOSettings
 from directfs.errors import (
     BlockDigestError,
     BlockListConnectionError,
@@ -34,7 +35,6 @@ from directfs.errors import (
 from directfs.http import HTTPSettings, RetryPolicy
 from directfs.sources.base import Credentials, SourceOptions
 from directfs.sources.ctera import CteraSource
-from directfs.sources.ctera.client import DirectIO, DirectIOSettings
 
 from .support.blockserver import SECRET, BlockServer, Fault, payload
 from .support.blockserver import client as blockserver_client

@@ -25,10 +25,11 @@ import pytest
 import trio
 import trio.testing
 
+from directfs.api import DirectIO, DirectIOSettings
 from directfs.engine.reader import ReadEngine, ReadSettings
 from directfs.errors import BlockDigestError, BlockError, BlockValidationError, DirectFSError
 from directfs.sources.ctera import codec
-from directfs.sources.ctera.client import DirectIO, DirectIOSettings, storage_md5
+from directfs.sources.ctera.client import storage_md5
 
 from .support.blockserver import FAST_RETRY, SECRET, json_response, mock_file, payload
 from .support.portal import start_portal

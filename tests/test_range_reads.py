@@ -20,6 +20,7 @@ import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
+from directfs.engine.cache import BlockKey
 from directfs.engine.reader import MAX_RANGES_PER_READ, ReadEngine, ReadSettings
 from directfs.errors import (
     BlockValidationError,
@@ -177,8 +178,10 @@ async def test_ranges_and_blocks_never_share_a_key(engine_nursery: trio.Nursery)
     reader = engine.open(file, identity="f")
     offset = 2 * BLOCK + 5
     await reader.read(offset, 10)  # caches range (2 * BLOCK) // GRANULE only
-    assert ("f", "v1", 2) not in engine.cache and ("f", "v1", (2 * BLOCK) // GRANULE) not in engine.cache
-    assert (("range", "f"), "v1", (2 * BLOCK) // GRANULE) in engine.cache
+    assert (
+        BlockKey("f", "v1", 2) not in engine.cache and BlockKey("f", "v1", (2 * BLOCK) // GRANULE) not in engine.cache
+    )
+    assert BlockKey("f", "v1", (2 * BLOCK) // GRANULE, GRANULE) in engine.cache
     # A sequential reader of the same file gets whole blocks, never a range in place of a block.
     other = engine.open(file, identity="f")
     got = bytearray()

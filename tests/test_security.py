@@ -17,9 +17,9 @@ import httpx
 import pytest
 import trustme
 
+from directfs.api import DirectIO, DirectIOSettings
 from directfs.errors import BlockListConnectionError, DirectFSError, DownloadConnectionError
 from directfs.http import HTTPSettings
-from directfs.sources.ctera.client import DirectIO, DirectIOSettings
 
 from .support.blockserver import FAST_RETRY, payload
 from .support.faultproxy import ctera_env

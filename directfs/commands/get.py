@@ -18,8 +18,8 @@ from ..errors import ConfigError
 from . import common
 
 if TYPE_CHECKING:
+    from ..api import DirectIO
     from ..sources.base import SourceOptions
-    from ..sources.ctera.client import DirectIO
 
 HELP = "Download a file by its Direct IO file id (ctera+https://HOST FILE_ID DEST, '-' for stdout)."
 
@@ -104,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def _download(portal: str, args: argparse.Namespace, options: SourceOptions, start: int, end: int | None) -> int:
-    from ..sources.ctera.client import DirectIO, DirectIOSettings
+    from ..api import DirectIO, DirectIOSettings
 
     credentials = options.credentials
     assert credentials.access_key_id and credentials.secret_access_key  # checked by run()
@@ -135,8 +135,8 @@ async def _stream(
 ) -> None:
     import trio
 
+    from ..api import ByteRange
     from ..errors import StreamError
-    from ..sources.ctera.client import ByteRange
 
     position, resumes = start, 0
     while True:

@@ -28,8 +28,7 @@ from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 import trio
 
-from ..engine.cache import unwrap_error
-from ..errors import BlockValidationError, ConfigError, DirectFSError, EntryNotFoundError, NotADirectory
+from ..errors import BlockValidationError, ConfigError, DirectFSError, EntryNotFoundError, NotADirectory, unwrap_error
 from ..sources.base import Entry, OpenFile, Source, SourceOptions, join, valid_name
 from ..sources.registry import create_source
 

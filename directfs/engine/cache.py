@@ -60,18 +60,35 @@ from __future__ import annotations
 import enum
 import logging
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Hashable, Iterator
+from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass
 from typing import Final
 
 import cachetools
 import trio
 
-from ..errors import BlockError, DirectFSError, StreamError
+from ..errors import DirectFSError, replay_error, unwrap_error
 
 logger = logging.getLogger(__name__)
 
-BlockKey = tuple[Hashable, str, int]  # (file identity e.g. source path, version token, block index)
+
+@dataclass(frozen=True, slots=True)
+class BlockKey:
+    """The name of one cached piece of a file version. Typed and frozen (hashable, immutable, cheap to compare).
+
+    ``file`` says which file within one engine (the source path in a mount; ``("directio", file id)`` in the
+    Python API); ``version`` is the layout's version token, so a new version of a file can never be served an old
+    block; ``index`` is the block's index in the layout or, when ``granule_bytes`` is set, the index of the aligned
+    range ``[index * granule_bytes, (index + 1) * granule_bytes)`` (the cheap first fetch of random reads on stores
+    that serve byte ranges: ranges and whole blocks never share a key).
+    """
+
+    file: Hashable
+    version: str
+    index: int
+    granule_bytes: int = 0  # 0: a whole block of the layout; > 0: an aligned range of this many bytes
+
+
 BlockData = bytes | bytearray
 BlockFetch = Callable[[], Awaitable[BlockData]]
 
@@ -263,7 +280,7 @@ class BlockCache:
             failure = self._remembered_failure(key)
             if failure is not None:
                 self._fast_failures += 1
-                raise _replay(failure)
+                raise replay_error(failure)
             self._misses += 1
             flight = self._flights.get(key)
             if flight is not None:
@@ -283,7 +300,7 @@ class BlockCache:
                 finally:
                     flight.demand_waiters -= 1
             if flight.error is not None:
-                raise _replay(flight.error)
+                raise replay_error(flight.error)
             if flight.result is not None:
                 return flight.result, outcome
             if not flight.retry_on_cancel:
@@ -342,7 +359,7 @@ class BlockCache:
             if flight.scope.cancelled_caught:
                 self._cancelled += 1
         except Exception as exc:
-            error = unwrap_error(exc, context=f"fetching block {flight.key[2]}")
+            error = unwrap_error(exc, context=f"fetching block {flight.key.index}")
             flight.error = error
             self._failed += 1
             # Rule: remember only what a reader saw fail, so the kernel's immediate retry fails fast (section 5).
@@ -420,46 +437,3 @@ class BlockCache:
             cancelled_fetches=self._cancelled,
             dropped_behind=self._dropped,
         )
-
-
-# --- errors ------------------------------------------------------------------------------------------------------
-
-
-def _leaves(group: BaseExceptionGroup[BaseException]) -> Iterator[BaseException]:
-    for exc in group.exceptions:
-        if isinstance(exc, BaseExceptionGroup):
-            yield from _leaves(exc)
-        else:
-            yield exc
-
-
-def unwrap_error(exc: Exception, *, context: str) -> DirectFSError:
-    """The ``DirectFSError`` to report for ``exc``: itself, the first one inside an ``ExceptionGroup`` made only of
-    ours, or (for anything else, i.e. a bug) a plain ``DirectFSError`` chained to it, logged once with traceback."""
-    if isinstance(exc, DirectFSError):
-        return exc
-    if isinstance(exc, BaseExceptionGroup):
-        leaves = list(_leaves(exc))
-        ours = [leaf for leaf in leaves if isinstance(leaf, DirectFSError)]
-        if ours and len(ours) == len(leaves):
-            return ours[0]
-    logger.error("unexpected %s while %s", type(exc).__name__, context, exc_info=exc)
-    error = DirectFSError(f"unexpected {type(exc).__name__} while {context}")
-    error.__cause__ = exc
-    return error
-
-
-def _replay(error: DirectFSError) -> DirectFSError:
-    """A fresh exception of the same class and message, chained to ``error``, for one more waiter. Raising one shared
-    object from many tasks would splice all their tracebacks onto it (and keep their frames alive)."""
-    kwargs: dict[str, object] = {"filename": error.filename}
-    if isinstance(error, BlockError):
-        kwargs["block"] = error.block
-    if isinstance(error, StreamError):
-        kwargs["offset"] = error.offset
-    try:
-        clone = type(error)(error.strerror, **kwargs)  # type: ignore[arg-type]
-    except TypeError:  # a subclass with another constructor: the shared object is still the right error
-        return error
-    clone.__cause__ = error
-    return clone

@@ -12,8 +12,8 @@ A read ``[offset, offset + size)``:
    the read is sequential. A read that is not, on a store that serves any byte range (``RangeReadable``: s3, WebDAV,
    HTTP, file://), needing a block that is neither cached nor in flight, is served from small aligned *ranges*
    (``ReadSettings.random_read_bytes``) instead of whole blocks: the cheap first fetch of design-notes section 1.
-   Ranges are cached in the same byte-bounded cache under their own keys (``("range", identity)``, version, range
-   index), never mixed with whole blocks, with the same single-flight; a later whole-block read ignores them;
+   Ranges are cached in the same byte-bounded cache under their own keys (``BlockKey.granule_bytes`` set), never
+   mixed with whole blocks, with the same single-flight; a later whole-block read ignores them;
 4. takes each block from the cache; the missing ones are fetched through the cache's single-flight, concurrently
    when the read spans several blocks (a spanning read at a block edge is the common case with variable blocks);
 5. answers with a read-only ``memoryview`` slice when it lies in one block (zero copy: pyfuse3 takes any buffer and
@@ -41,9 +41,9 @@ from dataclasses import dataclass
 
 import trio
 
-from ..errors import BlockValidationError, ConfigError, DirectFSError, InvalidArgumentError
-from ..sources.base import OpenFile, RangeReadable
-from .cache import BlockCache, BlockData, BlockFetch, BlockKey, CacheStatistics, FetchOutcome, unwrap_error
+from ..errors import BlockValidationError, ConfigError, DirectFSError, InvalidArgumentError, unwrap_error
+from ..sources.base import BlockLayout, OpenFile, RangeReadable
+from .cache import BlockCache, BlockData, BlockFetch, BlockKey, CacheStatistics, FetchOutcome, PrefetchTicket
 from .prefetch import FilePrefetcher, GateStatistics, PrefetchCounters, PrefetchGate, PrefetchPolicy
 
 MiB = 1024 * 1024
@@ -210,7 +210,6 @@ class FileReader:
         # The cheap first fetch (module docstring, step 3): only for stores that serve any byte range.
         self._range_bytes = engine.settings.random_read_bytes
         self._ranges: RangeReadable | None = file if self._range_bytes > 0 and isinstance(file, RangeReadable) else None
-        self._range_identity = ("range", identity)
         self._prefetcher = FilePrefetcher(
             layout=layout,
             cache=engine._cache,
@@ -224,6 +223,34 @@ class FileReader:
     @property
     def size(self) -> int:
         return self._layout.size
+
+    @property
+    def layout(self) -> BlockLayout:
+        return self._layout
+
+    # --- whole blocks (the block streams of directfs.engine.streams) ---------------------------------------------
+
+    def start_block(self, index: int) -> PrefetchTicket | None:
+        """Start fetching block ``index`` in the engine's nursery unless it is cached, in flight, empty or failed a
+        moment ago; the ticket cancels it if nobody waits for it any more (a stream left early). Outside the
+        prefetch gate: the caller's window bounds these fetches."""
+        if self._closed or self._offsets[index + 1] == self._offsets[index]:
+            return None
+        return self._cache.start_prefetch(self._key(index), self._fetcher(index))
+
+    async def block(self, index: int) -> BlockData:
+        """Block ``index`` whole, length-checked, through the cache (joining a fetch in flight). Always a checkpoint.
+        No read-ahead bookkeeping: a block stream is its own window."""
+        if self._closed:
+            raise DirectFSError("read on a closed file handle")
+        if not 0 <= index < self._layout.block_count:
+            raise InvalidArgumentError(f"block index {index} outside 0..{self._layout.block_count - 1}")
+        if self._offsets[index + 1] == self._offsets[index]:
+            await trio.lowlevel.checkpoint()
+            return b""  # an empty block: nothing to fetch
+        data = await self._cache.get_or_fetch(self._key(index), self._fetcher(index))
+        self._engine._bytes_served += len(data)
+        return data
 
     async def read(self, offset: int, size: int) -> bytes | memoryview:
         """Exactly ``size`` bytes from ``offset``, fewer only at EOF, ``b""`` at or past it. Always a checkpoint.
@@ -284,7 +311,7 @@ class FileReader:
         return b"".join(parts)
 
     def _range_key(self, index: int) -> BlockKey:
-        return (self._range_identity, self._version, index)
+        return BlockKey(self._identity, self._version, index, self._range_bytes)
 
     def _range_fetcher(self, index: int) -> BlockFetch:
         return functools.partial(self._fetch_range_verified, index)
@@ -368,7 +395,7 @@ class FileReader:
         return data
 
     def _key(self, index: int) -> BlockKey:
-        return (self._identity, self._version, index)
+        return BlockKey(self._identity, self._version, index)
 
     def _fetcher(self, index: int) -> BlockFetch:
         return functools.partial(self._fetch_verified, index)

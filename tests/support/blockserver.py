@@ -28,9 +28,9 @@ from typing import Any
 import httpx
 from aiohttp import web
 
+from directfs.api import DirectIO, DirectIOSettings
 from directfs.http import RetryPolicy
 from directfs.sources.ctera import codec
-from directfs.sources.ctera.client import DirectIO, DirectIOSettings
 
 
 @dataclass

@@ -36,16 +36,13 @@ Concurrency rules (trio):
 
 from __future__ import annotations
 
-import abc
 import base64
 import binascii
 import contextlib
 import hashlib
 import json
 import logging
-import math
-from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Final, TypeGuard
@@ -55,7 +52,6 @@ import cachetools
 import httpx
 import trio
 
-from ...engine.allocator import tune_allocator  # TODO(engine): moves to the API facade
 from ...errors import (
     AuthorizationError,
     BlockDigestError,
@@ -73,8 +69,8 @@ from ...errors import (
     MalformedMetadataError,
     ObjectNotFoundError,
     StaleFileError,
-    StreamError,
     UnsupportedStorageError,
+    raise_single,
 )
 from ...http import (
     HTTPSettings,
@@ -160,31 +156,6 @@ class DirectIOSettings:
 
 
 @dataclass(frozen=True, slots=True)
-class ByteRange:
-    """Bytes ``start`` to ``end`` of a file, **end inclusive** (as cterasdk); ``end=None`` runs to the end of file.
-
-    Unlike cterasdk, a negative start is refused (not silently 0) and a start at or past the end of file selects
-    nothing (cterasdk returns the whole file there).
-    """
-
-    start: int = 0
-    end: int | None = None
-
-    def __post_init__(self) -> None:
-        if not _is_int(self.start) or self.start < 0:
-            raise ConfigError(f"byte range start must be an integer >= 0, not {self.start!r}")
-        if self.end is not None and (not _is_int(self.end) or self.end < self.start):
-            raise ConfigError(f"byte range end must be an integer >= start ({self.start}), not {self.end!r}")
-
-    def clamp(self, size: int) -> tuple[int, int] | None:
-        """``(start, stop)`` (stop exclusive) within a file of ``size`` bytes, or None when nothing is selected."""
-        if self.start >= size:
-            return None
-        stop = size if self.end is None else min(self.end + 1, size)
-        return self.start, stop
-
-
-@dataclass(frozen=True, slots=True)
 class Chunk:
     """One block of a file: 1-based ``number`` (as cterasdk), file ``offset``, plaintext ``length``, and the
     presigned ``url`` (bearer-equivalent until it expires: kept out of ``repr``)."""
@@ -213,16 +184,6 @@ class FileMetadata:
     def same_content_shape(self, other: FileMetadata) -> bool:
         """Whether ``other`` can describe the same file version (used after a URL refresh)."""
         return self.size == other.size and [c.length for c in self.chunks] == [c.length for c in other.chunks]
-
-
-@dataclass(frozen=True, slots=True)
-class Block:
-    """One whole block of the Blocks API (not trimmed to the byte range)."""
-
-    number: int
-    offset: int
-    length: int
-    data: bytes | bytearray = field(repr=False)
 
 
 def _is_int(value: object) -> TypeGuard[int]:
@@ -334,7 +295,7 @@ def _parse_page(file_id: str, body: Any, settings: DirectIOSettings) -> _Page:
 # --- the client -----------------------------------------------------------------------------------------------
 
 
-class DirectIO:
+class DirectIOClient:
     """Async context manager holding the Portal and storage clients of one Direct IO account.
 
     ``secret_access_key`` only unwraps file keys locally; it is never sent, logged or shown in ``repr``.
@@ -383,9 +344,7 @@ class DirectIO:
     def __repr__(self) -> str:
         return f"DirectIO({self.portal_url!r})"
 
-    async def __aenter__(self) -> DirectIO:
-        if self.settings.tune_allocator:
-            tune_allocator()
+    async def __aenter__(self) -> DirectIOClient:
         portal = partial(
             build_client,
             self.settings.portal,
@@ -410,7 +369,7 @@ class DirectIO:
         except BaseExceptionGroup as group:
             with trio.CancelScope(shield=True):
                 await self.aclose()  # the client that was built
-            _raise_single(group)
+            raise_single(group)
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
@@ -641,49 +600,6 @@ class DirectIO:
             raise DownloadError(f"storage answered HTTP {reply.status_code} ({what})", block=info)
         return reply
 
-    # --- Blocks and Streamer APIs ---
-
-    @asynccontextmanager
-    async def blocks(
-        self, file_id: int | str, byte_range: ByteRange | None = None, max_workers: int = 8
-    ) -> AsyncIterator[BlockStream]:
-        """Whole blocks of the file (those overlapping ``byte_range``) fetched concurrently, at most
-        ``max_workers`` in flight or waiting for the consumer, delivered as they complete (any order)."""
-        _check_workers(max_workers)
-        opened = await self.open(file_id)
-        indices = _select(opened.layout, byte_range or ByteRange())
-        stream = BlockStream(opened, indices, max_workers)
-        try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(stream._dispatch, nursery)
-                yield stream
-                nursery.cancel_scope.cancel()  # the consumer is done: stop fetches it will never read
-        except BaseExceptionGroup as group:
-            _raise_single(group)
-        finally:
-            await opened.aclose()
-
-    @asynccontextmanager
-    async def streamer(
-        self, file_id: int | str, byte_range: ByteRange | None = None, max_workers: int = 8
-    ) -> AsyncIterator[FragmentStream]:
-        """The bytes of ``byte_range`` in order, as fragments (whole blocks, the first and last trimmed). At most
-        ``max_workers`` blocks are fetched or buffered at once, lower offsets first. A block failure raises
-        ``StreamError`` whose ``offset`` is the first byte not delivered: ``ByteRange(offset, end)`` resumes."""
-        _check_workers(max_workers)
-        byte_range = byte_range or ByteRange()
-        opened = await self.open(file_id)
-        stream = FragmentStream(opened, byte_range, max_workers)
-        try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(stream._dispatch, nursery)
-                yield stream
-                nursery.cancel_scope.cancel()
-        except BaseExceptionGroup as group:
-            _raise_single(group)
-        finally:
-            await opened.aclose()
-
 
 @dataclass(frozen=True, slots=True)
 class _Reply:
@@ -797,41 +713,10 @@ async def _read_limited(response: httpx.Response, limit: int) -> bytearray:
     raise _Overlong(len(body))
 
 
-def _check_workers(max_workers: int) -> None:
-    if not _is_int(max_workers) or max_workers < 1:
-        raise ConfigError(f"max_workers must be an integer >= 1, not {max_workers!r}")
-
-
-def _select(layout: BlockLayout, byte_range: ByteRange) -> range:
-    span = byte_range.clamp(layout.size)
-    if span is None:
-        return range(0)
-    start, stop = span
-    return range(layout.block_at(start), layout.block_at(stop - 1) + 1)
-
-
-def _raise_single(group: BaseExceptionGroup[BaseException]) -> None:
-    """Re-raise the one real exception of a nursery's group (strict_exception_groups), else the group."""
-    leaves: list[BaseException] = []
-
-    def walk(exc: BaseException) -> None:
-        if isinstance(exc, BaseExceptionGroup):
-            for inner in exc.exceptions:
-                walk(inner)
-        else:
-            leaves.append(exc)
-
-    walk(group)
-    real = [e for e in leaves if not isinstance(e, trio.Cancelled)]
-    if len(real) == 1:
-        raise real[0] from real[0].__cause__
-    raise group
-
-
 class DirectIOFile:
     """One opened file (implements ``directfs.sources.base.OpenFile``). Fetches may run concurrently."""
 
-    def __init__(self, client: DirectIO, meta: FileMetadata, version: str) -> None:
+    def __init__(self, client: DirectIOClient, meta: FileMetadata, version: str) -> None:
         self._client = client
         self._meta = meta
         self._generation = 0
@@ -900,144 +785,11 @@ class DirectIOFile:
         await trio.lowlevel.checkpoint()
 
 
-class _Window(abc.ABC):
-    """Dispatch state shared by both streams: ``tokens`` bound fetched-but-unconsumed blocks to max_workers."""
-
-    def __init__(self, opened: DirectIOFile, indices: Sequence[int], max_workers: int) -> None:
-        self._file = opened
-        self._indices = indices
-        self._tokens = trio.Semaphore(max_workers)
-        self.in_flight = 0  # fetches running now
-        self.max_in_flight = 0  # highest in_flight seen (tests and stats)
-        self.buffered = 0  # fetched blocks not yet taken by the consumer
-        self.max_held = 0  # highest in_flight + buffered seen: the back-pressure bound
-
-    @property
-    def file(self) -> DirectIOFile:
-        return self._file
-
-    @property
-    def size(self) -> int:
-        """File size in bytes."""
-        return self._file.size
-
-    async def _fetch(self, index: int) -> bytes | bytearray | DirectFSError:
-        self.in_flight += 1
-        self.max_in_flight = max(self.max_in_flight, self.in_flight)
-        self.max_held = max(self.max_held, self.in_flight + self.buffered)
-        try:
-            return await self._file.fetch_block(index)
-        except DirectFSError as exc:
-            return exc
-        finally:
-            self.in_flight -= 1
-            self.buffered += 1
-
-    def _taken(self) -> None:
-        self.buffered -= 1
-        self._tokens.release()
-
-    async def _dispatch(self, nursery: trio.Nursery) -> None:
-        for position, index in enumerate(self._indices):
-            await self._tokens.acquire()
-            nursery.start_soon(self._run, position, index)
-
-    @abc.abstractmethod
-    async def _run(self, position: int, index: int) -> None:
-        """Fetch block ``index`` (the ``position``-th selected) and hand it to the consumer side of the subclass."""
-
-
-class BlockStream(_Window):
-    """Async iterator of :class:`Block` in completion order; fetch errors raise here, at iteration."""
-
-    def __init__(self, opened: DirectIOFile, indices: Sequence[int], max_workers: int) -> None:
-        super().__init__(opened, indices, max_workers)
-        self._remaining = len(indices)
-        # Unbounded is safe: the tokens admit at most max_workers results before the consumer takes one.
-        self._send, self._receive = trio.open_memory_channel[tuple[int, bytes | bytearray | DirectFSError]](math.inf)
-
-    async def _run(self, position: int, index: int) -> None:
-        result = await self._fetch(index)
-        self._send.send_nowait((index, result))
-
-    def __aiter__(self) -> BlockStream:
-        return self
-
-    async def __anext__(self) -> Block:
-        if self._remaining == 0:
-            raise StopAsyncIteration
-        index, result = await self._receive.receive()
-        self._remaining -= 1
-        self._taken()
-        if isinstance(result, DirectFSError):
-            raise result
-        layout = self.file.layout
-        return Block(index + 1, layout.block_start(index), layout.block_length(index), result)
-
-
-class FragmentStream(_Window):
-    """Async iterator of the range's bytes in order (bytes-like fragments). ``position`` is the next byte."""
-
-    def __init__(self, opened: DirectIOFile, byte_range: ByteRange, max_workers: int) -> None:
-        span = byte_range.clamp(opened.size)
-        self.start, self.stop = span if span is not None else (byte_range.start, byte_range.start)
-        indices = _select(opened.layout, byte_range)
-        super().__init__(opened, indices, max_workers)
-        self.position = self.start
-        self._next = 0
-        self._results: dict[int, bytes | bytearray | DirectFSError] = {}
-        self._ready: dict[int, trio.Event] = {}
-
-    @property
-    def end_inclusive(self) -> int:
-        """Last byte this stream delivers (``start - 1`` when it delivers nothing)."""
-        return self.stop - 1
-
-    def _event(self, position: int) -> trio.Event:
-        return self._ready.setdefault(position, trio.Event())
-
-    async def _run(self, position: int, index: int) -> None:
-        self._results[position] = await self._fetch(index)
-        self._event(position).set()
-
-    def __aiter__(self) -> FragmentStream:
-        return self
-
-    async def __anext__(self) -> bytes | bytearray:
-        if self._next >= len(self._indices):
-            raise StopAsyncIteration
-        position = self._next
-        await self._event(position).wait()
-        result = self._results.pop(position)
-        del self._ready[position]
-        self._taken()
-        if isinstance(result, DirectFSError):
-            self._next = len(self._indices)  # the stream is over: a new one resumes from self.position
-            raise StreamError(
-                f"Stream interrupted at byte {self.position}: {result}",
-                filename=self.file.metadata.file_id,
-                offset=self.position,
-            ) from result
-        self._next += 1
-        layout = self.file.layout
-        index = self._indices[position]
-        block_start = layout.block_start(index)
-        lo = max(self.start, block_start) - block_start
-        hi = min(self.stop, layout.offsets[index + 1]) - block_start
-        fragment = result if (lo, hi) == (0, len(result)) else bytes(memoryview(result)[lo:hi])
-        self.position = block_start + hi
-        return fragment
-
-
 __all__ = [
-    "Block",
-    "BlockStream",
-    "ByteRange",
     "Chunk",
-    "DirectIO",
+    "DirectIOClient",
     "DirectIOFile",
     "DirectIOSettings",
     "FileMetadata",
-    "FragmentStream",
     "storage_md5",
 ]

@@ -39,7 +39,7 @@ from ...http import HTTPSettings, RetryPolicy, build_client, is_loopback_host, r
 from .. import davxml
 from ..base import BlockLayout, Entry, OpenFile, SourceOptions
 from ..httprange import RangeFile
-from .client import DirectIO, DirectIOSettings
+from .client import DirectIOClient, DirectIOSettings
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ class CteraSource:
         )
         self._retry = RetryPolicy()
         self._dav: httpx.AsyncClient | None = None
-        self._dio: DirectIO | None = None
+        self._dio: DirectIOClient | None = None
         self._dio_lock = trio.Lock()
         self._warned_fallback: set[str] = set()
         self.display_url = f"ctera+{self._origin}{quote(self._root)}"
@@ -114,7 +114,7 @@ class CteraSource:
             self._dav = build_client(self._http, headers=self._auth_header)
         return self._dav
 
-    async def _direct_io(self) -> DirectIO:
+    async def _direct_io(self) -> DirectIOClient:
         async with self._dio_lock:
             if self._dio is None:
                 credentials = self._options.credentials
@@ -124,7 +124,7 @@ class CteraSource:
                         "(or --access-key-id and --secret-access-key-file)"
                     )
                 settings = DirectIOSettings.from_options(self._options)
-                dio = DirectIO(
+                dio = DirectIOClient(
                     self._origin, credentials.access_key_id, credentials.secret_access_key, settings=settings
                 )
                 self._dio = await dio.__aenter__()
