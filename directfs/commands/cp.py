@@ -8,11 +8,10 @@
 * A file that fails (its ``.part`` removed) is reported on stderr with its errno and the copy goes on with the
   others; the exit status is 1 if any failed.
 
-Why ``OpenFile.fetch_block`` with a bounded nursery, not the mount's read engine (``ReadEngine``/``FileReader``):
-a copy reads each block exactly once, front to back, so the engine's block cache, single-flight and adaptive
-read-ahead would only hold memory and ramp its window up from one block; every block at full concurrency from the
-start, each written with ``pwrite`` at its offset (no reordering buffer), is simpler and exactly as correct. The
-length check the engine does is done here too (``storeio.fetch_blocks``).
+Blocks come through the block engine like every other reader's (``storeio.fetch_blocks``: its length checks,
+single-flight and worker threads), but as a whole-file window at full concurrency from the start instead of the
+mount's adaptive read-ahead, and with no cache (each block is read once); each is written with ``pwrite`` at its
+offset (no reordering buffer).
 
 Concurrency: ``--max-workers`` bounds the blocks fetched or held at once across all files (one semaphore), and the
 files open at once. Local file system calls run in worker threads, never on the trio thread.
@@ -101,7 +100,7 @@ class _Copier:
                 fd = await trio.to_thread.run_sync(_create, part, handle.layout.size)
                 try:
 
-                    async def write(offset: int, data: bytes | bytearray) -> None:
+                    async def write(offset: int, data: memoryview) -> None:
                         await trio.to_thread.run_sync(_pwrite_all, fd, data, offset)
                         self.progress.advance(len(data))
 
@@ -207,7 +206,7 @@ def _create(part: str, size: int) -> int:
     return fd
 
 
-def _pwrite_all(fd: int, data: bytes | bytearray, offset: int) -> None:
+def _pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
     view = memoryview(data)
     while view:
         written = os.pwrite(fd, view, offset)

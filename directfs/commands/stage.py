@@ -185,7 +185,7 @@ class _Stager:
         progress = self.progress
         got = 0
 
-        async def discard(offset: int, data: bytes | bytearray) -> None:
+        async def discard(offset: int, data: memoryview) -> None:
             nonlocal got
             got += len(data)
             progress.advance(len(data))

@@ -6,9 +6,10 @@ A URL may name a folder or a file. The Source API has no notion of "the root is 
 root and, when it is a file (or an empty folder whose parent URL has a file of that name), opens the parent URL and
 the file in it instead. Only the root's listing is kept; deeper folders are listed as the walk reaches them.
 
-Concurrency: :func:`fetch_blocks` runs one task per block, started in order, each holding a slot of a shared
-``trio.Semaphore`` from before its fetch until its bytes are delivered, so at most ``slots`` blocks are in memory
-across every file of a command. A failing block cancels that file's other fetches (its nursery) and nothing else.
+Concurrency: :func:`fetch_blocks` reads a file through the block engine (``directfs.engine.streams.fetch_all``):
+blocks start in order, each holding a slot of a shared ``trio.Semaphore`` from before its fetch until its bytes are
+delivered, so at most ``slots`` blocks are in memory across every file of a command. A failing block cancels that
+file's other fetches and nothing else.
 
 This module is imported by those commands' ``run()`` only: it may import trio and the sources.
 """
@@ -28,7 +29,9 @@ from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 import trio
 
-from ..errors import BlockValidationError, ConfigError, DirectFSError, EntryNotFoundError, NotADirectory, unwrap_error
+from ..engine.reader import ReadEngine, ReadSettings
+from ..engine.streams import fetch_all
+from ..errors import ConfigError, DirectFSError, EntryNotFoundError, NotADirectory, raise_single
 from ..sources.base import Entry, OpenFile, Source, SourceOptions, join, valid_name
 from ..sources.registry import create_source
 
@@ -220,38 +223,32 @@ async def walk(
 # --- blocks -----------------------------------------------------------------------------------------------------
 
 
+# The command's engine: no cache (a copy or a stage reads each block once, so cached blocks would only hold memory:
+# 0 makes every block "uncacheable", handed to its reader and dropped), and no memory of failed blocks (that exists
+# for the kernel's immediate retry of a failed READ; a command reports a failure once and moves on).
+COMMAND_READ_SETTINGS: Final = ReadSettings(cache_size_bytes=0, failed_block_memory_seconds=0.0)
+
+
 async def fetch_blocks(
     handle: OpenFile,
     slots: trio.Semaphore,
-    deliver: Callable[[int, bytes | bytearray], Awaitable[None]],
+    deliver: Callable[[int, memoryview], Awaitable[None]],
 ) -> None:
-    """Fetch every block of ``handle`` (length-checked), calling ``deliver(offset, data)`` for each, in any order.
-    At most ``slots`` blocks (shared with the caller's other files) are fetched or held at once. Raises one
-    ``DirectFSError`` (the first of a failed file's blocks), never an exception group."""
-    layout = handle.layout
-
-    async def one(index: int) -> None:
-        try:
-            data = await handle.fetch_block(index)
-            expected = layout.block_length(index)
-            if len(data) != expected:
-                raise BlockValidationError(f"the store returned {len(data)} bytes for block {index}, not {expected}")
-            await deliver(layout.block_start(index), data)
-        finally:
-            slots.release()
-
+    """Fetch every block of ``handle`` through the block engine (length-checked, single-flight), calling
+    ``deliver(offset, data)`` for each, in any order. At most ``slots`` blocks (shared with the caller's other files)
+    are fetched or held at once. Raises one ``DirectFSError`` (the first of a failed file's blocks), never a group."""
     try:
         async with trio.open_nursery() as nursery:
-            for index in range(layout.block_count):
-                if layout.block_length(index) == 0:
-                    continue
-                await slots.acquire()  # before the task starts: no more tasks than slots, however big the file
-                nursery.start_soon(one, index)
+            engine = ReadEngine(COMMAND_READ_SETTINGS, nursery)
+            reader = engine.open(handle, "file")
+            try:
+                await fetch_all(reader, slots, deliver)
+            finally:
+                with trio.CancelScope(shield=True):
+                    await reader.aclose()
+                nursery.cancel_scope.cancel()
     except BaseExceptionGroup as group:
-        ours, rest = group.split(DirectFSError)
-        if rest is not None or ours is None:
-            raise  # cancelled from outside, or a bug: as it is
-        raise unwrap_error(ours, context="fetching blocks") from None
+        raise_single(group)
 
 
 def check_max_workers(value: int) -> int:
