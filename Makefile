@@ -33,6 +33,7 @@ venv: system-deps $(VENV)/.installed
 lint: venv
 	$(VENV)/bin/ruff check directfs tests benchmarks
 	$(VENV)/bin/ruff format --check directfs tests benchmarks
+	$(VENV)/bin/lint-imports --no-cache  # the layering contracts of pyproject.toml ([tool.importlinter])
 
 typecheck: venv
 	$(VENV)/bin/mypy directfs

@@ -29,14 +29,14 @@ Every error is a ``ConfigError`` naming the file, the key, the value (``<hidden>
 an unknown key also names the closest known one. Unknown ``DIRECTFS_*`` variables only log a warning: the
 environment is shared with other tools and versions, and refusing to mount over a stray variable helps nobody.
 
-This module is imported by commands at parse time: it stays light (stdlib + ``commands.common`` parsers only).
+This module is imported by commands at parse time: it stays light (stdlib + the ``units`` and ``values`` parsers
+only). It never imports ``commands``: the parsers it shares with the flags live in ``values``, below both.
 """
 
 from __future__ import annotations
 
 import argparse
 import difflib
-import ipaddress
 import logging
 import os
 import stat
@@ -45,9 +45,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from .commands.common import parse_block_size, parse_endpoint_url
 from .errors import ConfigError
 from .units import parse_duration_seconds, parse_size
+from .values import MetricsAddress, parse_block_size, parse_endpoint_url
 
 log = logging.getLogger(__name__)
 
@@ -191,26 +191,6 @@ def _as_credential_name(value: object) -> str:
     if "/" in text or text in (".", ".."):
         raise ValueError("expected a credential name (as in LoadCredential=NAME:...), not a path")
     return text
-
-
-@dataclass(frozen=True)
-class MetricsAddress:
-    """Where the Prometheus endpoint listens. Loopback unless ``metrics_allow_remote`` says otherwise."""
-
-    host: str
-    port: int
-
-    @property
-    def is_loopback(self) -> bool:
-        if self.host == "localhost":
-            return True
-        try:
-            return ipaddress.ip_address(self.host).is_loopback
-        except ValueError:
-            return False  # a host name: it may resolve to anything, so it counts as remote
-
-    def __str__(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
 
 def parse_metrics_address(value: object) -> MetricsAddress:

@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any, Final
 import trio
 
 from .errors import ConfigError
+from .values import MetricsAddress
 
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
@@ -280,8 +281,6 @@ class MetricsServer:
 def start_metrics_server(host: str, port: int, registry: CollectorRegistry, *, allow_remote: bool) -> MetricsServer:
     """Serve ``registry`` on http://host:port/metrics in a thread. Refuses a non-loopback host unless allowed."""
     from prometheus_client import start_http_server
-
-    from .config import MetricsAddress
 
     address = MetricsAddress(host, port)
     if not address.is_loopback and not allow_remote:

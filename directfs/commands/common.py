@@ -17,7 +17,8 @@ from typing import Final
 
 from ..errors import ConfigError
 from ..sources.base import Credentials, SourceOptions
-from ..units import parse_duration_seconds, parse_size
+from ..units import parse_duration_seconds
+from ..values import parse_block_size, parse_endpoint_url
 
 ENV_ACCESS_KEY_ID: Final = "DIRECTFS_ACCESS_KEY_ID"
 ENV_SECRET_ACCESS_KEY: Final = "DIRECTFS_SECRET_ACCESS_KEY"  # noqa: S105 - a variable name, not a secret
@@ -135,13 +136,6 @@ def add_tls_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-# Bounds of --block-size (plain stores fetch and hold one block whole). Below 4 KiB (a page) every 128 KiB READ of
-# the kernel would cost dozens of requests; above 256 MiB (the default --cache-size) one block fills the cache and a
-# random 4 KiB read waits seconds for a block it mostly throws away.
-MIN_BLOCK_SIZE_BYTES: Final = 4 * 1024
-MAX_BLOCK_SIZE_BYTES: Final = 256 * 1024 * 1024
-
-
 def add_store_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of plain stores (s3://, webdav(s)://, http(s)://, file://) and of nearline (tape) data."""
     group = parser.add_argument_group("stores")
@@ -179,34 +173,6 @@ def add_source_arguments(parser: argparse.ArgumentParser) -> None:
     add_credential_arguments(parser)
     add_tls_arguments(parser)
     add_store_arguments(parser)
-
-
-def parse_block_size(text: str, flag: str = "--block-size") -> int:
-    """Bytes of a block size (``"64K"``, ``"8M"``), within MIN_/MAX_BLOCK_SIZE_BYTES; ConfigError otherwise."""
-    size = parse_size(text)
-    if not MIN_BLOCK_SIZE_BYTES <= size <= MAX_BLOCK_SIZE_BYTES:
-        raise ConfigError(f"{flag} must be between 4K and 256M, not {text!r}")
-    return size
-
-
-def parse_endpoint_url(text: str, flag: str = "--endpoint-url") -> str:
-    """``http(s)://HOST[:PORT]`` (a trailing ``/`` is dropped); ConfigError for anything else. Credentials in it are
-    refused (argv is visible to every user) and never echoed back."""
-    from urllib.parse import urlsplit
-
-    try:
-        parts = urlsplit(text.strip())
-        port = parts.port  # ValueError for a non-numeric or out-of-range port
-    except ValueError:
-        port, parts = -1, None
-    shown = text.split("?", 1)[0].rsplit("@", 1)[-1][:100]
-    if parts is None or port == -1 or parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigError(f"{flag} wants http(s)://HOST[:PORT], not {shown!r}")
-    if parts.username is not None or parts.password is not None:
-        raise ConfigError(f"{flag} must not hold credentials: use AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or a profile")
-    if parts.query or parts.fragment or parts.path.strip("/"):
-        raise ConfigError(f"{flag} wants http(s)://HOST[:PORT] without a path or query, not {shown!r}")
-    return f"{parts.scheme}://{parts.netloc}"
 
 
 def build_source_options(args: argparse.Namespace, credentials: Credentials) -> SourceOptions:
