@@ -17,6 +17,12 @@ Sections (``--only`` picks some):
                  off, and the read settings its docs recommend) vs ``s3fs``: sequential cat cold/warm, random reads,
                  time to first byte, daemon peak RSS and CPU, and read amplification from SeaweedFS's own byte counter.
 * ``metadata``   ``ls -l`` of a 10,000-entry folder and ``find`` over a 50,000-entry tree, cold and warm.
+* ``blocks``     what the block layout costs (issue 11): one file (``--blocks-size``, 256 MiB) served by four portals,
+                 fixed 256 KiB, content-defined ~512 KiB, fixed 1 MiB and 4 MiB blocks; per layout a fresh-mount cold
+                 ``cat``, the Streamer API, a naive one-connection in-order client (``benchmarks/naive.py``) and
+                 cterasdk at its best max_workers, MB/s and ratios, with the daemon's CPU per block and per MiB and
+                 its peak RSS against ``--cache-size``; for 1 MiB blocks also time to first byte and the block GETs
+                 one cold 4 KiB random read causes (counted in the portal's access log). Runs only its own portals.
 
 Resource use: every measurement made through a daemon records the daemon's peak RSS (VmHWM, MiB, since the mount
 started) and the CPU seconds it spent during that measurement (/proc/PID/stat utime+stime delta). Read amplification =
@@ -49,7 +55,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -66,7 +72,7 @@ APT_TOOLS = {"rclone": "rclone", "s3fs": "s3fs", "fio": "fio"}
 MOUNT_TIMEOUT_SECONDS = 60.0
 # The bucket of the s3 section; one object in it, named like the portal's big file.
 BUCKET = "bench"
-# SeaweedFS opens each HTTP port and port + 10000 for gRPC (testbed 1.2).
+# SeaweedFS opens each HTTP port and port + 10000 for gRPC (docs/testbed.md §1.2).
 GRPC_OFFSET = 10000
 
 
@@ -228,15 +234,20 @@ class Portal:
 
 
 @contextlib.contextmanager
-def portal(tree: Path, state: Path, logs: Path) -> Iterator[Portal]:
+def portal(
+    tree: Path, state: Path, logs: Path, extra: tuple[str, ...] = (), log_name: str = "portal.log"
+) -> Iterator[Portal]:
+    """``directfs serve tree`` (``extra``: more serve flags, e.g. the block layout) with fresh random credentials."""
     env = clean_env(
         DIRECTFS_ACCESS_KEY_ID="bench-" + secrets.token_hex(6),
         DIRECTFS_SECRET_ACCESS_KEY=base64.b64encode(secrets.token_bytes(30)).decode(),
         DIRECTFS_USERNAME="bench",
         DIRECTFS_PASSWORD=secrets.token_urlsafe(12),
     )
-    cmd = directfs("serve", str(tree), "--listen", "127.0.0.1:0", "--state-dir", str(state), "--rescan-interval", "0")
-    log = (logs / "portal.log").open("ab")  # its per-request access log would drown the table
+    cmd = directfs(
+        "serve", str(tree), "--listen", "127.0.0.1:0", "--state-dir", str(state), "--rescan-interval", "0", *extra
+    )
+    log = (logs / log_name).open("ab")  # its per-request access log would drown the table
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, env=env, text=True)
     try:
         assert proc.stdout is not None
@@ -250,7 +261,7 @@ def portal(tree: Path, state: Path, logs: Path) -> Iterator[Portal]:
                 url = line.rsplit("listening on ", 1)[1].strip()
                 break
         if url is None:
-            raise SystemExit(f"reference portal failed to start; see {logs / 'portal.log'}")
+            raise SystemExit(f"reference portal failed to start; see {logs / log_name}")
         yield Portal(url, proc, env)
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -904,18 +915,325 @@ def section_s3(ctx: Context) -> None:
             shutil.rmtree(d, ignore_errors=True)
 
 
+# --- blocks: the cost of a block layout (issue 11) ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Layout:
+    label: str  # row label
+    serve_args: tuple[str, ...]  # directfs serve flags
+    key: str  # file-name-safe name: state dir, log file
+
+
+LAYOUTS = (
+    Layout("fixed 256 KiB", ("--block-size", "256K"), "256K"),
+    Layout("CDC ~512 KiB avg", ("--chunking", "cdc"), "cdc"),
+    Layout("fixed 1 MiB", ("--block-size", "1M"), "1M"),
+    Layout("fixed 4 MiB", ("--block-size", "4M"), "4M"),
+)
+# The layout that also gets time to first byte and the block GETs of one cold 4 KiB random read.
+RANDOM_LAYOUT = "1M"
+# The daemon's block cache in this section, passed explicitly so that the peak RSS rows can be read against it.
+BLOCKS_CACHE_SIZE = "256M"
+CTERASDK_WORKERS: tuple[int | None, ...] = (None, 4, 8, 16)
+
+
+def parse_size(text: str) -> int:
+    """``256M`` / ``1G`` / ``512K`` / a plain byte count."""
+    units = {"K": KiB, "M": MiB, "G": 1024 * MiB}
+    text = text.strip().upper().removesuffix("IB").removesuffix("B")
+    if text and text[-1] in units:
+        return int(float(text[:-1]) * units[text[-1]])
+    return int(text)
+
+
+def directfs_metric(daemon: Daemon, name: str) -> float:
+    """One unlabelled sample of the daemon's exposition (``directfs_fetches_started_total``...)."""
+    match = re.search(rf"^{re.escape(name)} (\S+)$", directfs_metrics_text(daemon), re.M)
+    if match is None:
+        raise RuntimeError(f"{name} missing from the daemon's metrics")
+    return float(match.group(1))
+
+
+class AccessLog:
+    """Block GETs the portal answered, counted server-side from its access log (``"GET /blocks/KEY" STATUS``): the
+    portal has no request counter of its own, and its RedactingAccessLogger writes one line per request."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def mark(self) -> int:
+        return self.path.stat().st_size
+
+    def block_gets_since(self, mark: int) -> int:
+        with self.path.open("rb") as f:
+            f.seek(mark)
+            return sum(1 for line in f if b'"GET /blocks/' in line)
+
+
+@dataclass
+class BlocksPortal:
+    layout: Layout
+    portal: Portal
+    file_id: str
+    access_log: AccessLog
+    blocks: int
+    mean_block: float
+
+
+def block_list(p: Portal, file_id: str) -> list[dict[str, Any]]:
+    """The chunks of the portal's /directio JSON (as every client sees them)."""
+    import httpx
+
+    reply = httpx.get(
+        f"{p.url}/directio/{file_id}",
+        headers={"Authorization": f"Bearer {p.env['DIRECTFS_ACCESS_KEY_ID']}"},
+        timeout=60,
+        trust_env=False,
+    )
+    reply.raise_for_status()
+    chunks: list[dict[str, Any]] = reply.json()["chunks"]
+    return chunks
+
+
+def naive_mbps(p: Portal, file_id: str, size: int) -> float:
+    """benchmarks/naive.py in its own process (as streamer_mbps and cterasdk_mbps)."""
+    cmd = [sys.executable, "-m", "benchmarks.naive", p.url, file_id, str(size)]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=p.env, cwd=HERE.parent)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def blocks_mount(ctx: Context, bp: BlocksPortal) -> contextlib.AbstractContextManager[Daemon]:
+    mnt = ctx.workdir / "mnt-blocks"
+    argv = directfs("mount", "ctera+" + bp.portal.url, str(mnt), "-f", "--cache-size", BLOCKS_CACHE_SIZE)
+    return fuse_daemon(f"directfs blocks {bp.layout.key}", argv, mnt, bp.portal.env, ctx.logs / "blocks-mounts.log")
+
+
+def cold_random_4k(ctx: Context, bp: BlocksPortal, name: str, seed: int) -> tuple[float, int, float, float]:
+    """One 4 KiB pread at a random 4 KiB-aligned offset in the middle half of a fresh-mounted file: (latency ms,
+    block GETs the portal answered, block fetches the daemon started, plaintext bytes it fetched)."""
+    offset = random.Random(seed).randrange(ctx.blocks_size // 4, 3 * ctx.blocks_size // 4) // (4 * KiB) * (4 * KiB)
+    with blocks_mount(ctx, bp) as d:
+        mark = bp.access_log.mark()
+        started0 = directfs_metric(d, "directfs_fetches_started_total")
+        fetched0 = directfs_fetched_bytes(d)
+        fd = os.open(d.path / name, os.O_RDONLY)
+        try:
+            t0 = time.perf_counter()
+            data = os.pread(fd, 4 * KiB, offset)
+            latency = (time.perf_counter() - t0) * 1000
+        finally:
+            os.close(fd)
+        assert len(data) == 4 * KiB
+        time.sleep(1.0)  # let any read-ahead the read triggered start, and the portal write its access-log lines
+        started = directfs_metric(d, "directfs_fetches_started_total") - started0
+        fetched = directfs_fetched_bytes(d) - fetched0
+        gets = bp.access_log.block_gets_since(mark)
+    return latency, gets, started, fetched
+
+
+def section_blocks(ctx: Context) -> None:
+    """Issue 11: per block layout, in one run on one file, a fresh-mount cold ``cat`` against the Streamer API, a
+    naive one-connection client (benchmarks/naive.py) and cterasdk's Blocks API at its best setting, with the
+    daemon's CPU per block and per MiB and its peak RSS; for 1 MiB blocks also time to first byte and the block GETs
+    of one cold 4 KiB random read."""
+    root = ctx.workdir / "blocks"
+    tree = root / "tree"
+    tree.mkdir(parents=True, exist_ok=True)
+    size = ctx.blocks_size
+    name = f"mixed-{size // MiB}MiB.bin" if size % MiB == 0 else f"mixed-{size}B.bin"
+    make_data(tree / name, size)
+    sdk = f"cterasdk {ctx.versions['cterasdk']} Blocks API"
+    ctx.peers["directfs blocks mount"] = (
+        f"directfs {ctx.versions['directfs']} mount ctera+http://127.0.0.1:PORT MNT -f --cache-size "
+        f"{BLOCKS_CACHE_SIZE}, a fresh mount per cold read; portal: directfs serve --block-size SIZE or --chunking "
+        "cdc, snappy, local block store (its block files stay in the page cache: the same for every client)"
+    )
+    ctx.peers["naive client"] = (
+        "benchmarks/naive.py: one httpx.Client (one connection), GET /directio/ID, blocks fetched strictly in order "
+        "and decoded inline with directfs.sources.ctera.codec, no cache, bytes counted and dropped"
+    )
+    with contextlib.ExitStack() as stack:
+        portals: list[BlocksPortal] = []
+        for layout in LAYOUTS:
+            t0 = time.monotonic()
+            p = stack.enter_context(
+                portal(
+                    tree, root / f"state-{layout.key}", ctx.logs, layout.serve_args, f"portal-blocks-{layout.key}.log"
+                )
+            )
+            fid = file_id_of(p, name)
+            chunks = block_list(p, fid)
+            assert sum(c["len"] for c in chunks) == size, "the block list does not cover the file"
+            portals.append(
+                BlocksPortal(
+                    layout,
+                    p,
+                    fid,
+                    AccessLog(ctx.logs / f"portal-blocks-{layout.key}.log"),
+                    len(chunks),
+                    size / len(chunks),
+                )
+            )
+            print(
+                f"  portal {layout.label}: {len(chunks)} blocks, mean {size / len(chunks) / KiB:.0f} KiB "
+                f"(ready in {time.monotonic() - t0:.0f} s)",
+                flush=True,
+            )
+        # Interleaved: one run of every client over every layout, then the next run, so a slow phase of a shared
+        # machine hits all layouts and clients alike.
+        for run in range(ctx.runs):
+            for bp in portals:
+                label = bp.layout.label
+                print(f"  run {run + 1}/{ctx.runs}: {label}", flush=True)
+                p = bp.portal
+                with blocks_mount(ctx, bp) as d:
+                    path = d.path / name
+                    m = measure(
+                        functools.partial(timed_read, ["cat", str(path)], size),
+                        d,
+                        functools.partial(directfs_fetched_bytes, d),
+                        size,
+                    )
+                assert m.usage is not None
+                ctx.table.add("blocks", f"{label}: cat, cold (fresh mount)", "MB/s", m.value, m.usage, m.amplification)
+                ctx.table.add(
+                    "blocks", f"{label}: daemon CPU per block, cold cat", "ms", m.usage.cpu_seconds * 1000 / bp.blocks
+                )
+                ctx.table.add(
+                    "blocks", f"{label}: daemon CPU per MiB, cold cat", "ms", m.usage.cpu_seconds * 1000 / (size / MiB)
+                )
+                ctx.table.add(
+                    "blocks",
+                    f"{label}: daemon peak RSS, cold cat",
+                    "MiB",
+                    m.usage.peak_rss_mib,
+                    note=f"VmHWM since mount; --cache-size {BLOCKS_CACHE_SIZE}",
+                )
+                ctx.table.add(
+                    "blocks",
+                    f"{label}: blocks in the file",
+                    "blocks",
+                    bp.blocks,
+                    note=f"from /directio; mean {bp.mean_block / KiB:.0f} KiB",
+                )
+                ctx.table.add(
+                    "blocks",
+                    f"{label}: directfs Streamer API (max_workers=8)",
+                    "MB/s",
+                    streamer_mbps(p.url, p.env, bp.file_id, size, "streamer"),
+                )
+                ctx.table.add(
+                    "blocks", f"{label}: naive client (1 connection, in order)", "MB/s", naive_mbps(p, bp.file_id, size)
+                )
+                for workers in CTERASDK_WORKERS:
+                    ctx.table.add(
+                        "blocks",
+                        f"{label}: {sdk} (max_workers={workers or 'unbounded'})",
+                        "MB/s",
+                        cterasdk_mbps(p.url, p.env, bp.file_id, size, workers),
+                    )
+                if bp.layout.key == RANDOM_LAYOUT:
+                    with blocks_mount(ctx, bp) as d:
+                        m = measure(functools.partial(first_byte_ms, d.path / name), d)
+                    ctx.table.add(
+                        "blocks", f"{label}: time to first byte, cold file (fresh mount)", "ms", m.value, m.usage
+                    )
+                    latency, gets, started, fetched = cold_random_4k(ctx, bp, name, seed=2000 + run)
+                    what = f"{label}: one cold 4 KiB random read (fresh mount)"
+                    ctx.table.add("blocks", f"{what}, latency", "ms", latency)
+                    ctx.table.add(
+                        "blocks",
+                        f"{what}, block GETs (portal)",
+                        "GETs",
+                        gets,
+                        note="GET /blocks/ lines in the portal's access log, 1 s after the read",
+                    )
+                    ctx.table.add(
+                        "blocks",
+                        f"{what}, block fetches (daemon)",
+                        "fetches",
+                        started,
+                        note="directfs_fetches_started_total delta, 1 s after the read",
+                    )
+                    ctx.table.add(
+                        "blocks",
+                        f"{what}, plaintext fetched / block size",
+                        "blocks",
+                        fetched / bp.mean_block,
+                        note="directfs_read_bytes_fetched_total delta / 1 MiB",
+                    )
+    blocks_summary(ctx, portals, sdk)
+
+
+def blocks_summary(ctx: Context, portals: list[BlocksPortal], sdk: str) -> None:
+    """Ratio rows, and one table (layouts x figures) for the terminal and latest.md."""
+
+    def med(what: str) -> float:
+        row = ctx.table.get("blocks", what)
+        return row.value if row is not None and row.runs else float("nan")
+
+    lines = [
+        f"### Block layouts (issue 11): {ctx.blocks_size // MiB} MiB file, medians of {ctx.runs} runs",
+        "",
+        "| layout | blocks | mean KiB | cat cold MB/s | Streamer MB/s | naive MB/s | cterasdk best MB/s | cat / naive "
+        "| Streamer / naive | Streamer / cterasdk | daemon CPU ms/block | daemon CPU ms/MiB | peak RSS MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for bp in portals:
+        label = bp.layout.label
+        cat = ("blocks", f"{label}: cat, cold (fresh mount)")
+        streamer = ("blocks", f"{label}: directfs Streamer API (max_workers=8)")
+        naive = ("blocks", f"{label}: naive client (1 connection, in order)")
+        sdk_rows = [r for (s, w), r in ctx.table.rows.items() if s == "blocks" and w.startswith(f"{label}: {sdk}")]
+        best = max(sdk_rows, key=lambda r: r.value)
+        best_setting = best.what.rsplit("(", 1)[1].rstrip(")")
+        ctx.table.ratio("blocks", f"{label}: cat cold / naive", cat, naive)
+        ctx.table.ratio("blocks", f"{label}: Streamer / naive", streamer, naive)
+        ctx.table.ratio("blocks", f"{label}: Streamer / best cterasdk", streamer, ("blocks", best.what), best.what)
+        lines.append(
+            f"| {label} | {bp.blocks} | {fmt(bp.mean_block / KiB)} | {fmt(med(cat[1]))} | {fmt(med(streamer[1]))} "
+            f"| {fmt(med(naive[1]))} | {fmt(best.value)} ({best_setting}) | {fmt(med(cat[1]) / med(naive[1]))} "
+            f"| {fmt(med(streamer[1]) / med(naive[1]))} | {fmt(med(streamer[1]) / best.value)} "
+            f"| {fmt(med(f'{label}: daemon CPU per block, cold cat'))} "
+            f"| {fmt(med(f'{label}: daemon CPU per MiB, cold cat'))} "
+            f"| {fmt(med(f'{label}: daemon peak RSS, cold cat'))} |"
+        )
+    for bp in portals:
+        if bp.layout.key != RANDOM_LAYOUT:
+            continue
+        label = bp.layout.label
+        what = f"{label}: one cold 4 KiB random read (fresh mount)"
+        ttfb = fmt(med(f"{label}: time to first byte, cold file (fresh mount)"))
+        lines += [
+            "",
+            f"{label}: time to first byte of a cold file {ttfb} ms; one cold 4 KiB random read "
+            f"{fmt(med(f'{what}, latency'))} ms, {fmt(med(f'{what}, block GETs (portal)'))} block GETs at the portal "
+            f"({fmt(med(f'{what}, block fetches (daemon)'))} fetches started by the daemon).",
+        ]
+    lines += [
+        "",
+        f"Daemon: `--cache-size {BLOCKS_CACHE_SIZE}`; CPU = utime + stime of the daemon during the cold cat; peak "
+        "RSS = VmHWM since the mount started. Naive = benchmarks/naive.py (one httpx connection, blocks in order, "
+        f"decoded inline). cterasdk best = the best median of max_workers in "
+        f"{', '.join(str(w or 'unbounded') for w in CTERASDK_WORKERS)}.",
+    ]
+    ctx.summaries.append("\n".join(lines))
+
+
 SECTIONS: dict[str, Callable[[Context], None]] = {
     "directio": section_directio,
     "mount": section_mount,
     "random": section_random,
     "s3": section_s3,
     "metadata": section_metadata,
+    "blocks": section_blocks,
 }
 
 
 @dataclass
 class Context:
-    portal: Portal
+    main_portal: Portal | None  # the portal over the main tree; None when only the blocks section runs
     workdir: Path
     tree: Path
     mountpoint: Path
@@ -927,8 +1245,16 @@ class Context:
     many: int
     tree_entries: int
     versions: dict[str, str | None]
+    blocks_size: int = 256 * MiB
     table: Table = field(default_factory=Table)
     peers: dict[str, str] = field(default_factory=dict)  # short row label -> exact version and options
+    summaries: list[str] = field(default_factory=list)  # markdown blocks printed and written after the table
+
+    @property
+    def portal(self) -> Portal:
+        if self.main_portal is None:
+            raise RuntimeError("this section needs the main portal")
+        return self.main_portal
 
 
 # --- report ----------------------------------------------------------------------------------------------------
@@ -984,16 +1310,23 @@ def fmt(value: float) -> str:
     return f"{value:.2f}"
 
 
-def render(table: Table, meta: dict[str, Any]) -> str:
+def render(table: Table, meta: dict[str, Any], summaries: Sequence[str] = ()) -> str:
     info = meta["machine"]
+    if meta["sections"] == ["blocks"]:
+        data = f"blocks section only: one {meta['blocks_size_mib']:g} MiB file (half random, half text)."
+    else:
+        data = (
+            f"large file {meta['size_mib']} MiB (half random, half text), {meta['random_ios']} random reads per pass"
+            + (f"; blocks section: {meta['blocks_size_mib']:g} MiB file." if "blocks" in meta["sections"] else ".")
+        )
     lines = [
         f"# directfs benchmarks, {meta['date']}",
         "",
         f"Machine: {info['cores']} cores ({info['cpu']}), {info['memory_gib']} GiB, {info['os']}, kernel "
         f"{info['kernel']}, Python {info['python']}. Commit {meta['commit']}. Medians of {meta['runs']} runs; "
-        f"large file {meta['size_mib']} MiB (half random, half text), {meta['random_ios']} random reads per pass. "
-        f"Load average at start / end: {meta['loadavg_start']} / {meta['loadavg_end']} (other work may share the "
-        f"machine; clients, servers and daemons all share the same cores). Whole run: {meta['elapsed_seconds']:.0f} s.",
+        f"{data} Load average at start / end: {meta['loadavg_start']} / {meta['loadavg_end']} (other work may share "
+        "the machine; clients, servers and daemons all share the same cores). "
+        f"Whole run: {meta['elapsed_seconds']:.0f} s.",
         "",
         "Peers: " + "; ".join(f"{k} {v or 'not installed'}" for k, v in meta["versions"].items()) + ".",
         "",
@@ -1015,6 +1348,8 @@ def render(table: Table, meta: dict[str, Any]) -> str:
         lines.append(
             f"| {r.section} | {r.what} | {fmt(r.value)} | {r.unit} | {runs_text} | {rss} | {cpu} | {amp} | {r.note} |"
         )
+    for summary in summaries:
+        lines += ["", summary]
     return "\n".join(lines) + "\n"
 
 
@@ -1033,6 +1368,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--many", type=int, default=10_000, help="entries in the ls -l folder (default 10000)")
     parser.add_argument("--tree", type=int, default=50_000, help="files in the find tree (default 50000)")
+    parser.add_argument(
+        "--blocks-size",
+        type=parse_size,
+        default=256 * MiB,
+        metavar="SIZE",
+        help="size of the blocks section's file, K/M/G (default 256M, issue 11)",
+    )
     parser.add_argument("--only", nargs="*", choices=sorted(SECTIONS), help="run only these sections")
     parser.add_argument("--workdir", default=str(HERE / "work"), help="data and state, kept between runs")
     parser.add_argument("--results", default=str(RESULTS), help="where latest.json and latest.md go")
@@ -1059,16 +1401,20 @@ def main(argv: list[str] | None = None) -> int:
         versions["SeaweedFS"] = next((w for w in weed.stdout.split() if w[:1].isdigit() and "." in w), None)
     size = args.size_mib * MiB
     big_name = f"big-{args.size_mib}MiB.bin"
-    make_data(tree / big_name, size)
-    make_tree(tree / "many", args.many, args.many, lambda i: i % 100)
-    make_tree(tree / "tree", args.tree, 1000, lambda i: 0)  # empty files: find needs names, not blocks to ingest
-    print(f"data ready in {tree}; starting the portal (the first start ingests it all)", flush=True)
+    needs_main_portal = any(name != "blocks" for name in sections)  # blocks runs portals of its own
+    if needs_main_portal:
+        make_data(tree / big_name, size)
+        make_tree(tree / "many", args.many, args.many, lambda i: i % 100)
+        make_tree(tree / "tree", args.tree, 1000, lambda i: 0)  # empty files: find needs names, not blocks to ingest
+        print(f"data ready in {tree}; starting the portal (the first start ingests it all)", flush=True)
     t0 = time.monotonic()
-    with portal(tree, state, logs) as p:
-        print(f"portal ready in {time.monotonic() - t0:.0f} s", flush=True)
+    with portal(tree, state, logs) if needs_main_portal else contextlib.nullcontext() as p:
+        if p is not None:
+            print(f"portal ready in {time.monotonic() - t0:.0f} s", flush=True)
         ctx = Context(
             p, work, tree, mountpoint, logs, big_name, size, args.runs, args.random_ios, args.many, args.tree, versions
         )
+        ctx.blocks_size = args.blocks_size
         for name in sections:
             print(f"running {name} ...", flush=True)
             t1 = time.monotonic()
@@ -1080,6 +1426,7 @@ def main(argv: list[str] | None = None) -> int:
         "commit": git_commit(),
         "runs": args.runs,
         "size_mib": args.size_mib,
+        "blocks_size_mib": args.blocks_size / MiB,
         "random_ios": args.random_ios,
         "many": args.many,
         "tree": args.tree,
@@ -1090,7 +1437,7 @@ def main(argv: list[str] | None = None) -> int:
         "loadavg_end": loadavg(),
         "elapsed_seconds": time.monotonic() - started,
     }
-    text = render(ctx.table, meta)
+    text = render(ctx.table, meta, ctx.summaries)
     print("\n" + text)
     results = Path(args.results)
     results.mkdir(parents=True, exist_ok=True)

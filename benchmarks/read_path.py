@@ -4,7 +4,7 @@
 block, in 128 KiB and 1 MiB pieces (the kernel's READ sizes with the default and the raised ``read_ahead_kb``),
 block-aligned and shifted by 4 KiB (so that some reads span two blocks and take the join path), for 4 MiB blocks
 (CTERA fixed-size) and 512 KiB blocks (CTERA dedup average). Prints microseconds of CPU per read and the implied
-ceiling in GB/s of our code alone (pyfuse3 and the kernel cost extra: ~60-80 us per request, testbed section 3).
+ceiling in GB/s of our code alone (pyfuse3 and the kernel cost extra: ~60-80 us per request, docs/testbed.md §3).
 """
 
 from __future__ import annotations

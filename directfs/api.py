@@ -39,7 +39,6 @@ from .engine.streams import Block, BlockStream, ByteRange, FragmentStream, check
 from .errors import raise_single
 from .sources.ctera.client import Chunk, DirectIOClient, DirectIOFile, DirectIOSettings, FileMetadata
 
-
 # The mount's read settings, except that a failed block is not remembered: the memory exists for the kernel's
 # immediate retry of a failed READ, while a Python caller that resumes a stream (StreamError.offset) wants a real
 # new attempt.
@@ -152,7 +151,6 @@ class DirectIO(DirectIOClient):
         except BaseExceptionGroup as group:
             raise_single(group)
         finally:
-            stream.abandon()
             with trio.CancelScope(shield=True):  # cancelled fetches unwind promptly; then the file may close
                 await reader.aclose()
                 await opened.aclose()

@@ -3,8 +3,8 @@
 Every class is an ``OSError`` whose ``errno`` says what a POSIX caller sees; the FUSE adapter maps any
 ``DirectFSError`` to ``FUSEError(exc.errno)`` in one place (``directfs.fuse_ops``), and the Python API raises
 them as they are. The names of the Direct IO classes follow cterasdk's (``cterasdk/exceptions/direct.py``)
-so users of both recognise them; the errnos follow section 7 of the protocol notes, with the fixes of
-section 11 (403 from the Portal is ``AuthorizationError``, a length mismatch is ``BlockValidationError``).
+so users of both recognise them; the errnos follow ``docs/ctera-direct-io.md`` §7, with the fixes of §11
+(403 from the Portal is ``AuthorizationError``, a length mismatch is ``BlockValidationError``).
 
 ::
 

@@ -208,7 +208,7 @@ class Operations(pyfuse3.Operations):
         fh, keep_cache = await self.fs.open(inode, flags)
         info = pyfuse3.FileInfo(fh=fh)
         info.keep_cache = keep_cache
-        info.direct_io = False  # never: direct_io breaks mmap and bypasses the page cache (design notes 1)
+        info.direct_io = False  # never: direct_io breaks mmap and bypasses the page cache (docs/design-notes.md §1)
         info.nonseekable = False
         return info
 

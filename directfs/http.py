@@ -29,7 +29,7 @@ import trio
 log = logging.getLogger(__name__)
 
 # h11 hands httpcore what one recv() returns, 64 KiB by default. 1 MiB cuts per-chunk overhead (h11 buffer, httpcore
-# events, trio scheduling) and measured 3x the single-stream throughput (testbed section 5: ~280 -> ~800 MB/s).
+# events, trio scheduling) and measured 3x the single-stream throughput (docs/testbed.md §5: ~280 -> ~800 MB/s).
 READ_NUM_BYTES: Final = 1 << 20
 
 # Statuses worth asking again: the server said "not now" (429) or failed on its side (5xx).
@@ -71,7 +71,7 @@ class RetryPolicy:
     """Exponential backoff with full jitter, bounded in attempts and in total time per operation.
 
     Defaults keep one block read (every attempt, timeout and sleep included) under ~25 s: the kernel retries a failed
-    FUSE READ once, so a user waits about twice this before seeing EIO (design-notes section 5).
+    FUSE READ once, so a user waits about twice this before seeing EIO (docs/design-notes.md §5).
     """
 
     max_attempts: int = 4  # 1 try + 3 retries: rides out a restarting server or a dropped connection
@@ -160,7 +160,7 @@ def build_client(
     headers: dict[str, str] | None = None,
     transport: httpx.AsyncBaseTransport | None = None,
 ) -> httpx.AsyncClient:
-    """An HTTP/1.1-only client with our deadlines, limits and TLS (h2 measured 3-5x slower here: testbed section 5).
+    """An HTTP/1.1-only client with our deadlines, limits and TLS (h2 measured 2-3x slower here: docs/testbed.md §5).
 
     Redirects are not followed: a presigned URL or the Portal API redirecting elsewhere is unexpected, and following
     it could carry the Authorization header to another host. ``transport`` replaces the network (tests use

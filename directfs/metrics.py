@@ -57,7 +57,7 @@ PREFIX: Final = "directfs"
 ENV_RUNTIME_DIR: Final = "DIRECTFS_RUNTIME_DIR"
 
 # FUSE request latency buckets (seconds): 100 µs is a request answered from memory (one FUSE round trip costs ~80 µs,
-# testbed 3); 1-100 ms are block fetches from storage; 25-30 s is the per-read retry budget (design notes 5).
+# docs/testbed.md §3); 1-100 ms are block fetches; 25-30 s is the per-read retry budget (docs/design-notes.md §5).
 LATENCY_BUCKETS_SECONDS: Final = (
     0.0001,
     0.00025,

@@ -7,14 +7,14 @@ Order of a mount (``run_mount``)::
     trio.run:
       nursery: read engine, invalidation drain, signal watcher
       pyfuse3.init(ro, default_permissions, fsname=directfs:<url>, subtype=directfs[, allow_other])
-      raise bdi read_ahead_kb to 1024            1 MiB READs instead of 128 KiB (testbed 3); root only, else a warning
+      raise bdi read_ahead_kb to 1024            1 MiB READs, not 128 KiB (docs/testbed.md §3); root only, else warns
       report "ready" on --ready-fd
       pyfuse3.main(max_tasks=MAX_TASKS)           returns when someone unmounts us
     SIGTERM/SIGINT: cancel the nursery (stops the request loop and in-flight work), close handles,
     pyfuse3.close(unmount=True), exit 0.
 
-``max_read`` is never passed: with pyfuse3 3.5 it kills the daemon at init (testbed 3); 1 MiB READs come from the
-bdi read-ahead and max_pages instead.
+``max_read`` is never passed: with pyfuse3 3.5 it kills the daemon at init (docs/testbed.md §3); 1 MiB READs
+come from the bdi read-ahead and max_pages instead.
 
 Daemon mode (``spawn_daemon``): the command re-executes itself with ``-f --ready-fd N`` in a new session and waits
 on the pipe for ``ready`` or ``error: <reason>``, so ``directfs mount`` returns only once the mount is live (or fails
@@ -52,7 +52,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# pyfuse3 worker tasks: with its default only one READ runs at a time (testbed 3: 16 tasks took 393 -> 1645 MB/s
+# pyfuse3 worker tasks: by default only one READ runs at a time (docs/testbed.md §3: 16 tasks took 393 -> 1645 MB/s
 # with 2 ms backend latency). 32 covers the kernel's 12 background READs plus metadata requests with headroom;
 # an idle task costs a few KiB.
 MAX_TASKS: Final = 32
@@ -243,7 +243,7 @@ async def _serve(config: MountConfig, readiness: _Readiness, state: _State) -> N
     from .sources.registry import create_source
     from .vfs import FileSystem
 
-    tune_allocator()  # block buffers are recycled, not refaulted (directfs.allocator), whatever the source
+    tune_allocator()  # block buffers are recycled, not refaulted (directfs.engine.allocator), whatever the source
     source = create_source(config.source_url, config.source_options)
     notifier = Notifier.from_environment()  # systemd Type=notify: READY=1 after the stat probe, STOPPING=1 at the end
     exits: list[Callable[[], None]] = []  # closers of the metrics endpoint (it runs in a thread)

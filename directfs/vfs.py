@@ -60,14 +60,14 @@ T = TypeVar("T")
 ROOT_INODE: Final = 1
 
 # st_blksize: cat/cp size their buffers from it, and the kernel sends 1 MiB READs at most (max_pages=256), so
-# 1 MiB makes one read(2) one FUSE request (testbed section 3: cat at 1 MiB buffers is ~2x faster than at 128 KiB).
+# 1 MiB makes one read(2) one FUSE request (docs/testbed.md §3: with direct_io, cat ran ~3x faster at 1 MiB).
 BLKSIZE_BYTES: Final = 1024 * 1024
 
 # The xattr holding a file's CTERA Direct IO id (issue 4 interface).
 FILEID_XATTR: Final = "user.ctera.fileid"
 
 
-# --- what the read engine offers (directfs.reader); a Protocol so this layer does not depend on its internals ---
+# --- what the read engine offers (directfs.engine.reader); a Protocol: this layer does not depend on its internals
 
 
 class FileReader(Protocol):
@@ -90,8 +90,8 @@ class VfsSettings:
     metadata_ttl_seconds: float = 5.0
     # None = the metadata TTL: a name created remotely appears as fast as a change to an existing one does.
     negative_ttl_seconds: float | None = None
-    # Deadline for one store call (stat, open, one listing page): under the kernel's ~25 s per-request patience
-    # (design notes 5), so a dead Portal shows up as ETIMEDOUT instead of a hung shell.
+    # Deadline for one store call (stat, open, one listing page): under the ~25 s per-read budget
+    # (docs/design-notes.md §5), so a dead Portal shows up as ETIMEDOUT instead of a hung shell.
     metadata_deadline_seconds: float = 20.0
     uid: int = field(default_factory=os.getuid)  # owner shown for every entry: the mounting user
     gid: int = field(default_factory=os.getgid)

@@ -1,4 +1,4 @@
-"""directfs.allocator: glibc keeps freed block buffers for reuse; the mount's read engine drops blocks behind."""
+"""directfs.engine.allocator: glibc keeps freed block buffers for reuse; the mount's read engine drops blocks behind."""
 
 from __future__ import annotations
 

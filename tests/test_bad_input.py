@@ -68,7 +68,8 @@ class EndlessServer:
 
 
 # Cutting a chunked body short leaves httpx's inner async generators to trio's GC hook, which warns (see
-# directfs.directio._read_limited); the same mark as tests/test_directio.py::test_chunked_overlong_bodies_are_cut_off.
+# directfs.sources.ctera.client._read_limited); the same mark as
+# tests/test_directio.py::test_chunked_overlong_bodies_are_cut_off.
 @pytest.mark.filterwarnings("ignore:Async generator:ResourceWarning")
 @pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
 async def test_a_2_gb_json_body_is_refused_without_reading_it(chunked: bool) -> None:

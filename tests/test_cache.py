@@ -419,3 +419,22 @@ async def test_discard_drops_a_cached_block_but_never_a_fetch_in_flight() -> Non
         refetch = Fetcher(b"abc")  # a dropped block is fetched anew
         assert await cache.get_or_fetch(key(0), refetch) == b"abc" and refetch.calls == 1
         nursery.cancel_scope.cancel()
+
+
+async def test_a_stream_fetch_is_cancelled_when_its_last_waiter_leaves() -> None:
+    # Rule 2b: cancel_unwanted fetches stop when nobody waits for them any more; ordinary demand fetches go on.
+    async with trio.open_nursery() as nursery:
+        cache = BlockCache(1 << 20, nursery=nursery)
+        held = Fetcher()
+        held.hold = True
+        with trio.move_on_after(0.05):
+            await cache.get_or_fetch(key(0), held, cancel_unwanted=True)
+        await trio.testing.wait_all_tasks_blocked()
+        assert held.cancelled == 1 and cache.statistics().inflight_fetches == 0
+        ordinary = Fetcher()
+        ordinary.hold = True
+        with trio.move_on_after(0.05):
+            await cache.get_or_fetch(key(1), ordinary)
+        await trio.testing.wait_all_tasks_blocked()
+        assert ordinary.cancelled == 0 and cache.statistics().inflight_fetches == 1
+        nursery.cancel_scope.cancel()

@@ -51,13 +51,14 @@ def decoding_rule(encoding: Compression) -> Compression:
 
 def test_key_round_trip_and_shape() -> None:
     wrapped = codec.wrap_file_key(KEY, SECRET)
-    # The Portal's wrapped keys are 64 base64 chars: AES-ECB over the 46-byte JSON string, padded to 48 (section 2.2).
+    # The Portal's wrapped keys are 64 base64 chars: AES-ECB over the 46-byte JSON string, padded to 48
+    # (docs/ctera-direct-io.md §2.2).
     assert len(wrapped) == 64
     assert codec.unwrap_file_key(wrapped, SECRET) == KEY
 
 
 def test_key_unwrap_follows_section_3_exactly() -> None:
-    # Build the wrapped key by hand from the prose of section 3, independently of wrap_file_key.
+    # Build the wrapped key by hand from the prose of docs/ctera-direct-io.md §3, independently of wrap_file_key.
     kwrap = base64.b64decode(SECRET) + b"\x00\x00"
     literal = json.dumps(base64.b64encode(KEY).decode()).encode()
     pad = 16 - len(literal) % 16
@@ -275,7 +276,7 @@ def test_decompression_bomb_is_bounded_by_the_expected_length(encoding: Compress
 
 def test_corrupted_snappy_structure() -> None:
     # Damage the snappy *structure* (the chunk's length preamble): detected. Damage inside literal runs is not
-    # detectable by any codec check (the protocol has no MAC, section 4.3); see test_single_bit_flips below.
+    # detectable by any codec check (no MAC: docs/ctera-direct-io.md §4.3); see test_single_bit_flips below.
     stream = bytearray(codec.compress(plaintext(100_000), Compression.SNAPPY))
     stream[20:23] = b"\xff\xff\xff"
     obj = codec.encode_block(bytes(stream), key=KEY, compression=Compression.NONE)
@@ -308,7 +309,7 @@ def test_every_codec_error_is_an_oserror_with_eio() -> None:
 
 
 def test_bit_flips_never_change_the_length_and_damage_is_caught_where_the_format_allows() -> None:
-    """Without a MAC (section 4.3) a flip that lands in a snappy literal run decodes to wrong bytes of the right
+    """With no MAC (docs/ctera-direct-io.md §4.3), a flip in a snappy literal run decodes to wrong bytes of the right
     length: the codec alone cannot promise integrity, which is why the fetch layer also checks the storage
     checksum. What the codec does promise: never a wrong length, and every flip in the last cipher block (padding)
     or in structural bytes is refused. This test pins both facts so a change to either shows up."""

@@ -143,7 +143,7 @@ def test_damaged_blocks_are_eio_and_never_cached(setup: Setup) -> None:
     outcome, _ = read_in_child(setup.path("f3.bin"), timeout=60)
     assert outcome == f"errno:{errno.EIO}"
     setup.blocks_proxy.mode = "pass"
-    # The engine remembers a failed block for a few seconds (design notes 5); then the healthy store is used again.
+    # The engine remembers a failed block for a few seconds (docs/design-notes.md §5), then uses the healthy store.
     deadline = time.monotonic() + 30
     while True:
         outcome, _ = read_in_child(setup.path("f3.bin"), timeout=60)

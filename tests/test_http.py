@@ -27,7 +27,7 @@ from directfs.http import (
 
 
 def test_httpcore_read_size_attribute_still_exists() -> None:
-    # Private httpcore API (testbed section 5): if an upgrade renames it, this must fail loudly.
+    # Private httpcore API (docs/testbed.md §5): if an upgrade renames it, this must fail loudly.
     from httpcore._async.http11 import AsyncHTTP11Connection
 
     assert isinstance(AsyncHTTP11Connection.READ_NUM_BYTES, int)
@@ -105,7 +105,7 @@ def test_backoff_full_jitter_bounds() -> None:
 
 
 def test_default_budget_keeps_a_block_read_under_25_seconds() -> None:
-    # design-notes section 5: the kernel retries a failed READ once, so this bounds a user's wait at ~50 s.
+    # docs/design-notes.md §5: the kernel retries a failed READ once, so this bounds a user's wait at ~50 s.
     assert RetryPolicy().total_budget_seconds <= 25
 
 

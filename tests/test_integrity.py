@@ -1,6 +1,6 @@
 """Integrity: a damaged, truncated, swapped or wrongly keyed block is EIO, never wrong bytes, and never cached.
 
-CTERA blocks carry no MAC (protocol notes 4.3): the codec catches damage only where the format allows (padding,
+CTERA blocks have no MAC (docs/ctera-direct-io.md §4.3): the codec catches damage only where the format allows (padding,
 compressed structure, length). The fetch layer closes the rest where the storage vouches for the object with an MD5
 (Content-MD5, x-goog-hash, an S3 single-part ETag). These tests pin both layers, through scripted storage
 (``httpx.MockTransport``), through the reference portal (whose ``--fault-corrupt-blocks-rate`` damages bytes on the
@@ -238,7 +238,7 @@ async def test_a_failed_block_is_never_cached(nursery: trio.Nursery, autojump_cl
             await reader.read(0, 4096)
         assert info.value.errno == errno.EIO
         gets_after_failure = storage.gets["/blocks/1"]
-        # The engine may remember a failure for a few seconds (design notes 5); wait past any such memory.
+        # The engine may remember a failure for a few seconds (docs/design-notes.md §5); wait past any such memory.
         await trio.sleep(ReadSettings().failed_block_memory_seconds + 0.1)  # autojump: virtual time
         assert bytes(await reader.read(0, BLOCK)) == plain[:BLOCK]
         assert storage.gets["/blocks/1"] > gets_after_failure

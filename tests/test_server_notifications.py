@@ -14,7 +14,7 @@ from .support.portal import Portal, start_portal
 
 LIST = "/ServicesPortal/v2/api/metadata/list"
 LONGPOLL = "/ServicesPortal/v2/api/metadata/longpoll"
-# Section 8.3: the fields cterasdk's Event takes.
+# docs/ctera-direct-io.md §8.3: the fields cterasdk's Event takes.
 EVENT_FIELDS = {
     "type",
     "guid",

@@ -3,8 +3,8 @@
 * WebDAV: httpx + the standard library's XML parser.
 * Direct IO: the real ``cterasdk`` client (``cterasdk.direct.client.DirectIO``, asyncio, run with ``asyncio.run`` in
   these sync tests). cterasdk defects we step around, each one named where it happens:
-  - ``streamer()`` with no ``byte_range`` raises AttributeError (protocol notes 11.3): we use the Blocks API, and the
-    Streamer only with an explicit ``ByteRange``;
+  - ``streamer()`` with no ``byte_range`` raises AttributeError (docs/ctera-direct-io.md §11.3): we use the Blocks
+    API, and the Streamer only with an explicit ``ByteRange``;
   - a 0-byte file answered with ``"chunks": []`` raises ``BlocksNotFoundError`` (after 3 tries with 1 s + 2 s
     sleeps): 0-byte files are checked once with ``--empty-files zero-chunk`` and with raw HTTP otherwise;
   - ``blocks()`` returns whole blocks as Tasks in completion order: we reassemble by ``offset``;

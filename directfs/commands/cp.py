@@ -33,8 +33,8 @@ if TYPE_CHECKING:
 
 HELP = "Copy a file (or a folder with -r) from any store URL or NAME to local disk, without a mount."
 
-# 8 blocks in flight: the Streamer's and the read engine's prefetch concurrency (testbed 5: 4-8 connections hide
-# object-store latency; more only add contention). Memory: 8 blocks (64 MiB with 8 MiB plain-store blocks).
+# 8 blocks in flight: the Streamer's and the read engine's prefetch concurrency (docs/testbed.md §5: 4-8 connections
+# hide object-store latency; more only add contention). Memory: 8 blocks (64 MiB with 8 MiB plain-store blocks).
 DEFAULT_MAX_WORKERS: Final = 8
 
 

@@ -43,7 +43,7 @@ HELP = (
 # 4 files at once: enough to keep a few tape drives (or a recall queue) busy and to overlap the waits, few enough not
 # to flood a mount's cache (each sequential reader gets read-ahead) or a store's staging queue.
 DEFAULT_MAX_WORKERS: Final = 4
-# Reads through a mount: 1 MiB, the largest READ the kernel sends to FUSE (testbed 3), so each syscall is one request.
+# Reads through a mount: 1 MiB, the kernel's largest READ to FUSE (docs/testbed.md §3), so each syscall is one request.
 READ_CHUNK_BYTES: Final = 1024 * 1024
 DIRECTFS_FSTYPE: Final = "fuse.directfs"  # the mount's subtype=directfs (directfs.mount)
 

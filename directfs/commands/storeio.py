@@ -252,7 +252,7 @@ async def fetch_blocks(
 
 
 def check_max_workers(value: int) -> int:
-    # 64: far beyond what hides object-store latency (8 in flight, testbed 5); more only holds memory and sockets.
+    # 64: far beyond the 8 in flight that hide object-store latency (docs/testbed.md §5); more only hold memory.
     if not 1 <= value <= 64:
         raise ConfigError(f"--max-workers must be between 1 and 64, not {value}")
     return value

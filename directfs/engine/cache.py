@@ -19,7 +19,7 @@ touch this state; codec work runs in workers *inside* the fetch callable, which 
     the flight leaves ``_flights`` *in the same step*, so no reader can observe a gap between the two states.
 ``recently failed``
     A failed fetch is never cached. Its error is delivered to every waiter of the flight and, if a reader was
-    waiting for it (design-notes section 5: the kernel retries a failed READ at once), remembered for
+    waiting for it (``docs/design-notes.md`` §5: the kernel retries a failed READ at once), remembered for
     ``failed_block_memory_seconds`` so the retry fails fast instead of paying the whole per-read budget again. A
     failed *prefetch* nobody waited for is not remembered: the first real read deserves its own attempt.
 ``absent``
@@ -28,7 +28,7 @@ touch this state; codec work runs in workers *inside* the fetch callable, which 
 Concurrency rules
 -----------------
 1. **Fetches run in the owner's nursery, never in a waiter's task** (when the cache was given a nursery, as the
-   :class:`~directfs.reader.ReadEngine` always does). A waiter only waits on the flight's ``trio.Event``; if the
+   :class:`~directfs.engine.reader.ReadEngine` always does). A waiter only waits on the flight's ``trio.Event``; if the
    waiter is cancelled (the kernel interrupted a READ, a spanning read failed on a sibling block) it stops waiting and
    the fetch goes on for the others, and its result is still cached for the retry that usually follows.
 2. **Only an explicit prefetch cancel stops a fetch**, and only when no reader waits for it: a
@@ -36,6 +36,9 @@ Concurrency rules
    ``CancelScope`` and removes the flight from ``_flights`` at once, so a read arriving a moment later starts a fresh
    fetch instead of joining a dying one. A reader that joins a prefetch flight pins it: cancelling the ticket then
    only drops the prefetcher's interest.
+   2b. A *stream's* fetch (``get_or_fetch(..., cancel_unwanted=True)``, the Blocks/Streamer APIs and ``cp``) is
+   cancelled the same way when its last waiter leaves before it ended and no prefetch holds it: a consumer that
+   leaves a stream early does not pay for the rest of its window. A mount reader never sets it (rule 1 holds).
 3. Without a nursery (a bare ``BlockCache(capacity)``) the first missing reader runs the fetch in its own task. If it
    is cancelled, the flight ends without result and the other waiters start over (one of them becomes the next
    fetcher), so they still never see a ``Cancelled`` that was not theirs.
@@ -51,7 +54,7 @@ resizes, and a ``memoryview`` slice handed to a reader holds a reference to its 
 reader is still slicing (or that pyfuse3 is still copying into the reply) stays alive and intact until that slice is
 released; it just no longer counts against ``capacity_bytes``. That transient overshoot is bounded by the blocks of
 the reads in progress (at most ``max_tasks`` FUSE requests, each touching one or two blocks), which is why the cache
-does not try to pin blocks. Readers must not mutate what they get; :mod:`directfs.reader` hands out read-only views.
+does not try to pin blocks. Readers must not mutate what they get; :mod:`.reader` hands out read-only views.
 :meth:`BlockCache.discard` drops one cached block early (the prefetcher's drop-behind) under the same rule.
 """
 
@@ -129,7 +132,17 @@ class CacheStatistics:
 class _Flight:
     """One fetch in progress and everyone interested in it. Mutated only on the trio thread."""
 
-    __slots__ = ("demand_waiters", "done", "error", "key", "prefetch_held", "result", "retry_on_cancel", "scope")
+    __slots__ = (
+        "cancel_unwanted",
+        "demand_waiters",
+        "done",
+        "error",
+        "key",
+        "prefetch_held",
+        "result",
+        "retry_on_cancel",
+        "scope",
+    )
 
     def __init__(self, key: BlockKey, *, retry_on_cancel: bool) -> None:
         self.key = key
@@ -138,6 +151,9 @@ class _Flight:
         self.error: DirectFSError | None = None
         self.demand_waiters = 0  # readers blocked in get_or_fetch on this flight
         self.prefetch_held = False  # a PrefetchTicket still wants the block
+        # Set by a stream's read (``get_or_fetch(..., cancel_unwanted=True)``): when its last waiter leaves before the
+        # fetch ends and no prefetch holds it, the fetch is cancelled (a consumer left a stream early; rule 2b).
+        self.cancel_unwanted = False
         self.scope = trio.CancelScope()
         # True when the fetch runs in a reader's task (no nursery): its cancellation is that reader's, so the others
         # start over. False in nursery mode: an outside cancel there means the owner's nursery is shutting down.
@@ -262,15 +278,18 @@ class BlockCache:
         """Whether ``key`` is cached or being fetched (the prefetcher skips such blocks). No statistics."""
         return key in self._lru or key in self._flights
 
-    async def get_or_fetch(self, key: BlockKey, fetch: BlockFetch) -> BlockData:
+    async def get_or_fetch(self, key: BlockKey, fetch: BlockFetch, *, cancel_unwanted: bool = False) -> BlockData:
         """The block for ``key``: from the cache, from a fetch already in flight, or by calling ``fetch`` once for all
-        concurrent callers. Always a checkpoint. Raises only ``DirectFSError`` (see the module docstring)."""
-        data, outcome = await self.get_or_fetch_outcome(key, fetch)
+        concurrent callers. Always a checkpoint. Raises only ``DirectFSError`` (see the module docstring).
+        ``cancel_unwanted``: a fetch this call starts is cancelled if every waiter leaves before it ends (rule 2b)."""
+        data, outcome = await self.get_or_fetch_outcome(key, fetch, cancel_unwanted=cancel_unwanted)
         if outcome is FetchOutcome.HIT:
             await trio.lowlevel.checkpoint()
         return data
 
-    async def get_or_fetch_outcome(self, key: BlockKey, fetch: BlockFetch) -> tuple[BlockData, FetchOutcome]:
+    async def get_or_fetch_outcome(
+        self, key: BlockKey, fetch: BlockFetch, *, cancel_unwanted: bool = False
+    ) -> tuple[BlockData, FetchOutcome]:
         """Like :meth:`get_or_fetch`, also saying how the block came. A hit returns without a checkpoint, so a caller
         that assembles several blocks can checkpoint once per read instead of once per block."""
         while True:
@@ -290,6 +309,7 @@ class BlockCache:
             else:
                 outcome = FetchOutcome.FETCHED
                 flight = self._new_flight(key)
+                flight.cancel_unwanted = cancel_unwanted
                 flight.demand_waiters += 1
                 try:
                     if self._nursery is None:
@@ -298,7 +318,7 @@ class BlockCache:
                         self._spawn(flight, fetch)
                         await flight.done.wait()
                 finally:
-                    flight.demand_waiters -= 1
+                    self._leave(flight)
             if flight.error is not None:
                 raise replay_error(flight.error)
             if flight.result is not None:
@@ -312,7 +332,20 @@ class BlockCache:
         try:
             await flight.done.wait()
         finally:
-            flight.demand_waiters -= 1
+            self._leave(flight)
+
+    def _leave(self, flight: _Flight) -> None:
+        """A waiter stops waiting (done, or cancelled). Rule 2b: the last one out of an unwanted stream fetch
+        cancels it."""
+        flight.demand_waiters -= 1
+        if (
+            flight.cancel_unwanted
+            and flight.demand_waiters == 0
+            and not flight.prefetch_held
+            and not flight.done.is_set()
+            and self._nursery is not None
+        ):
+            self._cancel_flight(flight)
 
     # --- prefetching -----------------------------------------------------------------------------------------
 
@@ -362,7 +395,7 @@ class BlockCache:
             error = unwrap_error(exc, context=f"fetching block {flight.key.index}")
             flight.error = error
             self._failed += 1
-            # Rule: remember only what a reader saw fail, so the kernel's immediate retry fails fast (section 5).
+            # Rule: remember only what a reader saw fail (the kernel's retry fails fast: docs/design-notes.md §5).
             if flight.demand_waiters > 0:
                 self._remember_failure(flight.key, error)
         finally:

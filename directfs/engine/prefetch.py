@@ -3,10 +3,10 @@
 How it works (read this before the code)
 ========================================
 
-Each open file handle (:class:`FilePrefetcher`, one per :class:`~directfs.reader.FileReader`) keeps a few
+Each open file handle (:class:`FilePrefetcher`, one per :class:`~directfs.engine.reader.FileReader`) keeps a few
 *cursors*. A cursor remembers where its stream is (``next_offset``: the furthest end of the reads it has seen) and how
 far ahead to fetch (``window_bytes``). Several cursors per handle serve files read as several interleaved streams at
-once: video players (audio + video), tar/zip readers, mmap'd model loaders (design-notes section 1; rclone#7719).
+once: video players (audio + video), tar/zip readers, mmap'd model loaders (``docs/design-notes.md`` §1; rclone#7719).
 
 For every read ``[start, end)`` the prefetcher (synchronously, before the read waits for its own blocks):
 
@@ -34,7 +34,7 @@ For every read ``[start, end)`` the prefetcher (synchronously, before the read w
    has read and left more than ``backward_tolerance`` behind are dropped from the block cache. Behind a FUSE mount
    the kernel's page cache already holds those bytes (``keep_cache``), so keeping a second copy only makes the cache
    grow into fresh memory, which on our VMs costs more per byte than fetching and decoding the block (~1.1 ms per
-   MiB of first-touch page faults; ``directfs.allocator``); dropped blocks are recycled by the next ones at memory
+   MiB of first-touch page faults; ``.allocator``); dropped blocks are recycled by the next ones at memory
    speed. Measured on 256 MiB of 4 MiB blocks: 1 MiB sequential reads without FUSE ~335 -> ~440 MB/s (CPU
    0.96 -> 0.77 s); cold ``cat`` through the mount ~290 -> ~340 MB/s.
    Only blocks the cursor itself read *whole* are dropped (not ones a forward jump skipped or a strided reader
@@ -44,7 +44,7 @@ For every read ``[start, end)`` the prefetcher (synchronously, before the read w
 Global gate (:class:`PrefetchGate`, one per engine): a prefetch takes one *slot* from issue until its fetch ends
 (bounding concurrent prefetch fetches), and *reserves* its block length in the budget from issue until the fetch has
 ended **and** the block was consumed or abandoned. So ``reserved_bytes`` = prefetched-but-unread + in-flight bytes,
-which is what the budget bounds. Prefetched blocks live in the shared :class:`~directfs.cache.BlockCache`, so they
+which is what the budget bounds. Prefetched blocks live in the shared :class:`~.cache.BlockCache`, so they
 also count against the cache capacity (the engine caps the budget at half the cache); a prefetched block evicted
 before it was read costs a second fetch and counts as wasted.
 
@@ -224,7 +224,7 @@ class FilePrefetcher:
     def on_read(self, start: int, end: int, first_block: int, last_block: int) -> bool:
         """Observe a read of ``[start, end)`` (blocks ``first_block..last_block``) and top up read-ahead. Returns
         whether the read counts as sequential (its cursor has, or now gets, a window); a read that does not may be
-        served from a small range instead of whole blocks (``directfs.reader``, step 3 of the module docstring)."""
+        served from a small range instead of whole blocks (``.reader``, step 3 of the module docstring)."""
         if self._closed:
             return True
         self._reads += 1
@@ -282,7 +282,7 @@ class FilePrefetcher:
     async def aclose(self) -> None:
         """Abandon every outstanding prefetch of this handle and wait until the fetches it cancelled have unwound
         (prompt: they are cancelled), so the caller may close the source afterwards. A fetch another handle's read
-        joined is not cancelled and not waited for: that handle shares the source (see ``directfs.reader``).
+        joined is not cancelled and not waited for: that handle shares the source (see ``directfs.engine.reader``).
         Idempotent."""
         if self._closed:
             return

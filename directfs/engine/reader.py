@@ -1,8 +1,8 @@
 """The read engine: ``read(offset, size)`` on an open file version, through the block cache and read-ahead.
 
 One :class:`ReadEngine` per mount (or per Python API user) owns the shared parts: the decrypted-block cache
-(:mod:`directfs.cache`), the global prefetch gate (:mod:`directfs.prefetch`) and the nursery all background fetches
-run in. Each open handle gets a :class:`FileReader` with its own read-ahead cursors.
+(:mod:`.cache`), the global prefetch gate (:mod:`.prefetch`) and the nursery all background fetches run in. Each
+open handle gets a :class:`FileReader` with its own read-ahead cursors.
 
 A read ``[offset, offset + size)``:
 
@@ -11,7 +11,7 @@ A read ``[offset, offset + size)``:
 3. tells the handle's prefetcher (synchronously, so read-ahead starts before this read waits), which says whether
    the read is sequential. A read that is not, on a store that serves any byte range (``RangeReadable``: s3, WebDAV,
    HTTP, file://), needing a block that is neither cached nor in flight, is served from small aligned *ranges*
-   (``ReadSettings.random_read_bytes``) instead of whole blocks: the cheap first fetch of design-notes section 1.
+   (``ReadSettings.random_read_bytes``) instead of whole blocks: the cheap first fetch of ``docs/design-notes.md`` §1.
    Ranges are cached in the same byte-bounded cache under their own keys (``BlockKey.granule_bytes`` set), never
    mixed with whole blocks, with the same single-flight; a later whole-block read ignores them;
 4. takes each block from the cache; the missing ones are fetched through the cache's single-flight, concurrently
@@ -43,7 +43,7 @@ import trio
 
 from ..errors import BlockValidationError, ConfigError, DirectFSError, InvalidArgumentError, unwrap_error
 from ..sources.base import BlockLayout, OpenFile, RangeReadable
-from .cache import BlockCache, BlockData, BlockFetch, BlockKey, CacheStatistics, FetchOutcome, PrefetchTicket
+from .cache import BlockCache, BlockData, BlockFetch, BlockKey, CacheStatistics, FetchOutcome
 from .prefetch import FilePrefetcher, GateStatistics, PrefetchCounters, PrefetchGate, PrefetchPolicy
 
 MiB = 1024 * 1024
@@ -64,13 +64,13 @@ class ReadSettings:
     # 32 MiB: 8 blocks of 4 MiB, which is what prefetch_concurrency fetches at once; a window larger than what can be
     # in flight only holds memory. At ~1 GB/s per stream it covers ~30 ms of object-store first-byte latency.
     read_ahead_max_bytes: int = 32 * MiB
-    # 8: the testbed's advice for one host (4-8 connections hide the RTT; more only adds contention on 2 cores).
+    # 8: 4-8 connections per host hide the RTT; more only add contention on 2 cores (docs/testbed.md §5).
     prefetch_concurrency: int = 8
     # 128 MiB: four cursors at a full window (e.g. two files with audio+video each), and half the cache, so
     # prefetched blocks are not evicted before they are read. The engine never uses more than half the cache
     # (effective_prefetch_budget_bytes), so a smaller --cache-size shrinks read-ahead instead of being refused.
     prefetch_budget_bytes: int = 128 * MiB
-    # 5 s: the kernel retries a failed READ immediately (design-notes section 5), so a few seconds cover the retry and
+    # 5 s: the kernel retries a failed READ immediately (docs/design-notes.md §5), so a few seconds cover the retry and
     # an impatient user's second try, while a store that recovered is used again almost at once.
     failed_block_memory_seconds: float = 5.0
     # 4 cursors: at least two interleaved streams (audio + video, tar index + data) plus room for a stray random
@@ -81,7 +81,7 @@ class ReadSettings:
     # member also stays "sequential".
     sequential_forward_tolerance_bytes: int = 16 * MiB
     sequential_backward_tolerance_bytes: int = 1 * MiB
-    # Drop blocks a sequential reader has passed (directfs.prefetch, step 5). Off by default: a Python API reader has
+    # Drop blocks a sequential reader has passed (.prefetch, step 5). Off by default: a Python API reader has
     # no page cache in front, so its re-reads come from this cache. The mount turns it on, because the kernel's page
     # cache holds what was read and a second copy here only grows into fresh memory (cold cat ~0.8x the CPU).
     drop_behind: bool = False
@@ -230,17 +230,10 @@ class FileReader:
 
     # --- whole blocks (the block streams of directfs.engine.streams) ---------------------------------------------
 
-    def start_block(self, index: int) -> PrefetchTicket | None:
-        """Start fetching block ``index`` in the engine's nursery unless it is cached, in flight, empty or failed a
-        moment ago; the ticket cancels it if nobody waits for it any more (a stream left early). Outside the
-        prefetch gate: the caller's window bounds these fetches."""
-        if self._closed or self._offsets[index + 1] == self._offsets[index]:
-            return None
-        return self._cache.start_prefetch(self._key(index), self._fetcher(index))
-
-    async def block(self, index: int) -> BlockData:
+    async def block(self, index: int, *, cancel_unwanted: bool = False) -> BlockData:
         """Block ``index`` whole, length-checked, through the cache (joining a fetch in flight). Always a checkpoint.
-        No read-ahead bookkeeping: a block stream is its own window."""
+        No read-ahead bookkeeping: a block stream is its own window. ``cancel_unwanted``: a fetch this starts is
+        cancelled when every waiter has left before it ended (a stream left early; ``BlockCache`` rule 2b)."""
         if self._closed:
             raise DirectFSError("read on a closed file handle")
         if not 0 <= index < self._layout.block_count:
@@ -248,7 +241,7 @@ class FileReader:
         if self._offsets[index + 1] == self._offsets[index]:
             await trio.lowlevel.checkpoint()
             return b""  # an empty block: nothing to fetch
-        data = await self._cache.get_or_fetch(self._key(index), self._fetcher(index))
+        data = await self._cache.get_or_fetch(self._key(index), self._fetcher(index), cancel_unwanted=cancel_unwanted)
         self._engine._bytes_served += len(data)
         return data
 

@@ -7,11 +7,12 @@ before its fetch starts until the consumer has taken it, so at most that many bl
 (back-pressure). The semaphore is the stream's own (``max_workers``) or shared by every file of a command (``cp
 --max-workers``).
 
-Each started block is a background fetch of the engine (``FileReader.start_block``: it runs in the engine's nursery,
-like a prefetch) plus a small task of the stream that waits for it. Leaving a stream early cancels those tasks and
-then the fetches nobody else waits for (the ticket's rule, ``docs/engine-concurrency.md``), so a consumer that stops
-after one block does not pay for the rest of the window. Fetch errors travel as values to the consumer and are raised
-at the point of iteration; the streamer wraps them in ``StreamError`` with the exact offset to resume from.
+Each started block is a small task of the stream that waits for the block through the cache; the fetch itself runs
+in the engine's nursery. Leaving a stream early cancels those tasks, and a fetch whose waiters all left is cancelled
+too unless someone else (a mount reader, a prefetch) still wants it (``BlockCache`` rule 2b,
+``docs/engine-concurrency.md``), so a consumer that stops after one block does not pay for the rest of the window.
+Fetch errors travel as values to the consumer and are raised at the point of iteration; the streamer wraps them in
+``StreamError`` with the exact offset to resume from.
 
 The iterator objects never yield from inside a nursery: the nursery belongs to the ``async with`` that made the
 stream (``directfs.api``), and the consumer iterates outside it.
@@ -31,7 +32,7 @@ import trio
 
 from ..errors import ConfigError, DirectFSError, StreamError, unwrap_error
 from ..sources.base import BlockLayout
-from .cache import BlockData, PrefetchTicket
+from .cache import BlockData
 from .reader import FileReader
 
 
@@ -101,7 +102,6 @@ class _Window:
         self._reader = reader
         self._indices = indices
         self._tokens = tokens
-        self._tickets: dict[int, PrefetchTicket] = {}
         self.in_flight = 0
         self.max_in_flight = 0
         self.buffered = 0
@@ -123,9 +123,6 @@ class _Window:
     async def _dispatch(self, nursery: trio.Nursery) -> None:
         for position, index in enumerate(self._indices):
             await self._tokens.acquire()
-            ticket = self._reader.start_block(index)  # the fetch starts now, in the engine's nursery
-            if ticket is not None:
-                self._tickets[position] = ticket
             nursery.start_soon(self._run, position, index)
 
     async def _fetch(self, position: int, index: int) -> Result:
@@ -133,26 +130,16 @@ class _Window:
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
         self.max_held = max(self.max_held, self.in_flight + self.buffered)
         try:
-            return await self._reader.block(index)
+            return await self._reader.block(index, cancel_unwanted=True)
         except DirectFSError as exc:
             return exc
         finally:
             self.in_flight -= 1
             self.buffered += 1
-            ticket = self._tickets.pop(position, None)
-            if ticket is not None:
-                ticket.cancel()  # settled: the block came (or failed); the ticket only drops its claim
 
     def _taken(self) -> None:
         self.buffered -= 1
         self._tokens.release()
-
-    def abandon(self) -> None:
-        """Cancel the fetches this stream started that nobody waits for any more (the stream is being left)."""
-        tickets = list(self._tickets.values())
-        self._tickets.clear()
-        for ticket in tickets:
-            ticket.cancel()
 
     async def _run(self, position: int, index: int) -> None:
         raise NotImplementedError
@@ -256,8 +243,6 @@ async def fetch_all(
         if rest is not None or ours is None:
             raise  # cancelled from outside, or a bug: as it is
         raise unwrap_error(ours, context="fetching blocks") from None
-    finally:
-        window.abandon()
 
 
 class _DeliveringWindow(_Window):

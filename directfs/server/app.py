@@ -43,7 +43,8 @@ NOTIFY_BASE: Final = "/ServicesPortal/v2/api/metadata"
 # The SDK asks for 2000 per page; a cap keeps one reply bounded in memory and time.
 DEFAULT_MAX_RESULTS: Final = 2000
 MAX_RESULTS_CAP: Final = 10000
-# The Portal rejects long folder_id lists with "size must be between ..." (TooManyVolumesRequestedError, section 8.3).
+# The Portal rejects long folder_id lists with "size must be between ..." (TooManyVolumesRequestedError,
+# docs/ctera-direct-io.md §8.3).
 MAX_FOLDER_IDS: Final = 100
 # Long-poll: the SDK sends timeout=10000 (ms). A cap keeps a misbehaving client from parking a request for hours.
 DEFAULT_LONGPOLL_MS: Final = 10000

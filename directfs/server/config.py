@@ -24,14 +24,14 @@ DEMO_USERNAME: Final = "demo"
 DEMO_PASSWORD: Final = "demo"  # noqa: S105 - printed demo default
 DEMO_TOKEN: Final = "directfs-demo-token"  # noqa: S105 - printed demo default
 
-# 4 MiB: the CTERA default for fixed-size blocks (KB "Adding a Folder Group"; protocol notes section 9).
+# 4 MiB: the CTERA default for fixed-size blocks (KB "Adding a Folder Group"; docs/ctera-direct-io.md §9).
 DEFAULT_BLOCK_SIZE_BYTES: Final = 4 * 1024 * 1024
-# ~512 KiB average: the CTERA default for variable (content-defined) blocks (protocol notes section 9). Min/max are
+# ~512 KiB average: the CTERA default for variable (content-defined) blocks (docs/ctera-direct-io.md §9). Min/max are
 # FastCDC's usual avg/4 and avg*8, which bound both the per-block overhead and the largest object a client buffers.
 CDC_AVERAGE_BYTES: Final = 512 * 1024
 CDC_MIN_BYTES: Final = CDC_AVERAGE_BYTES // 4
 CDC_MAX_BYTES: Final = CDC_AVERAGE_BYTES * 8
-# 86400 s: real Portal URLs carry X-Amz-Expires=86400 (Cyberduck's sample, protocol notes section 2.2).
+# 86400 s: real Portal URLs carry X-Amz-Expires=86400 (Cyberduck's sample, docs/ctera-direct-io.md §2.2).
 DEFAULT_URL_TTL_SECONDS: Final = 86400
 # 30 s: a test or demo sees a change within half a minute; a rescan of an unchanged tree is only stat() calls.
 DEFAULT_RESCAN_INTERVAL_SECONDS: Final = 30.0

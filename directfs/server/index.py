@@ -5,8 +5,8 @@ Model
 * Every path in DIR (folders too) is a *node* with a decimal id, a GUID that stays with the path across versions,
   and for files the encoding: wrapped file key, compression, native flag, chunking label and the block list.
 * A file whose stat (size, mtime, ctime, inode) or encoding rules change is re-encoded and gets a **new id**
-  (clients treat the id as a version id, section 8.2); the old id answers 400 from then on.
-* Every create, change and delete appends an *event* (section 8.3 fields); the event's sequence number is the
+  (clients treat the id as a version id, ``docs/ctera-direct-io.md`` §8.2); the old id answers 400 from then on.
+* Every create, change and delete appends an *event* (``docs/ctera-direct-io.md`` §8.3); its sequence number is the
   Notification Service cursor.
 
 Dedup (what the hash covers)
@@ -296,7 +296,7 @@ class Index:
             "acl": DEFAULT_ACL_SDDL,
             "gvsn": str(node_id),  # a new id per version, so the id doubles as the version sequence number
             "parent_guid": parent_guid,
-            "path": path,  # not in section 8.3; saves a client the /metadata/ancestors call we do not implement
+            "path": path,  # not in docs/ctera-direct-io.md §8.3: spares clients /metadata/ancestors, which we lack
         }
         self._db.execute("INSERT INTO events(folder_id, body) VALUES (?, ?)", (folder_id, json.dumps(body)))
 

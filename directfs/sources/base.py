@@ -34,7 +34,7 @@ class Entry:
 
 
 def valid_name(name: str) -> bool:
-    """Whether a name from a server may become a directory entry (section 14: never map these into the tree)."""
+    """Whether a server's name may become a directory entry (the others never do: docs/ctera-direct-io.md §14)."""
     return (
         bool(name) and name not in (".", "..") and "/" not in name and "\x00" not in name and len(name.encode()) <= 255
     )
@@ -115,7 +115,7 @@ class OpenFile(Protocol):
 class RangeReadable(Protocol):
     """Optional capability of an ``OpenFile`` whose store serves arbitrary byte ranges of the plaintext (plain stores:
     HTTP ``Range``, ``pread``). The read engine uses it for reads that do not look sequential, so a random 4 KiB read
-    fetches a small aligned range instead of a whole block (design-notes section 1, "cheap first fetch"). CTERA Direct
+    fetches a small aligned range instead of a whole block (docs/design-notes.md §1, "cheap first fetch"). CTERA Direct
     IO files never have it: their blocks are encrypted and compressed as a whole. Check with ``isinstance``."""
 
     async def fetch_range(self, start: int, length: int) -> bytes | bytearray:

@@ -3,7 +3,7 @@
 Shared by the CTERA source (the Portal's ``/ServicesPortal/webdav/``) and plain WebDAV stores. Replies are untrusted:
 the XML is parsed with defusedxml (no entity expansion, no external entities), hrefs are unquoted and resolved
 against the folder that was asked for, and any name that is empty, ``.``, ``..``, or holds ``/`` or NUL is skipped
-with a warning (protocol notes section 14), as are duplicates and entries outside the folder.
+with a warning (``docs/ctera-direct-io.md`` §14), as are duplicates and entries outside the folder.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Used wherever a store serves plain bytes: the CTERA Portal's WebDAV GET (the fallback when a file is not in Direct
 mode, as Cyberduck does), and the plain WebDAV / HTTP / S3 stores.
 
-Strictness, because a wrong byte is worse than an error (design-notes section 5, "servers that ignore Range"):
+Strictness, because a wrong byte is worse than an error (``docs/design-notes.md`` §5, "servers that ignore Range"):
 a ranged GET must answer 206 with a ``Content-Range`` naming exactly the asked range and a body of exactly that
 length; a 200 is accepted only when it is the whole object and the whole object was asked for. ``If-Match`` with the
 version's ETag (when the store gave one) turns a replaced object into 412, reported as ``StaleFileError``.

@@ -1,7 +1,7 @@
 """A small, scriptable Direct IO server for tests and benchmarks: ``/directio/{id}`` JSON plus block objects.
 
 It runs a real aiohttp server on 127.0.0.1 in its own thread (its own asyncio loop), so trio clients talk to it over
-real sockets. Block objects are made with ``directfs.codec`` exactly as a Portal stores them. URLs carry a
+real sockets. Block objects are made with ``directfs.sources.ctera.codec`` exactly as a Portal stores them. URLs carry a
 "signature" naming the current URL generation; :meth:`BlockServer.expire_urls` makes every issued URL answer 403,
 as an expired presigned URL does.
 

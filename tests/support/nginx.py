@@ -1,6 +1,6 @@
 """A private nginx with the WebDAV modules (nginx-light + libnginx-mod-http-dav-ext) for webdav(s):// tests.
 
-Config per testbed.md section 2. One server, the same tree under four locations:
+Config per ``docs/testbed.md`` §2. One server, the same tree under four locations:
 
 * ``/open/``: no auth;
 * ``/basic/``: HTTP Basic (``{PLAIN}`` htpasswd entry, no apache2-utils needed);

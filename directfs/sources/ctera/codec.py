@@ -1,7 +1,7 @@
 """Block and key codec of the CTERA Direct IO protocol: pure, synchronous, no I/O, no logging of data.
 
-Decoding follows sections 3 and 4 of ``shared/docs/ctera-direct-io.md`` exactly, with the checks the existing
-clients skip (section 11):
+Decoding follows ``docs/ctera-direct-io.md`` §3 and §4 exactly, with the checks the existing clients skip
+(``docs/ctera-direct-io.md`` §11):
 
 * key unwrap: base64 secret, zero-padded or truncated to 32 bytes, AES-256-ECB, *checked* PKCS#7, a JSON string
   literal holding base64, base64 -> the file key. Any failure is ``DecryptKeyError``.
@@ -16,7 +16,7 @@ exhaust memory: snappy declares its output length up front and is checked before
 ``max_length``.
 
 These functions release the GIL in their heavy parts (OpenSSL, cramjam, zlib); callers run them in worker threads
-above a size threshold (see ``directfs.fetch``).
+above a size threshold (see ``directfs.workers``).
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from ...errors import BlockValidationError, DecompressBlockError, DecryptBlockEr
 
 AES_BLOCK_BYTES: Final = 16
 IV_BYTES: Final = 16
-HEADER_BYTES: Final = 1  # meaning unknown (section 4.1); skipped, never validated
+HEADER_BYTES: Final = 1  # meaning unknown (docs/ctera-direct-io.md §4.1); skipped, never validated
 AZURE_MD5_BYTES: Final = 16
 WRAPPING_KEY_BYTES: Final = 32
 
@@ -98,7 +98,7 @@ def _pkcs7_pad(data: bytes) -> bytes:
 
 
 def unwrap_file_key(wrapped_key: str, secret_access_key: str) -> bytes:
-    """Recover a file's AES key from the Portal's ``encrypt_info.wrapped_key`` (section 3)."""
+    """Recover a file's AES key from the Portal's ``encrypt_info.wrapped_key`` (docs/ctera-direct-io.md §3)."""
     kwrap = _wrapping_key(secret_access_key)
     try:
         ciphertext = base64.b64decode(wrapped_key, validate=True)
@@ -161,7 +161,7 @@ def decode_block(
         candidates: tuple[int, ...] = (0,)
     else:
         payload = view
-        # Unknown whether unencrypted+compressed objects keep the header byte (section 4.4): try both.
+        # Unknown whether unencrypted+compressed objects keep the header byte (docs/ctera-direct-io.md §4.4): try both.
         candidates = (0, HEADER_BYTES)
     if compression is Compression.NONE:
         out: bytes | bytearray | memoryview = payload

@@ -1,4 +1,4 @@
-"""The CTERA source: the namespace over the Portal's WebDAV, file data over Direct IO (protocol notes section 14).
+"""The CTERA source: the namespace over the Portal's WebDAV, file data over Direct IO (docs/ctera-direct-io.md §14).
 
 URL: ``ctera+https://HOST[:PORT][/sub/folder]`` (``ctera+http://`` only for loopback unless explicitly allowed).
 The mount root is ``/ServicesPortal/webdav/`` or the named sub-folder; a URL that already spells out
@@ -6,7 +6,7 @@ The mount root is ``/ServicesPortal/webdav/`` or the named sub-folder; a URL tha
 
 * Listing: ``PROPFIND`` Depth 1 (folders) and Depth 0 (one entry) with the standard DAV properties and
   ``ctera:fileid``; HTTP Basic (``username``/``password``) or Bearer (``token``) auth.
-* Data: every regular file's ``fileid`` is its Direct IO id (``directfs.directio``). A file whose blocks are not on a
+* Data: every regular file's ``fileid`` is its Direct IO id (``.client``). A file whose blocks are not on a
   Direct-mode storage node (Portal 422), or that has no ``fileid`` in the listing, is read with ranged WebDAV GETs
   instead, as Cyberduck does; a warning says so once per file.
 * Versions: ``fileid``, size, mtime and ETag together are the version token; a change of any of them is a new
