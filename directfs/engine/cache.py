@@ -293,6 +293,7 @@ class BlockCache:
         """Like :meth:`get_or_fetch`, also saying how the block came. A hit returns without a checkpoint, so a caller
         that assembles several blocks can checkpoint once per read instead of once per block."""
         while True:
+            # no await: from the lookup to joining or creating the flight
             data = self.lookup(key)
             if data is not None:
                 return data, FetchOutcome.HIT
@@ -337,6 +338,7 @@ class BlockCache:
     def _leave(self, flight: _Flight) -> None:
         """A waiter stops waiting (done, or cancelled). Rule 2b: the last one out of an unwanted stream fetch
         cancels it."""
+        # no await: the decision and the removal from _flights (_cancel_flight) happen together
         flight.demand_waiters -= 1
         if (
             flight.cancel_unwanted
@@ -384,6 +386,7 @@ class BlockCache:
         try:
             with flight.scope:
                 data = await fetch()
+                # no await: from here to _finish (store, leave _flights, set done) in one step
                 if not isinstance(data, bytes | bytearray):
                     raise TypeError(f"block fetch returned {type(data).__name__}, not bytes")
                 flight.result = data

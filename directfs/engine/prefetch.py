@@ -225,6 +225,7 @@ class FilePrefetcher:
         """Observe a read of ``[start, end)`` (blocks ``first_block..last_block``) and top up read-ahead. Returns
         whether the read counts as sequential (its cursor has, or now gets, a window); a read that does not may be
         served from a small range instead of whole blocks (``.reader``, step 3 of the module docstring)."""
+        # no await: synchronous by design (cursor matching, window growth, _top_up)
         if self._closed:
             return True
         self._reads += 1
@@ -355,6 +356,7 @@ class FilePrefetcher:
         cursor.behind = index
 
     def _top_up(self, cursor: _Cursor, last_block: int) -> None:
+        # no await: reservation and start_prefetch per block; what does not fit now is not issued, never waited for
         offsets = self._offsets
         block_count = len(offsets) - 1
         window_end = cursor.next_offset + cursor.window_bytes

@@ -262,6 +262,7 @@ class FileReader:
         layout = self._layout
         first = layout.block_at(offset)
         last = layout.block_at(end - 1)
+        # no await: read-ahead is issued (on_read) before this read starts waiting for its own blocks
         sequential = self._prefetcher.on_read(offset, end, first, last)
         if not sequential and self._ranges is not None and self._use_ranges(first, last, offset, end):
             result = await self._read_ranges(offset, end)
