@@ -44,7 +44,7 @@ from .engine.reader import ReadEngine, ReadSettings
 from .errors import ConfigError, DirectFSError, NamespaceTimeout
 from .logs import dump_tasks_on_sigusr1
 from .notify import Notifier
-from .sources.base import SourceOptions
+from .sources.base import Preparable, SourceOptions
 from .vfs import VfsSettings
 
 if TYPE_CHECKING:
@@ -235,6 +235,13 @@ class _State:
     mounted = False  # pyfuse3.init succeeded: pyfuse3.close must run, whatever happens next
 
 
+async def _prepare(source: Preparable) -> None:
+    try:
+        await source.prepare()
+    except DirectFSError as exc:  # e.g. missing Direct IO credentials: the first open reports it where it matters
+        log.debug("preparing the source failed (reported again at open): %s", exc)
+
+
 async def _serve(config: MountConfig, readiness: _Readiness, state: _State) -> None:
     """Mount and serve until unmounted from outside or signalled."""
     import pyfuse3
@@ -296,6 +303,8 @@ async def _serve(config: MountConfig, readiness: _Readiness, state: _State) -> N
                     os.chdir("/")  # a daemon must not keep the caller's folder (and its filesystem) busy
                 readiness.ready()
                 notifier.ready(f"serving {source.display_url} on {config.mountpoint}")
+                if isinstance(source, Preparable):
+                    nursery.start_soon(_prepare, source)  # the first open then finds its clients built
         finally:
             if state.mounted:
                 notifier.stopping(f"unmounting {config.mountpoint}")

@@ -362,3 +362,24 @@ class TestCterasdkDecodesOurBlocks:
         # PR #369 (in 2.20.50): unencrypted + NONE objects are used as-is; ours are the plaintext bytes.
         plain = plaintext(5000)
         assert codec.encode_block(plain, key=None, compression=Compression.NONE) == plain
+
+
+@pytest.mark.parametrize("length", [0, 1, 127, 128, 16_383, 16_384, 32_768, 1 << 20, (1 << 32) - 1])
+def test_snappy_length_header_is_read_as_cramjam_reads_it(length: int) -> None:
+    header = bytearray()
+    value = length
+    while True:
+        low, value = value & 0x7F, value >> 7
+        header.append(low | (0x80 if value else 0))
+        if not value:
+            break
+    view = memoryview(bytes(header) + b"\x00" * 4)
+    assert codec._snappy_varint_length(view) == length
+    real = memoryview(bytes(cramjam.snappy.compress_raw(b"x" * min(length, 70_000))))
+    assert codec._snappy_varint_length(real) == int(cramjam.snappy.decompress_raw_len(real))
+
+
+@pytest.mark.parametrize("header", [b"\x80", b"\xff\xff\xff\xff\xff\x01", b"\xff\xff\xff\xff\x7f"])
+def test_snappy_length_header_that_is_cut_or_too_long_is_refused(header: bytes) -> None:
+    with pytest.raises(DecompressBlockError):
+        codec._snappy_varint_length(memoryview(header))

@@ -282,3 +282,29 @@ async def test_leaving_a_stream_early_cancels_the_fetches_nobody_waits_for() -> 
             statistics = dio.engine.statistics()
             assert statistics.cache.inflight_fetches == 0
             assert statistics.cache.cancelled_fetches >= 1  # the rest of the window was cancelled, not awaited
+
+
+async def test_a_reader_of_the_api_reads_any_range_through_the_engine(server: BlockServer) -> None:
+    async with client(server) as dio:
+        opened = await dio.open("1")
+        reader = dio.reader(opened)
+        rng = random.Random(11)
+        for _ in range(50):
+            offset = rng.randrange(SIZE + 10)
+            size = rng.randrange(1, 30_000)
+            assert bytes(await reader.read(offset, size)) == DATA[offset : offset + size]
+        await reader.aclose()
+        await opened.aclose()
+        assert server.stats.started == len(LENGTHS)  # every block fetched once, then served from the cache
+
+
+async def test_api_blocks_and_fragments_are_read_only_views(server: BlockServer) -> None:
+    async with client(server) as dio:
+        async with dio.blocks("1") as blocks:
+            async for block in blocks:
+                assert isinstance(block.data, memoryview) and block.data.readonly
+        async with dio.streamer("1") as stream:
+            async for fragment in stream:
+                assert isinstance(fragment, memoryview) and fragment.readonly
+                with pytest.raises(TypeError):
+                    fragment[:1] = b"x"

@@ -68,6 +68,10 @@ def test_ssl_context_ca_file() -> None:
         ("https://u:p@h.example:8443/a/b?X-Amz-Signature=s#frag", "https://h.example:8443/a/b"),
         ("http://127.0.0.1/blocks/1?sig=abc", "http://127.0.0.1/blocks/1"),
         ("https://bucket.s3.amazonaws.com/blocks/x", "https://bucket.s3.amazonaws.com/blocks/x"),
+        ("https://h.example/a#frag?not-a-query", "https://h.example/a"),
+        ("https://u:p@h.example/a", "https://h.example/a"),  # userinfo: the full parse
+        ("https://h.example/a?sig=x@y", "https://h.example/a"),
+        ("https://[::1]:9000/b?X-Amz-Credential=k", "https://[::1]:9000/b"),
     ],
 )
 def test_redact_url(url: str, expected: str) -> None:

@@ -125,6 +125,15 @@ class RangeReadable(Protocol):
 
 
 @runtime_checkable
+class Preparable(Protocol):
+    """Optional capability of a ``Source`` that can build what its first ``open`` needs (HTTP clients, TLS contexts)
+    ahead of time: the mount calls it in the background once it serves, so the first read does not pay for it. Errors
+    are the caller's to ignore: they come back at ``open``. Check with ``isinstance``."""
+
+    async def prepare(self) -> None: ...
+
+
+@runtime_checkable
 class Source(Protocol):
     """A store, named by a URL. ``display_url`` is safe to log (no credentials, no query)."""
 
