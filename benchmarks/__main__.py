@@ -996,9 +996,9 @@ def block_list(p: Portal, file_id: str) -> list[dict[str, Any]]:
     return chunks
 
 
-def naive_mbps(p: Portal, file_id: str, size: int) -> float:
-    """benchmarks/naive.py in its own process (as streamer_mbps and cterasdk_mbps)."""
-    cmd = [sys.executable, "-m", "benchmarks.naive", p.url, file_id, str(size)]
+def naive_mbps(p: Portal, file_id: str, size: int, *, md5: bool = False) -> float:
+    """benchmarks/naive.py in its own process (as streamer_mbps and cterasdk_mbps); ``md5``: with the digest check."""
+    cmd = [sys.executable, "-m", "benchmarks.naive", p.url, file_id, str(size), *(["--md5"] if md5 else [])]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=p.env, cwd=HERE.parent)
     return float(out.stdout.strip().splitlines()[-1])
 
@@ -1126,6 +1126,12 @@ def section_blocks(ctx: Context) -> None:
                 ctx.table.add(
                     "blocks", f"{label}: naive client (1 connection, in order)", "MB/s", naive_mbps(p, bp.file_id, size)
                 )
+                ctx.table.add(
+                    "blocks",
+                    f"{label}: naive client + MD5 check (the per-byte work directfs does)",
+                    "MB/s",
+                    naive_mbps(p, bp.file_id, size, md5=True),
+                )
                 for workers in CTERASDK_WORKERS:
                     ctx.table.add(
                         "blocks",
@@ -1176,24 +1182,28 @@ def blocks_summary(ctx: Context, portals: list[BlocksPortal], sdk: str) -> None:
     lines = [
         f"### Block layouts (issue 11): {ctx.blocks_size // MiB} MiB file, medians of {ctx.runs} runs",
         "",
-        "| layout | blocks | mean KiB | cat cold MB/s | Streamer MB/s | naive MB/s | cterasdk best MB/s | cat / naive "
-        "| Streamer / naive | Streamer / cterasdk | daemon CPU ms/block | daemon CPU ms/MiB | peak RSS MiB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| layout | blocks | mean KiB | cat cold MB/s | Streamer MB/s | naive MB/s | naive + MD5 MB/s "
+        "| cterasdk best MB/s | cat / naive | cat / naive + MD5 | Streamer / naive | Streamer / cterasdk "
+        "| daemon CPU ms/block | daemon CPU ms/MiB | peak RSS MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for bp in portals:
         label = bp.layout.label
         cat = ("blocks", f"{label}: cat, cold (fresh mount)")
         streamer = ("blocks", f"{label}: directfs Streamer API (max_workers=8)")
         naive = ("blocks", f"{label}: naive client (1 connection, in order)")
+        naive_md5 = ("blocks", f"{label}: naive client + MD5 check (the per-byte work directfs does)")
         sdk_rows = [r for (s, w), r in ctx.table.rows.items() if s == "blocks" and w.startswith(f"{label}: {sdk}")]
         best = max(sdk_rows, key=lambda r: r.value)
         best_setting = best.what.rsplit("(", 1)[1].rstrip(")")
         ctx.table.ratio("blocks", f"{label}: cat cold / naive", cat, naive)
+        ctx.table.ratio("blocks", f"{label}: cat cold / naive + MD5", cat, naive_md5)
         ctx.table.ratio("blocks", f"{label}: Streamer / naive", streamer, naive)
         ctx.table.ratio("blocks", f"{label}: Streamer / best cterasdk", streamer, ("blocks", best.what), best.what)
         lines.append(
             f"| {label} | {bp.blocks} | {fmt(bp.mean_block / KiB)} | {fmt(med(cat[1]))} | {fmt(med(streamer[1]))} "
-            f"| {fmt(med(naive[1]))} | {fmt(best.value)} ({best_setting}) | {fmt(med(cat[1]) / med(naive[1]))} "
+            f"| {fmt(med(naive[1]))} | {fmt(med(naive_md5[1]))} | {fmt(best.value)} ({best_setting}) "
+            f"| {fmt(med(cat[1]) / med(naive[1]))} | {fmt(med(cat[1]) / med(naive_md5[1]))} "
             f"| {fmt(med(streamer[1]) / med(naive[1]))} | {fmt(med(streamer[1]) / best.value)} "
             f"| {fmt(med(f'{label}: daemon CPU per block, cold cat'))} "
             f"| {fmt(med(f'{label}: daemon CPU per MiB, cold cat'))} "
@@ -1215,7 +1225,8 @@ def blocks_summary(ctx: Context, portals: list[BlocksPortal], sdk: str) -> None:
         "",
         f"Daemon: `--cache-size {BLOCKS_CACHE_SIZE}`; CPU = utime + stime of the daemon during the cold cat; peak "
         "RSS = VmHWM since the mount started. Naive = benchmarks/naive.py (one httpx connection, blocks in order, "
-        f"decoded inline). cterasdk best = the best median of max_workers in "
+        "decoded inline); naive + MD5 also checks each object against its ETag, as directfs does by default. "
+        f"cterasdk best = the best median of max_workers in "
         f"{', '.join(str(w or 'unbounded') for w in CTERASDK_WORKERS)}.",
     ]
     ctx.summaries.append("\n".join(lines))

@@ -10,7 +10,7 @@ Public API (see the README, "Python API")::
         async with dio.streamer(file_id, ByteRange(0, 99)) as stream:  # bytes in order, trimmed to the range
             async for fragment in stream: ...
 
-Protocol: ``shared/docs/ctera-direct-io.md`` sections 2 (metadata), 5 (block GETs) and 11 (defects of cterasdk we do
+Protocol: ``docs/ctera-direct-io.md`` §2 (metadata), §5 (block GETs) and §11 (defects of cterasdk we do
 not copy: no retries of 400/401/403/422, 403 from storage refreshes the URLs, reads past EOF are empty, bounded
 workers and back-pressure).
 
@@ -25,7 +25,7 @@ Concurrency rules (trio):
 * Decoding runs through ``directfs.workers.run_codec`` (threads above a size threshold), as one job per block: the
   storage digest check, then decrypt + decompress (each extra hop costs two waits for the trio thread).
 * ``__aenter__`` builds both HTTP clients in worker threads (their TLS contexts load the CA bundle) and, unless
-  ``DirectIOSettings.tune_allocator`` is off, applies ``directfs.allocator.tune_allocator`` (process-wide).
+  ``DirectIOSettings.tune_allocator`` is off, applies ``directfs.engine.allocator.tune_allocator`` (process-wide).
 * ``blocks()`` and ``streamer()`` are async context managers that own a nursery; the iterator object they expose never
   yields from inside a nursery. A window of ``max_workers`` tokens is taken before a block's fetch starts and given
   back only when the consumer has taken the block, so at most ``max_workers`` blocks are in flight or buffered
@@ -42,10 +42,10 @@ import contextlib
 import hashlib
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Final, TypeGuard
+from typing import Any, Final, TypeGuard, TypeVar
 from urllib.parse import urlsplit
 
 import cachetools
@@ -75,13 +75,15 @@ from ...errors import (
 from ...http import (
     HTTPSettings,
     RetryPolicy,
+    StatusReply,
     build_client,
     describe_transport_error,
     is_loopback_host,
     redact_url,
     send_with_retries,
 )
-from ...workers import run_codec
+from ...transfer import BlockingGetter, BodyTooLarge
+from ...workers import run_codec, run_job
 from ..base import BlockLayout, SourceOptions
 from . import codec
 
@@ -90,6 +92,7 @@ log = logging.getLogger(__name__)
 MiB: Final = 1024 * 1024
 Plaintext = bytes | bytearray  # a decoded block, as codec.decode_block returns it
 AZURE_HOST_SUFFIX: Final = ".core.windows.net"
+R = TypeVar("R", bound=StatusReply)
 
 
 @dataclass(frozen=True)
@@ -106,7 +109,7 @@ class DirectIOSettings:
     # CTERA blocks default to 512 KiB (variable) or 4 MiB (fixed); 64 MiB leaves room for custom folder groups
     # and bounds what one block may make us allocate.
     max_block_bytes: int = 64 * MiB
-    # The Portal may return a partial block list (section 2.4); bound the paging so a looping server cannot hang us.
+    # The Portal may return partial block lists (docs/ctera-direct-io.md §2.4); bounded so a loop cannot hang us.
     max_metadata_pages: int = 10_000
     allow_plain_http: bool = False  # a Bearer key over plain HTTP only to loopback, unless the user insists
     # CTERA blocks carry no MAC: with AES-CBC a flipped bit inside a snappy literal decodes to wrong bytes of the
@@ -123,10 +126,19 @@ class DirectIOSettings:
     # Bound of that cache in chunks (~400 bytes each with the URL): 100k chunks is ~40 MiB at worst and covers
     # 50 GB of files at CTERA's 512 KiB average block.
     metadata_cache_chunks: int = 100_000
-    # Keep freed block buffers in the process (glibc mallopt, see directfs.allocator): fresh memory costs more here
-    # than decrypting and decompressing it, and this took the Streamer from ~330 to ~450 MB/s. Process-wide, so an
+    # How block objects are fetched. "curl": one job per block in a worker thread (libcurl GET, digest, decrypt,
+    # decompress; directfs.transfer), which holds the GIL ~0.26 ms per 512 KiB GET against httpx's ~1 ms on the trio
+    # thread (docs/testbed.md §8). "httpx": on the trio thread, decoding in a codec thread: what a storage_transport
+    # (httpx.MockTransport in tests) needs, always used when one is given.
+    block_transfer: str = "curl"
+    # Keep freed block buffers in the process (glibc mallopt, see directfs.engine.allocator): fresh memory costs more
+    # here than decrypting and decompressing it, and this took the Streamer from ~330 to ~450 MB/s. Process-wide, so an
     # application that tunes malloc itself turns it off.
     tune_allocator: bool = True
+
+    def __post_init__(self) -> None:
+        if self.block_transfer not in ("curl", "httpx"):
+            raise ConfigError(f"block_transfer must be 'curl' or 'httpx', not {self.block_transfer!r}")
 
     @classmethod
     def from_options(cls, options: SourceOptions, *, retry: RetryPolicy | None = None) -> DirectIOSettings:
@@ -325,13 +337,14 @@ class DirectIOClient:
             )
         if not access_key_id or not secret_access_key:
             raise ConfigError("Direct IO needs an access key id and a secret access key")
-        # /directio sits at the host root, whatever path the user gave (protocol notes 2.1).
+        # /directio sits at the host root, whatever path the user gave (docs/ctera-direct-io.md §2.1).
         self.portal_url = str(url.copy_with(path="/", query=None, fragment=None, username=None, password=None))
         self._access_key_id = access_key_id
         self._secret_access_key = secret_access_key
         self._transports = (portal_transport, storage_transport)
         self._portal: httpx.AsyncClient | None = None
         self._storage: httpx.AsyncClient | None = None
+        self._getter: BlockingGetter | None = None  # block GETs in worker threads (block_transfer="curl")
         # (file id, version) -> block list of an opened version; touched only from the trio thread, between awaits.
         self._opened: cachetools.TTLCache[tuple[str, str], FileMetadata] | None = None
         if self.settings.metadata_cache_seconds > 0 and self.settings.metadata_cache_chunks > 0:
@@ -366,6 +379,7 @@ class DirectIOClient:
 
                 nursery.start_soon(build_portal)
                 self._storage = await trio.to_thread.run_sync(storage)
+                self._getter = await trio.to_thread.run_sync(self._block_getter)  # loads the CA paths: a thread too
         except BaseExceptionGroup as group:
             with trio.CancelScope(shield=True):
                 await self.aclose()  # the client that was built
@@ -375,9 +389,18 @@ class DirectIOClient:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
 
+    def _block_getter(self) -> BlockingGetter | None:
+        """The worker-thread GET engine for block objects, or None for the httpx path (see ``block_transfer``)."""
+        if self.settings.block_transfer != "curl" or self._transports[1] is not None:
+            return None
+        return BlockingGetter(self.settings.storage, headers={"Accept-Encoding": "identity"})
+
     async def aclose(self) -> None:
         clients = [c for c in (self._portal, self._storage) if c is not None]
         self._portal = self._storage = None
+        getter, self._getter = self._getter, None
+        if getter is not None:
+            getter.close()
         for client in clients:
             await client.aclose()
 
@@ -545,25 +568,34 @@ class DirectIOClient:
         sent one, against its MD5; or None when storage refused the URL with 403/400 (an expired presigned URL: the
         caller refreshes the block list).
 
-        The digest check and ``decode`` run as *one* codec job (one thread hop per block instead of two: every hop
-        waits for the busy trio thread twice, to resume the task and to start the next job, and meanwhile a codec
-        thread idles). The digest is still checked before a single byte is decoded. A digest mismatch downloads
-        the object once more (a damaged transfer is usually transient) and then raises ``BlockDigestError``: a
-        damaged object is never decoded, so never cached."""
+        With the curl transfer, GET, digest check and ``decode`` run as *one* job in a worker thread per attempt
+        (``_block_job``): the trio thread schedules it and wakes once. With httpx, the GET runs on the trio thread
+        and the digest check plus ``decode`` as one codec job. Either way the digest is checked before a single byte
+        is decoded. A digest mismatch downloads the object once more (a damaged transfer is usually transient) and
+        then raises ``BlockDigestError``: a damaged object is never decoded, so never cached."""
         what = f"GET {redact_url(chunk.url)}"
+        verify = self.settings.verify_storage_digest
+        source = "digest"
         for attempt_number in (1, 2):
-            reply = await self._download(chunk, info, what)
-            if reply is None:
-                return None
-            expected = storage_md5(reply.headers) if self.settings.verify_storage_digest else None
-            body = reply.body
-            if expected is None:
-                return await run_codec(partial(decode, body), input_bytes=len(body))
-            digest, source = expected
-            work = partial(_verified_decode, body, digest, decode)
-            decoded = await run_codec(work, input_bytes=len(body))
-            if decoded is not None:
-                return decoded
+            if self._getter is not None:
+                job = await self._download_job(chunk, info, what, decode)
+                if job is None:
+                    return None
+                if job.data is not None:
+                    return job.data
+                source = job.digest_source or source
+            else:
+                reply = await self._download(chunk, info, what)
+                if reply is None:
+                    return None
+                expected = storage_md5(reply.headers) if verify else None
+                body = reply.body
+                if expected is None:
+                    return await run_codec(partial(decode, body), input_bytes=len(body))
+                digest, source = expected
+                decoded = await run_codec(partial(_verified_decode, body, digest, decode), input_bytes=len(body))
+                if decoded is not None:
+                    return decoded
             log.warning("%s: object does not match its %s (attempt %d)", what, source, attempt_number)
         raise BlockDigestError(
             f"downloaded object does not match its {source} twice ({what}); if this store's ETag is not an MD5, "
@@ -571,21 +603,36 @@ class DirectIOClient:
             block=info,
         )
 
-    async def _download(self, chunk: Chunk, info: BlockInfo, what: str) -> _Reply | None:
-        _, storage = self._clients()
-        # Upper bound of an honest object: snappy's worst case is 32 + n + n/6, gzip's is smaller, plus the
-        # 1-byte header, IV, PKCS#7 block and Azure MD5. Anything longer is not this block.
-        limit = chunk.length + chunk.length // 5 + 4096
+    async def _download_job(
+        self, chunk: Chunk, info: BlockInfo, what: str, decode: Callable[[bytearray], Plaintext]
+    ) -> _JobResult | None:
+        """One block through worker-thread jobs, retried like every request (``send_with_retries``): the job's
+        result, or None for 403/400 (expired URL)."""
+        getter = self._getter
+        assert getter is not None
+        limit = _object_limit(chunk)
+        policy = self.settings.retry
+        deadline = trio.current_time() + policy.total_budget_seconds
+        verify = self.settings.verify_storage_digest
 
-        async def attempt() -> _Reply:
-            async with storage.stream("GET", chunk.url) as response:
-                if response.status_code != 200:
-                    return _Reply(response.status_code, response.headers, bytearray())
-                return _Reply(200, response.headers, await _read_limited(response, limit))
+        async def attempt() -> _JobResult:
+            # The thread's own deadline is what is left of the operation's budget: an abandoned job ends with it.
+            remaining = max(0.001, deadline - trio.current_time())
+            return await run_job(partial(_block_job, getter, chunk.url, limit, remaining, verify, decode))
 
+        reply = await self._with_transport_errors(attempt, info, what)
+        if reply.status_code in (400, 403):
+            log.debug("%s: HTTP %d (expired URL?)", what, reply.status_code)
+            return None
+        if reply.status_code != 200:
+            raise DownloadError(f"storage answered HTTP {reply.status_code} ({what})", block=info)
+        return reply
+
+    async def _with_transport_errors(self, attempt: Callable[[], Awaitable[R]], info: BlockInfo, what: str) -> R:
+        """``send_with_retries(attempt)`` with transport failures mapped to the block errors of the tree."""
         try:
-            reply = await send_with_retries(attempt, policy=self.settings.retry, what=what)
-        except _Overlong as exc:
+            return await send_with_retries(attempt, policy=self.settings.retry, what=what)
+        except (_Overlong, BodyTooLarge) as exc:
             raise DownloadError(f"object of {exc.size}+ bytes is too large for this block", block=info) from None
         except httpx.TimeoutException as exc:
             raise DownloadTimeout(f"Timed out downloading block ({what})", block=info) from exc
@@ -593,6 +640,19 @@ class DirectIOClient:
             raise DownloadConnectionError(
                 f"Connection error downloading block ({what}): {describe_transport_error(exc)}", block=info
             ) from exc
+
+    async def _download(self, chunk: Chunk, info: BlockInfo, what: str) -> _Reply | None:
+        """The object over httpx on the trio thread (``block_transfer="httpx"``), or None for 403/400."""
+        _, storage = self._clients()
+        limit = _object_limit(chunk)
+
+        async def attempt() -> _Reply:
+            async with storage.stream("GET", chunk.url) as response:
+                if response.status_code != 200:
+                    return _Reply(response.status_code, response.headers, bytearray())
+                return _Reply(200, response.headers, await _read_limited(response, limit))
+
+        reply = await self._with_transport_errors(attempt, info, what)
         if reply.status_code in (400, 403):
             log.debug("%s: HTTP %d (expired URL?)", what, reply.status_code)
             return None
@@ -606,6 +666,42 @@ class _Reply:
     status_code: int
     headers: httpx.Headers
     body: bytearray
+
+
+@dataclass(frozen=True, slots=True)
+class _JobResult:
+    """What one block job hands back to the trio thread: the reply's status and headers (for the retry loop), and
+    the decoded block, or the name of the digest the object failed (``data`` None then)."""
+
+    status_code: int
+    headers: httpx.Headers
+    data: Plaintext | None = None
+    digest_source: str | None = None
+
+
+def _object_limit(chunk: Chunk) -> int:
+    """Upper bound of an honest object: snappy's worst case is 32 + n + n/6, gzip's is smaller, plus the 1-byte
+    header, IV, PKCS#7 block and Azure MD5. Anything longer is not this block."""
+    return chunk.length + chunk.length // 5 + 4096
+
+
+def _block_job(
+    getter: BlockingGetter,
+    url: str,
+    limit: int,
+    timeout_seconds: float,
+    verify_digest: bool,
+    decode: Callable[[bytearray], Plaintext],
+) -> _JobResult:
+    """One attempt at one block, in a worker thread: GET, digest check, decode. Raises what ``getter.get`` raises
+    (httpx exception classes, ``BodyTooLarge``) and the codec's ``BlockError`` subclasses."""
+    reply = getter.get(url, limit_bytes=limit, timeout_seconds=timeout_seconds)
+    if reply.status_code != 200:
+        return _JobResult(reply.status_code, reply.headers)
+    expected = storage_md5(reply.headers) if verify_digest else None
+    if expected is not None and _md5(reply.body) != expected[0]:
+        return _JobResult(200, reply.headers, digest_source=expected[1])
+    return _JobResult(200, reply.headers, decode(reply.body))
 
 
 class _Overlong(Exception):
