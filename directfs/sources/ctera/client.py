@@ -1,37 +1,26 @@
-"""CTERA Direct IO client: block lists from the Portal, blocks straight from object storage (trio + httpx).
+"""CTERA Direct IO client: block lists from the Portal, blocks straight from object storage.
 
-Public API (see the README, "Python API")::
-
-    async with DirectIO(portal_url, access_key_id, secret_access_key) as dio:
-        meta = await dio.metadata(file_id)                        # FileMetadata: chunks, size, flags
-        f = await dio.open(file_id)                               # DirectIOFile: an OpenFile for the filesystem
-        async with dio.blocks(file_id, max_workers=8) as blocks:  # whole blocks, as they complete
-            async for block in blocks: ...
-        async with dio.streamer(file_id, ByteRange(0, 99)) as stream:  # bytes in order, trimmed to the range
-            async for fragment in stream: ...
-
-Protocol: ``docs/ctera-direct-io.md`` §2 (metadata), §5 (block GETs) and §11 (defects of cterasdk we do
-not copy: no retries of 400/401/403/422, 403 from storage refreshes the URLs, reads past EOF are empty, bounded
-workers and back-pressure).
+``DirectIOClient`` is the protocol: ``metadata(file_id)`` (the block list, paged, with the unwrapped file key) and
+``open(file_id)`` (a :class:`DirectIOFile`, the ``OpenFile`` the block engine reads). The public Python API
+(``directfs.api.DirectIO``: Blocks and Streamer over the engine) builds on it; the mount's CTERA source uses it
+directly. Protocol: ``docs/ctera-direct-io.md`` §2 (metadata), §5 (block GETs) and §11 (defects of cterasdk we do
+not copy: no retries of 400/401/403/422, 403 from storage refreshes the URLs, reads past EOF are empty).
 
 Concurrency rules (trio):
 
-* One ``DirectIO`` owns two httpx clients (Portal, storage); every task of the run may share them.
+* One client owns two httpx clients (Portal, storage) and one :class:`~directfs.transfer.BlockingGetter` (block GETs
+  in worker threads); every task of the run may share them.
 * Every request runs under ``RetryPolicy.total_budget_seconds`` (see ``directfs.http.send_with_retries``) on top of
-  the per-socket connect/read timeouts: no network call is without a deadline.
+  the per-socket connect/read timeouts: no network call is without a deadline. A block job in a worker thread gets
+  what is left of that budget as its own deadline, so a job abandoned by a cancelled caller still ends in time.
 * ``DirectIOFile`` holds one metadata snapshot at a time. A block fetch reads the snapshot once and uses its URL and
   key together. URL refresh (storage 403/400) is single-flight: a lock plus a generation counter, so N fetches that
   hit an expired URL at once cause one Portal call; a fetch refreshes at most once.
-* Decoding runs through ``directfs.workers.run_codec`` (threads above a size threshold), as one job per block: the
-  storage digest check, then decrypt + decompress (each extra hop costs two waits for the trio thread).
-* ``__aenter__`` builds both HTTP clients in worker threads (their TLS contexts load the CA bundle) and, unless
-  ``DirectIOSettings.tune_allocator`` is off, applies ``directfs.engine.allocator.tune_allocator`` (process-wide).
-* ``blocks()`` and ``streamer()`` are async context managers that own a nursery; the iterator object they expose never
-  yields from inside a nursery. A window of ``max_workers`` tokens is taken before a block's fetch starts and given
-  back only when the consumer has taken the block, so at most ``max_workers`` blocks are in flight or buffered
-  (back-pressure), and blocks start in file order (lower offsets first). Fetch errors travel as values to the
-  consumer and are raised at the point of iteration (the streamer wraps them in ``StreamError`` with the exact resume
-  offset); leaving the ``async with`` cancels outstanding fetches.
+* Per block attempt, one job in a worker thread (``directfs.workers.run_job``): GET, the storage digest check, then
+  decrypt + decompress + length check (``_block_job``). The trio thread schedules it and is woken once. With
+  ``block_transfer="httpx"`` the GET runs on the trio thread and digest + decode as one codec job.
+* ``__aenter__`` builds the HTTP clients and the getter in worker threads (their TLS setup loads the CA bundle).
+  The allocator tuning is the engine's (``directfs.engine.allocator``), applied by the API and the mount.
 """
 
 from __future__ import annotations
