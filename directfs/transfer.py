@@ -61,7 +61,7 @@ import re
 import ssl
 import threading
 import weakref
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -124,6 +124,7 @@ _X509_V_ERR_IP_ADDRESS_MISMATCH: Final = 64
 BUFFER_SIZE: Final = 64 * 1024
 
 _NO_BODY_STATUSES: Final = frozenset({204, 304})
+_BODY_STATUSES: Final = frozenset({200})  # statuses whose body get() reads, unless told otherwise
 
 # An OpenSSL error in libcurl's text: "error:<code>:<library> routines:<function>:<reason>".
 _OPENSSL_ERROR: Final = re.compile(r"error:[0-9A-Fa-f]+:([^:]*):[^:]*:(.+)$")
@@ -152,21 +153,25 @@ class BodyTooLarge(Exception):
 class _Reply:
     """Per-handle parse state filled by libcurl's header callback; holds no reference to the handle (no cycle)."""
 
-    __slots__ = ("done", "fields", "limit", "status", "stopped")
+    __slots__ = ("body_statuses", "done", "error_prefix", "fields", "limit", "status", "stopped")
 
     def __init__(self) -> None:
         self.status = 0
         self.fields: list[tuple[bytes, bytes]] = []
         self.done = False  # the final header block ended: later lines are chunked trailers (ignored, as by httpx)
-        self.stopped = False  # we stopped the transfer before a non-200 body
+        self.stopped = False  # we stopped the transfer before (or in) a body we do not want whole
         self.limit = 0
+        self.body_statuses: frozenset[int] = _BODY_STATUSES
+        self.error_prefix = 0  # bytes of another status's body to keep (0: stop before it)
 
-    def reset(self, limit: int) -> None:
+    def reset(self, limit: int, body_statuses: frozenset[int], error_prefix: int) -> None:
         self.status = 0
         self.fields = []
         self.done = False
         self.stopped = False
         self.limit = limit
+        self.body_statuses = body_statuses
+        self.error_prefix = error_prefix
 
     def header(self, line: bytes) -> int | None:
         """libcurl's HEADERFUNCTION: one raw line each call (status line, fields, the blank line, trailers)."""
@@ -181,7 +186,7 @@ class _Reply:
             if 100 <= self.status < 200:
                 return None  # an interim reply; the final one follows
             self.done = True
-            if self.status != 200 and self._may_have_body():
+            if self.status not in self.body_statuses and not self.error_prefix and self._may_have_body():
                 self.stopped = True
                 return 0  # != len(line): libcurl aborts (CURLE_WRITE_ERROR) before reading the body
             return None
@@ -293,7 +298,7 @@ class BlockingGetter:
             (pycurl.HTTP_CONTENT_DECODING, 0),  # raw bytes (chunked framing is still undone)
             (pycurl.TCP_NODELAY, 1),
             (pycurl.BUFFERSIZE, BUFFER_SIZE),
-            (pycurl.HTTPHEADER, _header_lines(headers)),
+            (pycurl.HTTPHEADER, _header_lines(headers)),  # per call, get(headers=...) adds to these
             (pycurl.CONNECTTIMEOUT_MS, math.ceil(settings.connect_timeout_seconds * 1000)),
             (pycurl.LOW_SPEED_LIMIT, 1),
             (pycurl.LOW_SPEED_TIME, max(1, math.ceil(settings.read_timeout_seconds))),
@@ -306,6 +311,8 @@ class BlockingGetter:
             options.append((pycurl.PROXY, ""))  # "" ignores http_proxy/https_proxy/all_proxy/no_proxy
         self._options = options
         self._unset = unset
+        self._headers = dict(headers or {})
+        self._header_lines = _header_lines(headers)
         self._local = threading.local()
         self._lock = threading.Lock()
         self._handles: weakref.WeakSet[_Handle] = weakref.WeakSet()
@@ -328,14 +335,26 @@ class BlockingGetter:
             if self._closed:
                 handle.close()
 
-    def get(self, url: str, *, limit_bytes: int, timeout_seconds: float) -> RawReply:
+    def get(
+        self,
+        url: str,
+        *,
+        limit_bytes: int,
+        timeout_seconds: float,
+        headers: Mapping[str, str] | None = None,
+        body_statuses: frozenset[int] = _BODY_STATUSES,
+        error_body_bytes: int = 0,
+    ) -> RawReply:
         """GET ``url`` within ``timeout_seconds`` in all (connect, request, body).
 
-        Returns status and headers, with the body for status 200 (empty otherwise: error bodies are not read, and the
-        connection is closed instead of drained). Raises :class:`BodyTooLarge` when a 200 declares or sends more than
-        ``limit_bytes``, and ``httpx`` transport exceptions (``ConnectError``, ``ConnectTimeout``, ``ReadTimeout``,
-        ``ReadError``, ``RemoteProtocolError``, ...) as the httpx path would; TLS failures are ``ConnectError`` caused
-        by an ``ssl.SSLError`` (``ssl.SSLCertVerificationError`` for a refused certificate).
+        Returns status and headers, with the body for a status in ``body_statuses`` (200; ranged GETs add 206). Other
+        statuses' bodies are not read (the connection is closed instead of drained), or only their first
+        ``error_body_bytes`` (enough to recognise an S3 error code). ``headers`` are sent with this request on top of
+        the getter's own (a signature, ``Range``, ``If-Match``). Raises :class:`BodyTooLarge` when a wanted body
+        declares or sends more than ``limit_bytes`` (before reading it, when it is declared), and ``httpx`` transport
+        exceptions (``ConnectError``, ``ConnectTimeout``, ``ReadTimeout``, ``ReadError``, ``RemoteProtocolError``,
+        ...) as the httpx path would; TLS failures are ``ConnectError`` caused by an ``ssl.SSLError``
+        (``ssl.SSLCertVerificationError`` for a refused certificate).
         """
         scheme = url[:8].lower()
         if not (scheme.startswith("http://") or scheme.startswith("https://")):
@@ -344,27 +363,47 @@ class BlockingGetter:
             raise ValueError("limit_bytes must be positive")  # libcurl reads 0 as "no limit"
         if not timeout_seconds > 0:
             raise httpx.ConnectTimeout("no time left for the request")
+        if error_body_bytes < 0:
+            raise ValueError("error_body_bytes must not be negative")
+        request_headers = _header_lines({**self._headers, **headers}) if headers else None
         handle = self._handle()
         try:
-            return self._perform(handle, url, limit_bytes, timeout_seconds)
+            return self._perform(
+                handle, url, limit_bytes, timeout_seconds, request_headers, body_statuses, error_body_bytes
+            )
         finally:
             self._release(handle)
 
-    def _perform(self, handle: _Handle, url: str, limit: int, timeout_seconds: float) -> RawReply:
+    def _perform(
+        self,
+        handle: _Handle,
+        url: str,
+        limit: int,
+        timeout_seconds: float,
+        request_headers: list[str] | None,
+        body_statuses: frozenset[int],
+        error_prefix: int,
+    ) -> RawReply:
         curl = handle.curl
         reply = handle.reply
-        reply.reset(limit)
+        reply.reset(limit, body_statuses, error_prefix)
         body = bytearray()
         curl.setopt(pycurl.URL, url)
         curl.setopt(pycurl.TIMEOUT_MS, max(1, math.ceil(timeout_seconds * 1000)))
         curl.setopt(pycurl.MAXFILESIZE_LARGE, limit)
-        curl.setopt(pycurl.WRITEFUNCTION, body.extend)  # a C method: no Python frame per 16 KiB piece
+        if request_headers is not None:
+            curl.setopt(pycurl.HTTPHEADER, request_headers)
+        if error_prefix:
+            curl.setopt(pycurl.WRITEFUNCTION, _prefix_writer(body, reply))
+        else:
+            curl.setopt(pycurl.WRITEFUNCTION, body.extend)  # a C method: no Python frame per 16 KiB piece
         try:
             curl.perform()
         except pycurl.error as exc:
             code, message = _error_args(exc)
-            if reply.stopped or (code == _E_FILESIZE_EXCEEDED and reply.status != 200):
-                return RawReply(reply.status, httpx.Headers(reply.fields), bytearray())
+            if reply.stopped or (code == _E_FILESIZE_EXCEEDED and reply.status not in body_statuses):
+                kept = body[:error_prefix] if reply.status not in body_statuses else bytearray()
+                return RawReply(reply.status, httpx.Headers(reply.fields), kept)
             if code == _E_FILESIZE_EXCEEDED:
                 declared = reply.declared_length()
                 raise BodyTooLarge(declared if declared is not None else max(len(body), limit + 1)) from None
@@ -372,9 +411,11 @@ class BlockingGetter:
             raise error from (error.__cause__ or exc)
         finally:
             curl.setopt(pycurl.WRITEFUNCTION, _discard)  # drop the reference to this call's buffer
+            if request_headers is not None:
+                curl.setopt(pycurl.HTTPHEADER, self._header_lines)  # the getter's own again, for the next call
         status = int(curl.getinfo(pycurl.RESPONSE_CODE))
-        if status != 200:
-            return RawReply(status, httpx.Headers(reply.fields), bytearray())
+        if status not in body_statuses:
+            return RawReply(status, httpx.Headers(reply.fields), body[:error_prefix])
         if len(body) > limit:  # libcurl before 8.4 let a body without Content-Length grow past MAXFILESIZE
             raise BodyTooLarge(len(body))
         return RawReply(status, httpx.Headers(reply.fields), body)
@@ -392,6 +433,24 @@ class BlockingGetter:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def _prefix_writer(body: bytearray, reply: _Reply) -> Callable[[bytes], int | None]:
+    """A write callback that keeps a wanted body whole and only the first ``reply.error_prefix`` bytes of any other
+    (then stops the transfer: a Python frame per 16 KiB piece, so used only when an error prefix is asked for)."""
+
+    def write(data: bytes) -> int | None:
+        if reply.status in reply.body_statuses:
+            body.extend(data)
+            return None
+        room = reply.error_prefix - len(body)
+        body.extend(data[:room])
+        if len(data) < room:
+            return None
+        reply.stopped = True
+        return 0  # != len(data): libcurl stops (CURLE_WRITE_ERROR) with the prefix in hand
+
+    return write
 
 
 def _discard(data: bytes) -> None:

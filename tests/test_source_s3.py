@@ -22,6 +22,7 @@ from directfs.errors import (
     StaleFileError,
 )
 from directfs.sources.s3 import create
+from directfs.transfer import BlockingGetter
 
 from .support.mountd import mounted
 from .support.seaweed import SeaweedFS, start_seaweed
@@ -70,6 +71,7 @@ async def test_listing_stat_and_bytes(aws_env: SeaweedFS, weed: tuple[SeaweedFS,
     source = create(f"s3://{BUCKET}/data", options(endpoint_url=aws_env.endpoint))
     try:
         await check_tree(source, weed[1])
+        assert isinstance(source._getter, BlockingGetter)  # the bytes above came through worker-thread GETs (libcurl)
         assert (await source.stat("")).is_dir
         assert (await source.stat("sub dir")).is_dir
         assert (await source.stat("sub dir/deeper")).is_dir

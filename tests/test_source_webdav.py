@@ -17,6 +17,7 @@ from directfs.errors import (
 )
 from directfs.sources.base import Credentials
 from directfs.sources.webdav import create
+from directfs.transfer import BlockingGetter
 
 from .support.mountd import mounted
 from .support.nginx import NginxDav, start_nginx
@@ -40,6 +41,7 @@ async def test_listing_stat_and_bytes(nginx: NginxDav, tree: tuple[Path, dict[st
     source = create(f"webdav://{nginx.host}/open/", options())
     try:
         await check_tree(source, tree[1])
+        assert isinstance(source._getter, BlockingGetter)  # the bytes above came through worker-thread GETs (libcurl)
         assert (await source.stat("")).is_dir
         assert (await source.stat("sub dir")).is_dir
         assert (await source.stat("many.bin")).size == 5 * BLOCK + 7

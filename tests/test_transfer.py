@@ -721,3 +721,60 @@ async def test_retry_helper_retries_resets_and_fails_fast_on_tls(
     with pytest.raises(httpx.ConnectError):
         await send_with_retries(attempt_for(tls.url()), policy=policy, what="GET test")
     assert tls.accepted == 1  # not retried
+
+
+# --- per-request headers, ranged replies, error-body prefixes (the plain stores' ranged GETs) ---
+
+
+def test_per_request_headers_are_sent_once_and_do_not_stick(
+    serve: Callable[..., Server], getter: Callable[..., BlockingGetter]
+) -> None:
+    server = serve(keep_alive(serve_objects))
+    made = getter(headers={"X-Base": "1"})
+    made.get(server.url(), limit_bytes=1 << 20, timeout_seconds=10, headers={"Range": "bytes=0-9", "X-Base": "2"})
+    made.get(server.url(), limit_bytes=1 << 20, timeout_seconds=10)
+    first, second = (head.decode().lower().split("\r\n") for head in server.requests)
+    assert "range: bytes=0-9" in first and "x-base: 2" in first and "x-base: 1" not in first
+    assert not any(line.startswith("range:") for line in second)
+    assert "x-base: 1" in second and "accept-encoding: identity" in second
+    with pytest.raises(ValueError, match="invalid header"):
+        made.get(server.url(), limit_bytes=10, timeout_seconds=10, headers={"Range": "a\nb"})
+
+
+def test_a_206_body_is_read_when_asked_for(serve: Callable[..., Server], getter: Callable[..., BlockingGetter]) -> None:
+    data = body_for(b"/r", 1000)
+
+    def partial(head: bytes) -> bytes:
+        return (
+            b"HTTP/1.1 206 Partial Content\r\nContent-Range: bytes 10-509/1000\r\nContent-Length: 500\r\n\r\n"
+            + (data[10:510])
+        )
+
+    server = serve(keep_alive(partial))
+    made = getter()
+    assert made.get(server.url(), limit_bytes=500, timeout_seconds=10).body == b""  # 206 not asked for: no body
+    reply = made.get(server.url(), limit_bytes=500, timeout_seconds=10, body_statuses=frozenset({200, 206}))
+    assert reply.status_code == 206 and reply.body == data[10:510]
+    # A server that ignores Range and sends the whole object is refused from its Content-Length, before the body.
+    whole = serve(keep_alive(lambda head: ok(data)))
+    with pytest.raises(BodyTooLarge) as caught:
+        made.get(whole.url(), limit_bytes=500, timeout_seconds=10, body_statuses=frozenset({200, 206}))
+    assert caught.value.size == 1000
+
+
+def test_an_error_body_prefix_is_kept_only_when_asked(
+    serve: Callable[..., Server], getter: Callable[..., BlockingGetter]
+) -> None:
+    error = b"<Error><Code>InvalidObjectState</Code></Error>" + b" " * 200_000
+
+    def refuse(head: bytes) -> bytes:
+        return b"HTTP/1.1 403 Forbidden\r\nContent-Length: %d\r\n\r\n" % len(error) + error
+
+    server = serve(keep_alive(refuse))
+    made = getter()
+    assert made.get(server.url(), limit_bytes=1 << 20, timeout_seconds=10).body == b""
+    reply = made.get(server.url(), limit_bytes=1 << 20, timeout_seconds=10, error_body_bytes=64)
+    assert reply.status_code == 403 and bytes(reply.body) == error[:64]
+    ok_server = serve(keep_alive(serve_objects))  # a wanted body is still read whole with a prefix asked for
+    reply = made.get(ok_server.url("/w"), limit_bytes=1 << 20, timeout_seconds=10, error_body_bytes=64)
+    assert reply.status_code == 200 and reply.body == body_for(b"/w")

@@ -14,12 +14,15 @@ makes the read wait and ask again until the staging deadline, then ``DataNotOnli
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Final
 
 import httpx
+import trio
 
 from ..errors import (
     BlockInfo,
@@ -33,6 +36,8 @@ from ..errors import (
     StaleFileError,
 )
 from ..http import RetryPolicy, redact_url, send_with_retries
+from ..transfer import BlockingGetter, BodyTooLarge
+from ..workers import run_job
 from .base import BlockLayout
 from .nearline import ERROR_BODY_BYTES, StagingPolicy, StagingWait, not_online_hint
 
@@ -66,8 +71,10 @@ class RangeFile:
         headers: HeaderFactory | None = None,
         on_unauthorized: Callable[[], Awaitable[bool]] | None = None,
         staging: StagingPolicy | None = None,
+        getter: BlockingGetter | None = None,
     ) -> None:
         self._client = client
+        self._getter = getter  # GETs in worker threads (libcurl); None: httpx on the trio thread
         self._url = url
         self._layout = layout
         self._name = name  # what errors and logs call this file (a path, never a URL with a query)
@@ -138,12 +145,20 @@ class RangeFile:
         return reply.content
 
     async def _get(self, start: int, length: int, info: BlockInfo) -> _Body:
+        getter = self._getter
+        deadline = trio.current_time() + self._policy.total_budget_seconds
+
         async def attempt() -> _Body:
             headers = dict(await self._headers()) if self._headers is not None else {}
             headers["Range"] = f"bytes={start}-{start + length - 1}"
             headers["Accept-Encoding"] = "identity"  # byte offsets are of the stored bytes, not of a re-encoding
             if self._etag:
                 headers["If-Match"] = self._etag
+            if getter is not None:
+                # One job in a worker thread; its own deadline is what is left of the operation's budget. The body
+                # limit is the range: a server that ignores Range is refused from its Content-Length, unread.
+                remaining = max(0.001, deadline - trio.current_time())
+                return await run_job(functools.partial(_threaded_get, getter, self._url, headers, length, remaining))
             async with self._client.stream("GET", self._url, headers=headers) as response:
                 if response.status_code not in (200, 206):
                     # A small prefix of an error body: enough to recognise S3's InvalidObjectState (nearline).
@@ -164,9 +179,31 @@ class RangeFile:
 
         try:
             return await send_with_retries(attempt, policy=self._policy, what=f"GET {redact_url(self._url)}")
+        except BodyTooLarge as exc:
+            raise DownloadError(
+                f"the server sent {exc.size}+ bytes for a range of {length} (it ignored the Range header?)", block=info
+            ) from None
         except httpx.TimeoutException as exc:
             raise DownloadTimeout(block=info) from exc
         except (httpx.NetworkError, httpx.RemoteProtocolError, httpx.ProxyError) as exc:
             raise DownloadConnectionError(block=info) from exc
         except httpx.HTTPError as exc:
             raise DownloadError(f"{type(exc).__name__} from {redact_url(self._url)}", block=info) from exc
+
+
+_RANGE_STATUSES: Final = frozenset({200, 206})
+
+
+def _threaded_get(getter: BlockingGetter, url: str, headers: dict[str, str], length: int, timeout: float) -> _Body:
+    """One ranged GET in a worker thread: the body of a 200/206 (at most ``length`` bytes, else ``BodyTooLarge``),
+    or a small prefix of an error body (enough to recognise S3's InvalidObjectState)."""
+    reply = getter.get(
+        url,
+        limit_bytes=length,
+        timeout_seconds=timeout,
+        headers=headers,
+        body_statuses=_RANGE_STATUSES,
+        error_body_bytes=ERROR_BODY_BYTES,
+    )
+    content = reply.body if reply.status_code in _RANGE_STATUSES else bytes(reply.body)
+    return _Body(reply.status_code, reply.headers, content)

@@ -51,6 +51,7 @@ from ..errors import (
     PermissionDeniedError,
 )
 from ..http import RetryPolicy, build_client, is_loopback_host, redact_url
+from ..transfer import BlockingGetter
 from .base import Credentials, Entry, OpenFile, SourceOptions, valid_name
 from .nearline import StagingPolicy
 from .web import HTTPAuth, Reply, http_mtime_ns, http_settings, plain_file, request
@@ -171,6 +172,8 @@ class S3Source:
         self._retry = RetryPolicy()
         self._staging = StagingPolicy(deadline_seconds=options.staging_deadline_seconds)
         self._client: httpx.AsyncClient | None = None
+        self._built_client: httpx.AsyncClient | None = None  # the client _http() made (not one a test put in place)
+        self._getter: BlockingGetter | None = None  # object data: GETs in worker threads (built on first open)
         self._credentials: Any = None  # botocore Credentials, resolved on first use
         self._frozen: Any = None
         self._credentials_lock = trio.Lock()
@@ -183,10 +186,13 @@ class S3Source:
 
     def _http(self) -> httpx.AsyncClient:
         if self._client is None:
-            self._client = build_client(self._settings)
+            self._client = self._built_client = build_client(self._settings)
         return self._client
 
     async def aclose(self) -> None:
+        getter, self._getter = self._getter, None
+        if getter is not None:
+            getter.close()
         if self._client is not None:
             await self._client.aclose()
             self._client = None
@@ -354,9 +360,15 @@ class S3Source:
     # --- data ---
 
     async def open(self, path: str, entry: Entry) -> OpenFile:
-        await trio.lowlevel.checkpoint()
         if entry.is_dir:
+            await trio.lowlevel.checkpoint()
             raise IsADirectory(filename=path)
+        if self._getter is None and self._client is self._built_client:
+            # File data in worker threads on libcurl. A client someone put in place (tests: httpx.MockTransport)
+            # keeps everything on httpx.
+            self._getter = await trio.to_thread.run_sync(BlockingGetter, self._settings)  # TLS setup: a thread
+        else:
+            await trio.lowlevel.checkpoint()
         url = self._object_url(self._key(path))
 
         async def headers() -> dict[str, str]:
@@ -372,6 +384,7 @@ class S3Source:
             auth=None,
             staging=self._staging,
             headers=headers,
+            getter=self._getter,
         )
 
 

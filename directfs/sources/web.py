@@ -53,6 +53,7 @@ from ..errors import (
     PermissionDeniedError,
 )
 from ..http import HTTPSettings, RetryPolicy, build_client, is_loopback_host, redact_url, send_with_retries
+from ..transfer import BlockingGetter
 from .base import BlockLayout, Credentials, Entry, OpenFile, SourceOptions, valid_name
 from .httprange import RangeFile
 from .nearline import StagingPolicy
@@ -350,6 +351,8 @@ class PlainHTTPStore(abc.ABC):
         self._retry = RetryPolicy()
         self._staging = StagingPolicy(deadline_seconds=options.staging_deadline_seconds)
         self._client: httpx.AsyncClient | None = None
+        self._built_client: httpx.AsyncClient | None = None  # the client _http() made (not one a test put in place)
+        self._getter: BlockingGetter | None = None  # file data: GETs in worker threads (built on first open)
 
     @abc.abstractmethod
     def _file_url(self, path: str) -> str:
@@ -357,18 +360,27 @@ class PlainHTTPStore(abc.ABC):
 
     def _http(self) -> httpx.AsyncClient:
         if self._client is None:
-            self._client = build_client(self._settings)
+            self._client = self._built_client = build_client(self._settings)
         return self._client
 
     async def aclose(self) -> None:
+        getter, self._getter = self._getter, None
+        if getter is not None:
+            getter.close()
         if self._client is not None:
             await self._client.aclose()
             self._client = None
 
     async def open(self, path: str, entry: Entry) -> OpenFile:
-        await trio.lowlevel.checkpoint()
         if entry.is_dir:
+            await trio.lowlevel.checkpoint()
             raise IsADirectory(filename=path)
+        if self._getter is None and self._client is self._built_client:
+            # File data in worker threads on libcurl. A client someone put in place (tests: httpx.MockTransport)
+            # keeps everything on httpx.
+            self._getter = await trio.to_thread.run_sync(BlockingGetter, self._settings)  # TLS setup: a thread
+        else:
+            await trio.lowlevel.checkpoint()
         return plain_file(
             self._http(),
             self._file_url(path),
@@ -378,6 +390,7 @@ class PlainHTTPStore(abc.ABC):
             policy=self._retry,
             auth=self._auth,
             staging=self._staging,
+            getter=self._getter,
         )
 
 
@@ -537,8 +550,10 @@ def plain_file(
     auth: HTTPAuth | None,
     staging: StagingPolicy,
     headers: Callable[[], Awaitable[dict[str, str]]] | None = None,
+    getter: BlockingGetter | None = None,
 ) -> RangeFile:
-    """The ``OpenFile`` of a plain store: fixed blocks, strict ranged GETs, If-Match with the entry's ETag."""
+    """The ``OpenFile`` of a plain store: fixed blocks, strict ranged GETs, If-Match with the entry's ETag; with a
+    ``getter``, the GETs run in worker threads on libcurl (``directfs.transfer``)."""
     etag = dict(entry.xattrs).get("user.etag")
     return RangeFile(
         client,
@@ -550,6 +565,7 @@ def plain_file(
         headers=headers or (auth.headers if auth is not None else None),
         on_unauthorized=auth.refresh if auth is not None else None,
         staging=staging,
+        getter=getter,
     )
 
 
