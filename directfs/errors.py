@@ -2,47 +2,63 @@
 
 Every class is an ``OSError`` whose ``errno`` says what a POSIX caller sees; the FUSE adapter maps any
 ``DirectFSError`` to ``FUSEError(exc.errno)`` in one place (``directfs.fuse_ops``), and the Python API raises
-them as they are. The names of the Direct IO classes follow cterasdk's (``cterasdk/exceptions/direct.py``)
-so users of both recognise them; the errnos follow ``docs/ctera-direct-io.md`` §7, with the fixes of §11
-(403 from the Portal is ``AuthorizationError``, a length mismatch is ``BlockValidationError``).
+them as they are. Nothing else leaves the package on purpose: a bad argument is ``InvalidArgumentError`` and a bad
+setting ``ConfigError``, never a ``ValueError``. The names of the Direct IO classes follow cterasdk's
+(``cterasdk/exceptions/direct.py``) so users of both recognise them; the errnos follow
+``docs/ctera-direct-io.md`` §7, with the fixes of §11 (403 from the Portal is ``AuthorizationError``, a length
+mismatch is ``BlockValidationError``).
+
+Builtins: each class also derives from the ``OSError`` subclass that ``OSError(errno, ...)`` builds for its errno,
+so ``except FileNotFoundError`` catches ``EntryNotFoundError`` and ``ObjectNotFoundError``, ``except TimeoutError``
+every timeout, ``except PermissionError`` both EACCES classes; the drawing names that builtin in parentheses. Errnos
+Python has no subclass for (EIO, EINVAL, ENOTSUP, ENODATA, EROFS, ESTALE, ENETRESET) stay plain ``OSError``, with
+one addition: the ENETRESET classes are ``ConnectionError`` as well (a connect failure, reset or broken reply).
+``ConfigError`` and ``InvalidArgumentError`` are not ``ValueError``: that is no ``OSError``, and parsers that catch
+``ValueError`` to reword it must not swallow ours.
+
+Log levels: ``log_level`` is the level a failure is logged at where it is reported (one line per failed FUSE
+request). DEBUG: normal operation (absent names and attributes, writes to a read-only mount). INFO: the caller's
+mistake or a change on the server; nothing is wrong with the mount. WARNING: may pass if tried again (timeouts,
+connection errors, server errors). ERROR: needs a person (corrupt or undecodable data, replies we cannot trust,
+credentials, the secret, configuration).
 
 ::
 
-    DirectFSError (OSError)                      EIO
-    ├── ConfigError                              EINVAL   bad flag, config key or value
-    ├── InvalidArgumentError                     EINVAL   bad argument of an API call (negative read offset)
-    ├── DirectIOError                            EIO
-    │   ├── DirectIOAPIError                     EIO      Portal /directio/{id} failures
-    │   │   ├── ObjectNotFoundError              ENOENT   Portal 400 (unknown file id)
-    │   │   ├── AuthorizationError               EACCES   Portal 401 and 403
-    │   │   ├── UnsupportedStorageError          ENOTSUP  Portal 422 (storage node not in Direct mode)
-    │   │   ├── InvalidRequest                   EIO      Portal 500 and other unexpected statuses
-    │   │   ├── BlocksNotFoundError              ENODATA  200 with no chunks for a non-empty file
-    │   │   ├── MalformedMetadataError           EIO      200 with a body we cannot trust (types, sizes)
-    │   │   ├── BlockListConnectionError         ENETRESET
-    │   │   └── BlockListTimeout                 ETIMEDOUT
-    │   ├── DecryptKeyError                      EIO      wrapped key does not unwrap with the secret
-    │   ├── BlockError                           EIO      carries ``block`` (number, offset, length)
-    │   │   ├── DownloadError                    EIO      storage status error, truncated body
-    │   │   ├── BlockDigestError                 EIO      object differs from the storage's MD5 (ETag/Content-MD5)
-    │   │   ├── DownloadTimeout                  ETIMEDOUT
-    │   │   ├── DataNotOnlineError               ETIMEDOUT nearline data not staged within the staging deadline
-    │   │   ├── DownloadConnectionError          ENETRESET
-    │   │   ├── DecryptBlockError                EIO      bad ciphertext length, bad PKCS#7 padding
-    │   │   ├── DecompressBlockError             EIO      gzip/snappy failure, bomb
-    │   │   └── BlockValidationError             EIO      decoded length differs from the chunk ``len``
-    │   └── StreamError                          EIO      carries ``offset``: resume a stream from there
-    └── NamespaceError                           EIO      listing / stat of the namespace
-        ├── EntryNotFoundError                   ENOENT
-        ├── NotADirectory                  ENOTDIR
-        ├── IsADirectory                   EISDIR
-        ├── PermissionDeniedError                EACCES
-        ├── ReadOnlyError                        EROFS
-        ├── StaleFileError                       ESTALE   the file changed under an open handle
-        ├── NoSuchAttributeError                 ENODATA  getxattr of an attribute the entry does not have
-        ├── NamespaceTimeout                     ETIMEDOUT
-        ├── NamespaceConnectionError             ENETRESET
-        └── MalformedListingError                EIO      a listing reply we cannot parse
+    DirectFSError (OSError)                                EIO       WARNING
+    ├── ConfigError                                        EINVAL    ERROR    bad flag, config key or value
+    ├── InvalidArgumentError                               EINVAL    INFO     bad API argument (negative offset)
+    ├── DirectIOError                                      EIO       WARNING
+    │   ├── DirectIOAPIError                               EIO       WARNING  Portal /directio/{id} failures
+    │   │   ├── ObjectNotFoundError (FileNotFoundError)    ENOENT    INFO     Portal 400 (unknown file id)
+    │   │   ├── AuthorizationError (PermissionError)       EACCES    ERROR    Portal 401 and 403
+    │   │   ├── UnsupportedStorageError                    ENOTSUP   ERROR    Portal 422 (storage not Direct mode)
+    │   │   ├── InvalidRequest                             EIO       WARNING  Portal 500, other unexpected statuses
+    │   │   ├── BlocksNotFoundError                        ENODATA   ERROR    200, no chunks for a non-empty file
+    │   │   ├── MalformedMetadataError                     EIO       ERROR    200 with a body we cannot trust
+    │   │   ├── BlockListConnectionError (ConnectionError) ENETRESET WARNING
+    │   │   └── BlockListTimeout (TimeoutError)            ETIMEDOUT WARNING
+    │   ├── DecryptKeyError                                EIO       ERROR    key does not unwrap with the secret
+    │   ├── BlockError                                     EIO       WARNING  carries ``block`` (number, offset...)
+    │   │   ├── DownloadError                              EIO       WARNING  storage status error, truncated body
+    │   │   ├── BlockDigestError                           EIO       ERROR    object differs from the storage MD5
+    │   │   ├── DownloadTimeout (TimeoutError)             ETIMEDOUT WARNING
+    │   │   ├── DataNotOnlineError (TimeoutError)          ETIMEDOUT WARNING  nearline data not staged in time
+    │   │   ├── DownloadConnectionError (ConnectionError)  ENETRESET WARNING
+    │   │   ├── DecryptBlockError                          EIO       ERROR    bad ciphertext length or padding
+    │   │   ├── DecompressBlockError                       EIO       ERROR    gzip/snappy failure, bomb
+    │   │   └── BlockValidationError                       EIO       ERROR    decoded length is not chunk ``len``
+    │   └── StreamError                                    EIO       WARNING  carries ``offset``: resume there
+    └── NamespaceError                                     EIO       WARNING  listing / stat of the namespace
+        ├── EntryNotFoundError (FileNotFoundError)         ENOENT    DEBUG
+        ├── NotADirectory (NotADirectoryError)             ENOTDIR   INFO
+        ├── IsADirectory (IsADirectoryError)               EISDIR    INFO
+        ├── PermissionDeniedError (PermissionError)        EACCES    WARNING
+        ├── ReadOnlyError                                  EROFS     DEBUG
+        ├── StaleFileError                                 ESTALE    INFO     the file changed under a handle
+        ├── NoSuchAttributeError                           ENODATA   DEBUG    getxattr of an absent attribute
+        ├── NamespaceTimeout (TimeoutError)                ETIMEDOUT WARNING
+        ├── NamespaceConnectionError (ConnectionError)     ENETRESET WARNING
+        └── MalformedListingError                          EIO       ERROR    a listing reply we cannot parse
 
 Secrets never enter these messages: callers pass file ids, paths and redacted URLs only.
 """
@@ -59,10 +75,12 @@ logger = logging.getLogger(__name__)
 
 
 class DirectFSError(OSError):
-    """Base of every error directfs raises on purpose. ``errno`` is the class's POSIX error number."""
+    """Base of every error directfs raises on purpose. ``errno`` is the class's POSIX error number, ``log_level``
+    the level a failure of this class is logged at (see the module docstring)."""
 
     default_errno: ClassVar[int] = _errno.EIO
     default_message: ClassVar[str] = "I/O error"
+    log_level: ClassVar[int] = logging.WARNING
 
     def __init__(self, message: str | None = None, *, filename: str | None = None) -> None:
         text = message or self.default_message
@@ -75,11 +93,13 @@ class DirectFSError(OSError):
 class ConfigError(DirectFSError):
     default_errno = _errno.EINVAL
     default_message = "invalid configuration"
+    log_level = logging.ERROR
 
 
 class InvalidArgumentError(DirectFSError):
     default_errno = _errno.EINVAL
     default_message = "invalid argument"
+    log_level = logging.INFO
 
 
 # --- Direct IO -------------------------------------------------------------------------------------------------
@@ -93,19 +113,22 @@ class DirectIOAPIError(DirectIOError):
     default_message = "Direct IO Portal API error"
 
 
-class ObjectNotFoundError(DirectIOAPIError):
+class ObjectNotFoundError(DirectIOAPIError, FileNotFoundError):
     default_errno = _errno.ENOENT
     default_message = "File not found"
+    log_level = logging.INFO
 
 
-class AuthorizationError(DirectIOAPIError):
+class AuthorizationError(DirectIOAPIError, PermissionError):
     default_errno = _errno.EACCES
     default_message = "Not authorized: check the access key id"
+    log_level = logging.ERROR
 
 
 class UnsupportedStorageError(DirectIOAPIError):
     default_errno = _errno.ENOTSUP
     default_message = "Not all blocks of the requested file are stored on a storage node set to Direct Mode"
+    log_level = logging.ERROR
 
 
 class InvalidRequest(DirectIOAPIError):
@@ -115,24 +138,27 @@ class InvalidRequest(DirectIOAPIError):
 class BlocksNotFoundError(DirectIOAPIError):
     default_errno = _errno.ENODATA
     default_message = "The Portal returned no blocks for the file"
+    log_level = logging.ERROR
 
 
 class MalformedMetadataError(DirectIOAPIError):
     default_message = "Malformed Direct IO metadata"
+    log_level = logging.ERROR
 
 
-class BlockListConnectionError(DirectIOAPIError):
+class BlockListConnectionError(DirectIOAPIError, ConnectionError):
     default_errno = _errno.ENETRESET
     default_message = "Connection error while fetching the block list"
 
 
-class BlockListTimeout(DirectIOAPIError):
+class BlockListTimeout(DirectIOAPIError, TimeoutError):
     default_errno = _errno.ETIMEDOUT
     default_message = "Timed out fetching the block list"
 
 
 class DecryptKeyError(DirectIOError):
     default_message = "Failed to decrypt the file key: wrong secret access key?"
+    log_level = logging.ERROR
 
 
 @dataclass(frozen=True)
@@ -179,14 +205,15 @@ class BlockDigestError(BlockError):
     single-part ETag): damaged on the wire or at rest. Never decoded, never cached."""
 
     default_message = "Downloaded block does not match the storage digest"
+    log_level = logging.ERROR
 
 
-class DownloadTimeout(BlockError):
+class DownloadTimeout(BlockError, TimeoutError):
     default_errno = _errno.ETIMEDOUT
     default_message = "Timed out downloading block"
 
 
-class DataNotOnlineError(BlockError):
+class DataNotOnlineError(BlockError, TimeoutError):
     """The store said the data is not online yet (HTTP 503 + Retry-After, S3 ``InvalidObjectState``) for longer
     than the staging deadline. ETIMEDOUT, not EAGAIN: Python's ``read()`` turns EAGAIN into ``None`` and copy loops
     would end early, silently truncating the copy."""
@@ -195,21 +222,24 @@ class DataNotOnlineError(BlockError):
     default_message = "The data is not online yet (nearline staging did not finish within the staging deadline)"
 
 
-class DownloadConnectionError(BlockError):
+class DownloadConnectionError(BlockError, ConnectionError):
     default_errno = _errno.ENETRESET
     default_message = "Connection error downloading block"
 
 
 class DecryptBlockError(BlockError):
     default_message = "Failed to decrypt block"
+    log_level = logging.ERROR
 
 
 class DecompressBlockError(BlockError):
     default_message = "Failed to decompress block"
+    log_level = logging.ERROR
 
 
 class BlockValidationError(BlockError):
     default_message = "Decoded block length does not match the block list"
+    log_level = logging.ERROR
 
 
 class StreamError(DirectIOError):
@@ -229,22 +259,25 @@ class NamespaceError(DirectFSError):
     default_message = "Namespace error"
 
 
-class EntryNotFoundError(NamespaceError):
+class EntryNotFoundError(NamespaceError, FileNotFoundError):
     default_errno = _errno.ENOENT
     default_message = "No such file or directory"
+    log_level = logging.DEBUG
 
 
-class NotADirectory(NamespaceError):
+class NotADirectory(NamespaceError, NotADirectoryError):
     default_errno = _errno.ENOTDIR
     default_message = "Not a directory"
+    log_level = logging.INFO
 
 
-class IsADirectory(NamespaceError):
+class IsADirectory(NamespaceError, IsADirectoryError):
     default_errno = _errno.EISDIR
     default_message = "Is a directory"
+    log_level = logging.INFO
 
 
-class PermissionDeniedError(NamespaceError):
+class PermissionDeniedError(NamespaceError, PermissionError):
     default_errno = _errno.EACCES
     default_message = "Permission denied"
 
@@ -252,30 +285,34 @@ class PermissionDeniedError(NamespaceError):
 class ReadOnlyError(NamespaceError):
     default_errno = _errno.EROFS
     default_message = "Read-only file system"
+    log_level = logging.DEBUG
 
 
 class StaleFileError(NamespaceError):
     default_errno = _errno.ESTALE
     default_message = "The file changed on the server"
+    log_level = logging.INFO
 
 
 class NoSuchAttributeError(NamespaceError):
     default_errno = _errno.ENODATA  # what getxattr(2) answers for a missing attribute (ENOATTR on Linux)
     default_message = "No such attribute"
+    log_level = logging.DEBUG
 
 
-class NamespaceTimeout(NamespaceError):
+class NamespaceTimeout(NamespaceError, TimeoutError):
     default_errno = _errno.ETIMEDOUT
     default_message = "Timed out listing the namespace"
 
 
-class NamespaceConnectionError(NamespaceError):
+class NamespaceConnectionError(NamespaceError, ConnectionError):
     default_errno = _errno.ENETRESET
     default_message = "Connection error listing the namespace"
 
 
 class MalformedListingError(NamespaceError):
     default_message = "Malformed listing reply"
+    log_level = logging.ERROR
 
 
 def errno_of(exc: BaseException) -> int:
@@ -283,6 +320,13 @@ def errno_of(exc: BaseException) -> int:
     if isinstance(exc, DirectFSError):
         return exc.errno if exc.errno is not None else _errno.EIO
     return _errno.EIO
+
+
+def log_level_of(exc: BaseException) -> int:
+    """The level to log a failure ``exc`` at: the class's for ours, ERROR for anything unexpected (a bug)."""
+    if isinstance(exc, DirectFSError):
+        return exc.log_level
+    return logging.ERROR
 
 
 # --- exception groups and shared errors ---------------------------------------------------------------------

@@ -24,7 +24,7 @@ from typing import Any, ParamSpec, TypeVar
 import pyfuse3
 import trio
 
-from .errors import DirectFSError, EntryNotFoundError, errno_of
+from .errors import DirectFSError, EntryNotFoundError, errno_of, log_level_of
 from .metrics import OpStats
 from .vfs import Attributes, FileSystem
 
@@ -52,16 +52,20 @@ def fuse_errno(exc: Exception) -> int:
     return errno.EIO
 
 
-# Answers that are normal operation, not failures: absent names, absent xattrs (ls asks for security.* on every
-# file), writes to a read-only mount.
-_EXPECTED_ERRNOS = frozenset({errno.ENOENT, errno.ENODATA, errno.EROFS})
+def failure_level(exc: Exception) -> int:
+    """The level of the one line a failed request logs: the class's ``log_level`` for ours (absent names, absent
+    xattrs and writes to a read-only mount are DEBUG, a corrupt block ERROR, a timeout WARNING: see
+    ``directfs.errors``); WARNING for anything else, whose traceback ``fuse_errno`` already logged at ERROR."""
+    leaves = _leaves(exc)
+    if leaves and all(isinstance(leaf, DirectFSError) for leaf in leaves):
+        return log_level_of(leaves[0])
+    return logging.WARNING
 
 
 def _boundary(handler: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Coroutine[Any, Any, R]]:
     # Metrics: every answer is counted by op and errno with its latency (directfs.metrics.OpStats, plain counters
-    # written only here, on the trio thread). A failure other than ENOENT (lookups of absent names are normal) is one
-    # WARNING line naming the op, its inode or handle and the errno (answers that are part of normal operation are
-    # DEBUG: see _EXPECTED_ERRNOS); logs.RateLimitFilter bounds repeats.
+    # written only here, on the trio thread). A failure is one line naming the op, its inode or handle and the errno,
+    # at the level its class carries (failure_level); logs.RateLimitFilter bounds repeats.
     op = handler.__name__
 
     @functools.wraps(handler)
@@ -77,8 +81,7 @@ def _boundary(handler: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Corou
         except Exception as exc:  # ExceptionGroup included; trio.Cancelled (a BaseException) is not
             code = fuse_errno(exc)
             target = args[1] if len(args) > 1 else "-"
-            level = logging.DEBUG if code in _EXPECTED_ERRNOS else logging.WARNING
-            log.log(level, "%s %s failed: %s (%s)", op, target, errno.errorcode.get(code, code), exc)
+            log.log(failure_level(exc), "%s %s failed: %s (%s)", op, target, errno.errorcode.get(code, code), exc)
             raise pyfuse3.FUSEError(code) from None
         finally:
             if stats is not None:

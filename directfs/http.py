@@ -27,6 +27,8 @@ from typing import Final, Protocol, TypeVar
 import httpx
 import trio
 
+from .errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 # h11 hands httpcore what one recv() returns, 64 KiB by default. 1 MiB cuts per-chunk overhead (h11 buffer, httpcore
@@ -62,9 +64,9 @@ class HTTPSettings:
     def __post_init__(self) -> None:
         for name in ("connect_timeout_seconds", "read_timeout_seconds", "write_timeout_seconds"):
             if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be positive")
+                raise ConfigError(f"{name} must be positive")
         if self.max_connections < 1 or self.max_keepalive_connections < 0:
-            raise ValueError("connection limits must be positive")
+            raise ConfigError("connection limits must be positive")
 
 
 @dataclass(frozen=True)
@@ -82,9 +84,9 @@ class RetryPolicy:
 
     def __post_init__(self) -> None:
         if self.max_attempts < 1:
-            raise ValueError("max_attempts must be at least 1")
+            raise ConfigError("max_attempts must be at least 1")
         if self.base_delay_seconds < 0 or self.max_delay_seconds < 0 or not self.total_budget_seconds > 0:
-            raise ValueError("delays must be >= 0 and the budget > 0")
+            raise ConfigError("delays must be >= 0 and the budget > 0")
 
     def backoff_seconds(self, retry_number: int, rng: random.Random | None = None) -> float:
         """Full jitter: uniform in [0, min(max_delay, base * 2**(retry_number-1))] (AWS architecture blog)."""
@@ -111,7 +113,11 @@ STATISTICS: Final = HTTPStatistics()
 
 
 class RetryBudgetExceeded(httpx.TimeoutException):
-    """All attempts of one operation together ran past ``RetryPolicy.total_budget_seconds``."""
+    """All attempts of one operation together ran past ``RetryPolicy.total_budget_seconds``.
+
+    Internal, like every ``httpx`` exception: it stays an ``httpx.TimeoutException`` so that each caller of
+    :func:`send_with_retries` maps it with the other timeouts (to ``BlockListTimeout``, ``DownloadTimeout`` or
+    ``NamespaceTimeout``), and it never leaves the package."""
 
 
 def _raise_read_size() -> None:

@@ -70,7 +70,7 @@ from typing import Final
 import cachetools
 import trio
 
-from ..errors import DirectFSError, replay_error, unwrap_error
+from ..errors import DirectFSError, InvalidArgumentError, replay_error, unwrap_error
 
 logger = logging.getLogger(__name__)
 
@@ -225,9 +225,9 @@ class BlockCache:
         failed_block_memory_seconds: float = 0.0,
     ) -> None:
         if capacity_bytes < 0:
-            raise ValueError("cache capacity must not be negative")
+            raise InvalidArgumentError("cache capacity must not be negative")
         if failed_block_memory_seconds < 0:
-            raise ValueError("failed block memory must not be negative")
+            raise InvalidArgumentError("failed block memory must not be negative")
         self._capacity_bytes = capacity_bytes
         self._lru = _CountingLRU(capacity_bytes)
         self._nursery = nursery

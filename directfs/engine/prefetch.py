@@ -69,6 +69,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from ..errors import InvalidArgumentError
 from ..sources.base import BlockLayout
 from .cache import BlockCache, BlockFetch, BlockKey, FetchOutcome, PrefetchTicket
 
@@ -102,7 +103,7 @@ class PrefetchGate:
 
     def __init__(self, concurrency: int, budget_bytes: int) -> None:
         if concurrency < 1 or budget_bytes < 0:
-            raise ValueError("prefetch concurrency must be >= 1 and budget >= 0")
+            raise InvalidArgumentError("prefetch concurrency must be >= 1 and budget >= 0")
         self.concurrency = concurrency
         self.budget_bytes = budget_bytes
         self.inflight = 0

@@ -17,6 +17,8 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
+from ..errors import InvalidArgumentError
+
 
 @dataclass(frozen=True, slots=True)
 class Entry:
@@ -54,13 +56,13 @@ class BlockLayout:
 
     def __post_init__(self) -> None:
         if not self.offsets or self.offsets[0] != 0:
-            raise ValueError("block offsets must start at 0")
+            raise InvalidArgumentError("block offsets must start at 0")
 
     @classmethod
     def fixed(cls, version: str, size: int, block_size_bytes: int) -> BlockLayout:
         """Fixed-size ranges, the layout of plain stores."""
         if block_size_bytes <= 0:
-            raise ValueError("block size must be positive")
+            raise InvalidArgumentError(f"block size must be positive, not {block_size_bytes}")
         offsets = list(range(0, size, block_size_bytes))
         offsets.append(size)
         if size == 0:
@@ -92,7 +94,7 @@ class BlockLayout:
         """Index of the block holding byte ``offset`` (binary search); requires ``0 <= offset < size``.
         Zero-length blocks are never returned: bisect lands on the last block starting at or before ``offset``."""
         if not 0 <= offset < self.size:
-            raise ValueError(f"offset {offset} outside file of {self.size} bytes")
+            raise InvalidArgumentError(f"offset {offset} outside file of {self.size} bytes")
         return bisect.bisect_right(self.offsets, offset) - 1
 
 

@@ -120,7 +120,9 @@ class LocalOpenFile:
 
     async def fetch_block(self, index: int) -> bytes:
         if not 0 <= index < self._layout.block_count:
-            raise ValueError(f"block {index} outside a file of {self._layout.block_count} blocks")
+            raise InvalidArgumentError(
+                f"block {index} outside a file of {self._layout.block_count} blocks", filename=self._path
+            )
         return await self._read(self._layout.block_start(index), self._layout.block_length(index))
 
     async def fetch_range(self, start: int, length: int) -> bytes:

@@ -24,6 +24,7 @@ from typing import Final
 
 import trio
 
+from ..errors import ConfigError
 from ..http import parse_retry_after
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,7 @@ class StagingPolicy:
 
     def __post_init__(self) -> None:
         if self.deadline_seconds < 0 or not 0 < self.poll_min_seconds <= self.poll_max_seconds:
-            raise ValueError("staging deadline must be >= 0 and 0 < poll_min <= poll_max")
+            raise ConfigError("staging deadline must be >= 0 and 0 < poll_min <= poll_max")
 
 
 def not_online_hint(status: int, headers: Mapping[str, str], body: bytes | bytearray) -> float | None:

@@ -41,7 +41,7 @@ class Fault:
     ``truncate``: declare the full length, send half, drop the connection; ``hang``: never answer;
     ``corrupt``: serve the object one byte short, with a matching Content-Length (a damaged object, not a transport
     error: a flipped byte is not reliably detectable, CTERA blocks carry no MAC);
-    ``json``: answer 200 with this raw body (metadata).
+    ``json``: answer 200 with this raw body (metadata); ``delay_seconds``: answer normally, this much later.
     """
 
     status: int | None = None
@@ -51,6 +51,7 @@ class Fault:
     hang: bool = False
     corrupt: bool = False
     json: bytes | None = None
+    delay_seconds: float = 0.0
 
 
 @dataclass
@@ -231,6 +232,8 @@ class BlockServer:
         """A response to send instead, a replacement object (``corrupt``), or None to answer normally."""
         if fault.hang:
             await asyncio.sleep(3600)
+        if fault.delay_seconds:
+            await asyncio.sleep(fault.delay_seconds)
         if fault.status is not None:
             headers = {"Retry-After": fault.retry_after} if fault.retry_after is not None else None
             return web.Response(status=fault.status, body=fault.body, headers=headers)

@@ -54,6 +54,7 @@ from ...errors import (
     DownloadConnectionError,
     DownloadError,
     DownloadTimeout,
+    InvalidArgumentError,
     InvalidRequest,
     MalformedMetadataError,
     ObjectNotFoundError,
@@ -501,6 +502,8 @@ class DirectIOClient:
                 f"Connection error fetching the block list ({what}): {describe_transport_error(exc)}",
                 filename=file_id,
             ) from exc
+        except httpx.HTTPError as exc:  # anything else httpx raises (a decoding error): not ours to let escape
+            raise InvalidRequest(f"{type(exc).__name__} fetching the block list ({what})", filename=file_id) from exc
         status = reply.status_code
         if status != 200:
             log.debug("%s: HTTP %d", what, status)
@@ -629,6 +632,8 @@ class DirectIOClient:
             raise DownloadConnectionError(
                 f"Connection error downloading block ({what}): {describe_transport_error(exc)}", block=info
             ) from exc
+        except httpx.HTTPError as exc:  # anything else httpx raises (a decoding error): not ours to let escape
+            raise DownloadError(f"{type(exc).__name__} downloading block ({what})", block=info) from exc
 
     async def _download(self, chunk: Chunk, info: BlockInfo, what: str) -> _Reply | None:
         """The object over httpx on the trio thread (``block_transfer="httpx"``), or None for 403/400."""
@@ -821,7 +826,9 @@ class DirectIOFile:
 
     async def fetch_block(self, index: int) -> bytes | bytearray:
         if not 0 <= index < len(self._meta.chunks):
-            raise ValueError(f"block index {index} outside 0..{len(self._meta.chunks) - 1}")
+            raise InvalidArgumentError(
+                f"block index {index} outside 0..{len(self._meta.chunks) - 1}", filename=self._meta.file_id
+            )
         meta, generation = self._meta, self._generation
         chunk = meta.chunks[index]
         info = BlockInfo(meta.file_id, chunk.number, chunk.offset, chunk.length)
