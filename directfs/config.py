@@ -1,8 +1,11 @@
-"""The config file (TOML), its environment twins and how both fold under the command-line flags.
+"""The config file (TOML), its environment twins, and the typed settings of a command: every layer folded once.
 
-Precedence, lowest first: built-in defaults < config file (``[mount]``, then ``[source.NAME]`` and its
-``[source.NAME.mount]``) < environment (``DIRECTFS_*``) < flags (and ``-o`` options, which are flags in fstab
-clothing). Each layer only fills what the layers above it left unset, so every value has exactly one origin.
+Precedence, lowest first: built-in defaults (the settings dataclasses') < config file (``[mount]``, then
+``[source.NAME]`` and its ``[source.NAME.mount]``) < environment (``DIRECTFS_*``) < ``-o`` options < flags.
+``mount_settings``/``source_settings``/``flag_settings`` read the parsed flags, parse every value once with the
+option table's parser (``directfs.options``: keys, twins and parsers are generated from it) and return ``Settings``:
+typed values and the origin of each. Nothing writes back into the argparse Namespace, and nothing is turned back
+into text to be parsed again.
 
 File layout (``examples/directfs.toml`` is the annotated reference)::
 
@@ -29,8 +32,8 @@ Every error is a ``ConfigError`` naming the file, the key, the value (``<hidden>
 an unknown key also names the closest known one. Unknown ``DIRECTFS_*`` variables only log a warning: the
 environment is shared with other tools and versions, and refusing to mount over a stray variable helps nobody.
 
-This module is imported by commands at parse time: it stays light (stdlib + the ``units`` and ``values`` parsers
-only). It never imports ``commands``: the parsers it shares with the flags live in ``values``, below both.
+Light (stdlib, ``options`` and the value parsers below it): commands import it when they run, before anything
+heavy. It never imports ``commands``: the table it shares with the flags lives in ``options``, below both.
 """
 
 from __future__ import annotations
@@ -41,254 +44,46 @@ import logging
 import os
 import stat
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
 from .errors import ConfigError
-from .units import parse_duration_seconds, parse_size
-from .values import MetricsAddress, parse_block_size, parse_endpoint_url
+from .options import (
+    ENV_NAMES,
+    GET_GROUPS,
+    MOUNT_GROUPS,
+    OPTIONS,
+    SECRET_KEYS,
+    STORE_GROUPS,
+    TOML_KEYS,
+    Group,
+    Option,
+    given_flags,
+    names_in,
+    parse_o,
+)
+from .values import MetricsAddress as MetricsAddress  # re-exported: the config's own types
+from .values import parse_metrics_address as parse_metrics_address
 
 log = logging.getLogger(__name__)
 
 DEFAULT_CONFIG_PATH: Final = "/etc/directfs/directfs.toml"
-ENV_CONFIG: Final = "DIRECTFS_CONFIG"
+ENV_CONFIG: Final = OPTIONS["config"].env or "DIRECTFS_CONFIG"
 ENV_CREDENTIALS_DIRECTORY: Final = "CREDENTIALS_DIRECTORY"  # set by systemd for units with LoadCredential=
-
-LOG_LEVELS: Final = ("debug", "info", "warning", "error")
-SECRET_KEYS: Final = ("secret_access_key", "password", "token")
 
 # A config file is a page of TOML: anything bigger is the wrong file (and is not read into memory).
 MAX_CONFIG_FILE_BYTES: Final = 1024 * 1024
 
-
-# --- value parsers: each takes the raw TOML/env value and returns the normalised one or raises ValueError(reason) ---
-
-
-def _as_str(value: object) -> str:
-    if not isinstance(value, str) or not value:
-        raise ValueError("expected a non-empty string")
-    if "\x00" in value or "\n" in value:
-        raise ValueError("must not contain NUL or newline")
-    return value
-
-
-def _as_bool(value: object) -> bool:
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.strip().lower() in ("1", "true", "yes", "on"):
-        return True
-    if isinstance(value, str) and value.strip().lower() in ("0", "false", "no", "off"):
-        return False
-    raise ValueError("expected true or false")
-
-
-def _as_size(value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | str):
-        raise ValueError('expected a size: bytes or a string such as "512M"')
-    try:
-        size = parse_size(str(value))
-    except ConfigError as exc:
-        raise ValueError(exc.strerror) from None
-    if size <= 0:
-        raise ValueError("must be more than 0")
-    return size
-
-
-def _as_seconds(value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float | str):
-        raise ValueError('expected a duration: seconds or a string such as "5s"')
-    if isinstance(value, int | float):
-        seconds = float(value)
-        if not 0 <= seconds < float("inf"):
-            raise ValueError("must be 0 or more seconds")
-        return seconds
-    try:
-        return parse_duration_seconds(value)
-    except ConfigError as exc:
-        raise ValueError(exc.strerror) from None
-
-
-def _as_positive_seconds(value: object) -> float:
-    seconds = _as_seconds(value)
-    if seconds <= 0:
-        raise ValueError("must be more than 0 seconds")
-    return seconds
-
-
-def _as_ttl_seconds(value: object) -> float:
-    seconds = _as_seconds(value)
-    if seconds >= 365 * 86400:  # the same bound as the --metadata-ttl flag: a year is "forever" in a typo
-        raise ValueError("must be less than a year")
-    return seconds
-
-
-def _as_id(value: object) -> int:
-    if isinstance(value, bool):
-        raise ValueError("expected a number")
-    if isinstance(value, str):
-        try:
-            value = int(value, 10)
-        except ValueError:
-            raise ValueError("expected a number") from None
-    if not isinstance(value, int) or not 0 <= value < 2**32 - 1:
-        raise ValueError("expected a user/group id between 0 and 4294967294")
-    return value
-
-
-def _as_umask(value: object) -> int:
-    # TOML has no leading-zero integers, so an octal umask is a string ("022"); a plain int is taken as octal digits.
-    text = str(value) if isinstance(value, int) and not isinstance(value, bool) else value
-    if not isinstance(text, str):
-        raise ValueError('expected octal digits in a string, e.g. "022"')
-    try:
-        umask = int(text, 8)
-    except ValueError:
-        raise ValueError('expected octal digits, e.g. "022"') from None
-    if not 0 <= umask <= 0o777:
-        raise ValueError("must be between 000 and 777")
-    return umask
-
-
-def _as_log_level(value: object) -> str:
-    if not isinstance(value, str) or value.lower() not in LOG_LEVELS:
-        raise ValueError(f"expected one of {', '.join(LOG_LEVELS)}")
-    return value.lower()
-
-
-def _as_url(value: object) -> str:
-    text = _as_str(value)
-    if "://" not in text:
-        raise ValueError("expected a URL such as ctera+https://portal.example.com/folder or file:///srv/data")
-    return text
-
-
-def _as_endpoint_url(value: object) -> str:
-    try:
-        return parse_endpoint_url(_as_str(value), "endpoint_url")
-    except ConfigError as exc:
-        raise ValueError(exc.strerror) from None
-
-
-def _as_block_size(value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | str):
-        raise ValueError('expected a size: bytes or a string such as "8M"')
-    try:
-        return parse_block_size(str(value), "block_size")
-    except ConfigError as exc:
-        raise ValueError(exc.strerror) from None
-
-
-def _as_abs_path(value: object) -> str:
-    text = _as_str(value)
-    if not os.path.isabs(text):
-        raise ValueError("expected an absolute path")
-    return text
-
-
-def _as_credential_name(value: object) -> str:
-    text = _as_str(value)
-    if "/" in text or text in (".", ".."):
-        raise ValueError("expected a credential name (as in LoadCredential=NAME:...), not a path")
-    return text
-
-
-def parse_metrics_address(value: object) -> MetricsAddress:
-    """``HOST:PORT`` or ``[V6]:PORT`` (a bare ``PORT`` means 127.0.0.1:PORT); ValueError(reason) otherwise."""
-    text = _as_str(value) if not isinstance(value, int) or isinstance(value, bool) else str(value)
-    host, sep, port_text = text.rpartition(":")
-    if not sep:
-        host, port_text = "127.0.0.1", text
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    if not host:
-        raise ValueError("expected HOST:PORT, e.g. 127.0.0.1:9567")
-    try:
-        port = int(port_text, 10)
-    except ValueError:
-        raise ValueError("expected HOST:PORT, e.g. 127.0.0.1:9567") from None
-    if not 0 < port < 65536:
-        raise ValueError("port must be between 1 and 65535")
-    return MetricsAddress(host, port)
-
-
-# --- the key tables: one line per key, the parser and the argparse ``dest`` it fills ------------------------------
-
-
-@dataclass(frozen=True)
-class _Key:
-    parse: Callable[[object], Any]
-    dest: str  # the argparse attribute of `directfs mount` this key fills
-    secret: bool = False
-
-
-MOUNT_KEYS: Final[Mapping[str, _Key]] = {
-    "cache_size": _Key(_as_size, "cache_size"),
-    "read_ahead": _Key(_as_size, "read_ahead"),
-    "metadata_ttl": _Key(_as_ttl_seconds, "metadata_ttl"),
-    "allow_other": _Key(_as_bool, "allow_other"),
-    "uid": _Key(_as_id, "uid"),
-    "gid": _Key(_as_id, "gid"),
-    "umask": _Key(_as_umask, "umask"),
-    "log_level": _Key(_as_log_level, "log_level"),
-    "log_file": _Key(_as_abs_path, "log_file"),
-    "metrics_address": _Key(parse_metrics_address, "metrics_address"),
-    "metrics_allow_remote": _Key(_as_bool, "metrics_allow_remote"),
-}
-
-SOURCE_KEYS: Final[Mapping[str, _Key]] = {
-    "url": _Key(_as_url, "source"),
-    "mountpoint": _Key(_as_abs_path, "mountpoint"),
-    "access_key_id": _Key(_as_str, "access_key_id"),
-    "username": _Key(_as_str, "username"),
-    "verify_tls": _Key(_as_bool, "verify_tls"),
-    "verify_storage_tls": _Key(_as_bool, "verify_storage_tls"),
-    "ca_file": _Key(_as_abs_path, "ca_file"),
-    "client_cert": _Key(_as_abs_path, "client_cert"),
-    "client_key": _Key(_as_abs_path, "client_key"),
-    "connect_timeout": _Key(_as_positive_seconds, "connect_timeout"),
-    "read_timeout": _Key(_as_positive_seconds, "read_timeout"),
-    "endpoint_url": _Key(_as_endpoint_url, "endpoint_url"),
-    "block_size": _Key(_as_block_size, "block_size"),
-    "staging_deadline": _Key(_as_seconds, "staging_deadline"),
-    **{name: _Key(_as_str, name, secret=True) for name in SECRET_KEYS},
-    **{f"{name}_file": _Key(_as_abs_path, f"{name}_file") for name in SECRET_KEYS},
-    **{f"{name}_credential": _Key(_as_credential_name, f"{name}_file") for name in SECRET_KEYS},
-}
-
-# Environment twins of the config keys (credentials have theirs in commands.common: DIRECTFS_ACCESS_KEY_ID, ...).
-ENV_KEYS: Final[Mapping[str, str]] = {
-    "DIRECTFS_CACHE_SIZE": "cache_size",
-    "DIRECTFS_READ_AHEAD": "read_ahead",
-    "DIRECTFS_METADATA_TTL": "metadata_ttl",
-    "DIRECTFS_ALLOW_OTHER": "allow_other",
-    "DIRECTFS_UID": "uid",
-    "DIRECTFS_GID": "gid",
-    "DIRECTFS_UMASK": "umask",
-    "DIRECTFS_LOG_LEVEL": "log_level",
-    "DIRECTFS_LOG_FILE": "log_file",
-    "DIRECTFS_METRICS_ADDRESS": "metrics_address",
-    "DIRECTFS_METRICS_ALLOW_REMOTE": "metrics_allow_remote",
-    "DIRECTFS_CA_FILE": "ca_file",
-    "DIRECTFS_VERIFY_TLS": "verify_tls",
-    "DIRECTFS_CONNECT_TIMEOUT": "connect_timeout",
-    "DIRECTFS_READ_TIMEOUT": "read_timeout",
-    "DIRECTFS_ENDPOINT_URL": "endpoint_url",
-    "DIRECTFS_BLOCK_SIZE": "block_size",
-    "DIRECTFS_STAGING_DEADLINE": "staging_deadline",
-}
+# The keys of each section and the environment twins, from the option table (directfs.options).
+MOUNT_KEYS: Final[Mapping[str, Option]] = TOML_KEYS["mount"]
+SOURCE_KEYS: Final[Mapping[str, Option]] = TOML_KEYS["source"]
+ENV_KEYS: Final[Mapping[str, str]] = {name: option.name for name, option in ENV_NAMES.items()}
+# Twins read elsewhere, not by env_values: the config path (find_config_path) and secret values (read only when the
+# credentials are built, so they never sit in Settings).
+_ENV_READ_ELSEWHERE: Final = frozenset({"config", *SECRET_KEYS})
 # Other variables of ours, known so they do not draw the "unknown variable" warning.
-OTHER_ENV: Final = frozenset(
-    {
-        ENV_CONFIG,
-        "DIRECTFS_RUNTIME_DIR",  # directfs.metrics: where control sockets live
-        "DIRECTFS_ACCESS_KEY_ID",
-        "DIRECTFS_SECRET_ACCESS_KEY",
-        "DIRECTFS_USERNAME",
-        "DIRECTFS_PASSWORD",
-        "DIRECTFS_TOKEN",
-    }
-)
+OTHER_ENV: Final = frozenset({"DIRECTFS_RUNTIME_DIR"})  # directfs.metrics: where control sockets live
 
 
 # --- the parsed file ---------------------------------------------------------------------------------------------
@@ -331,12 +126,12 @@ class Config:
 EMPTY_CONFIG: Final = Config(path=None, mount={}, sources={})
 
 
-def _shown(key: str, value: object, table: Mapping[str, _Key]) -> str:
+def _shown(key: str, value: object, table: Mapping[str, Option]) -> str:
     spec = table.get(key)
-    return "<hidden>" if spec is not None and spec.secret else repr(value)
+    return spec.shown(value) if spec is not None else repr(value)
 
 
-def _unknown(path: str, section: str, key: str, value: object, table: Mapping[str, _Key]) -> ConfigError:
+def _unknown(path: str, section: str, key: str, value: object, table: Mapping[str, Option]) -> ConfigError:
     close = difflib.get_close_matches(key, list(table), n=1)
     hint = f"did you mean {close[0]!r}? " if close else ""
     # The value of an unknown key may be a mistyped secret (passwrod = "..."): hide it when the name looks secret.
@@ -345,7 +140,7 @@ def _unknown(path: str, section: str, key: str, value: object, table: Mapping[st
     return ConfigError(f"{path}: [{section}] unknown key {key} = {shown} ({hint}known: {', '.join(table)})")
 
 
-def _parse_table(path: str, section: str, table: Mapping[str, object], keys: Mapping[str, _Key]) -> dict[str, Any]:
+def _parse_table(path: str, section: str, table: Mapping[str, object], keys: Mapping[str, Option]) -> dict[str, Any]:
     parsed: dict[str, Any] = {}
     for key, raw in table.items():
         spec = keys.get(key)
@@ -433,22 +228,25 @@ def load_for(explicit: str | None, env: Mapping[str, str] = os.environ) -> Confi
     return load_config(path) if path is not None else EMPTY_CONFIG
 
 
-def env_values(env: Mapping[str, str] = os.environ) -> dict[str, Any]:
-    """Config-key -> parsed value from ``DIRECTFS_*`` variables; ConfigError names the variable and the reason."""
+def env_values(env: Mapping[str, str] = os.environ, names: Iterable[str] | None = None) -> dict[str, Any]:
+    """Option name -> parsed value from ``DIRECTFS_*`` variables (``names``: only these options); ConfigError names
+    the variable and the reason. Secret values and the config path are not among them: they are read where used."""
+    wanted = None if names is None else frozenset(names)
     values: dict[str, Any] = {}
-    keys = {**MOUNT_KEYS, **SOURCE_KEYS}
     for name, text in env.items():
         if not name.startswith("DIRECTFS_"):
             continue
-        key = ENV_KEYS.get(name)
-        if key is None:
+        option = ENV_NAMES.get(name)
+        if option is None:
             if name not in OTHER_ENV:
-                log.warning("ignoring unknown environment variable %s (known: %s)", name, ", ".join(ENV_KEYS))
+                log.warning("ignoring unknown environment variable %s (known: %s)", name, ", ".join(ENV_NAMES))
+            continue
+        if option.name in _ENV_READ_ELSEWHERE or (wanted is not None and option.name not in wanted):
             continue
         try:
-            values[key] = keys[key].parse(text)
+            values[option.name] = option.parse(text)
         except ValueError as exc:
-            raise ConfigError(f"environment {name}={text!r}: {exc}") from None
+            raise ConfigError(f"environment {name}={option.shown(text)}: {exc}") from None
     return values
 
 
@@ -473,113 +271,151 @@ def secret_file_path(key: str, value: str, env: Mapping[str, str]) -> str:
     return path
 
 
-# --- folding the layers into `directfs mount`'s arguments ----------------------------------------------------------
-
-# argparse defaults that mean "not given on the command line" (store_false flags default to True).
-_UNSET_WHEN_TRUE: Final = frozenset({"verify_tls", "verify_storage_tls"})
+# --- the typed config of one command: the layers folded once ----------------------------------------------------
 
 
-def _flag_given(args: argparse.Namespace, dest: str) -> bool:
-    value = getattr(args, dest, None)
-    if dest in _UNSET_WHEN_TRUE:
-        return value is False
-    return value is not None and value is not False
+@dataclass(frozen=True)
+class Settings:
+    """What one command runs with: every option some layer gave, parsed once into its type, and where it came from
+    (``origins``, for messages). An option nobody gave is absent, and its default is the one of the settings
+    dataclass it goes into (``kwargs``): defaults have one home.
 
-
-def _o_keys(args: argparse.Namespace) -> set[str]:
-    """Keys given with ``-o`` (they rank with flags)."""
-    keys: set[str] = set()
-    for value in getattr(args, "options", None) or []:
-        for item in value.split(","):
-            if item:
-                keys.add(item.partition("=")[0].strip().replace("-", "_"))
-    return keys
-
-
-def _as_arg(key: str, value: Any) -> Any:
-    """A parsed value in the form `directfs mount` expects in its Namespace (the flag's own type)."""
-    if key in ("cache_size", "read_ahead", "block_size"):
-        return str(value)  # bytes; parse_size accepts a plain number
-    if key in ("connect_timeout", "read_timeout", "staging_deadline"):
-        return repr(float(value))  # seconds; parse_duration_seconds accepts a plain number
-    if key == "metrics_address":
-        return str(value)
-    return value
-
-
-def apply_to_mount_args(args: argparse.Namespace, env: Mapping[str, str] = os.environ) -> Config:
-    """Fill every attribute of a parsed ``directfs mount`` Namespace the command line left unset, from the
-    environment, then the named source, then ``[mount]``. Resolves a SOURCE that names a ``[source.NAME]`` into
-    its URL and (unless given) its mountpoint. Returns the config used.
-
-    Credentials: a secret given by flag, flag file or its ``DIRECTFS_*`` variable wins over the config, whose
-    ``KEY_file``/``KEY_credential`` become ``--KEY-file`` paths and inline values stay in memory only.
+    Layers, lowest first: the config file (``[mount]``, ``[source.NAME]``, ``[source.NAME.mount]``) < ``DIRECTFS_*``
+    < ``-o`` < flags. A secret is taken from the highest layer that gives it in any spelling (a flag's file beats the
+    config's inline value); ``KEY_credential`` arrives as the ``KEY_file`` path under $CREDENTIALS_DIRECTORY, and
+    secret values from the environment are read when the credentials are built, never copied here.
     """
-    config = load_for(getattr(args, "config", None), env)
-    source = _resolve_source_name(args, config)
-    layered: dict[str, Any] = dict(config.mount)
-    if source is not None:
-        layered.update(source.values)
-        layered.update(source.mount)
-    _fill(args, layered, env)
-    if not getattr(args, "mountpoint", None):
-        named = f"[source.{source.name}] has no mountpoint" if source is not None else "no MOUNTPOINT given"
-        raise ConfigError(f'{named}: give MOUNTPOINT on the command line or mountpoint = "/mnt/..." in the config')
-    return config
+
+    values: Mapping[str, Any] = field(repr=False)
+    origins: Mapping[str, str]
+    source: str | None = None  # the SOURCE URL, a NAME resolved (None: a command without one)
+    source_name: str | None = None  # the [source.NAME] it came from
+    mountpoint: str | None = None  # directfs mount: MOUNTPOINT, else the source's mountpoint
+    config: Config = field(default=EMPTY_CONFIG, repr=False)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.values
+
+    def __getitem__(self, name: str) -> Any:
+        return self.values[name]
+
+    def get(self, name: str, default: Any = None) -> Any:
+        return self.values.get(name, default)
+
+    def origin(self, name: str) -> str:
+        """Where ``name`` came from: ``--ca-file``, ``-o ca_file``, ``$DIRECTFS_CA_FILE``, ``PATH: [source.p] ...``."""
+        return self.origins.get(name, OPTIONS[name].flag)
+
+    def kwargs(self, owner: str) -> dict[str, Any]:
+        """Keyword arguments for ``owner`` (``SourceOptions``, ``VfsSettings``, ``ReadSettings``, ``MountConfig``,
+        ``Credentials``, ``setup_logging``): the given options whose ``Home`` is there, under its field names."""
+        return {
+            option.home.attr: self.values[name]
+            for name, option in OPTIONS.items()
+            if name in self.values and option.home is not None and option.home.owner == owner
+        }
 
 
-def apply_to_source_args(args: argparse.Namespace, env: Mapping[str, str] = os.environ) -> Config:
-    """The same folding for commands that read a store without mounting it (``ls``, ``cp``, ``stage``): fills the
-    source keys of ``[source.NAME]`` (credentials, TLS, store flags) and their ``DIRECTFS_*`` twins into ``args``
-    where the flags left them unset, and turns ``args.source`` from a NAME into its URL. ``[mount]`` and the
-    per-source mount keys are not used: there is no mount."""
-    config = load_for(getattr(args, "config", None), env)
-    source = _resolve_source_name(args, config)
-    layered: dict[str, Any] = dict(source.values) if source is not None else {}
-    layered.pop("mountpoint", None)
-    _fill(args, layered, env, keys=SOURCE_KEYS)
-    return config
+def mount_settings(args: argparse.Namespace, env: Mapping[str, str] = os.environ) -> Settings:
+    """``directfs mount``'s settings: its flags, ``-o``, the environment, then the named source (SOURCE may be a
+    ``[source.NAME]``: its URL, and its mountpoint unless MOUNTPOINT is given), then ``[mount]``."""
+    return _resolve(args, MOUNT_GROUPS, env, source=args.source, mount=True)
 
 
-def _resolve_source_name(args: argparse.Namespace, config: Config) -> SourceConfig | None:
-    if is_source_name(args.source):
-        source = config.source(args.source)
-        args.source_name = args.source
-        args.source = source.url
-        return source
-    args.source_name = None
-    return None
+def source_settings(
+    args: argparse.Namespace, env: Mapping[str, str] = os.environ, *, source: str | None = None
+) -> Settings:
+    """The settings of a command that reads a store without mounting it (``ls``, ``cp``, ``stage``): ``source``
+    (default ``args.source``; a URL or a NAME) and the source keys of its ``[source.NAME]`` under the flags and their
+    ``DIRECTFS_*`` twins. ``[mount]`` and the per-source mount keys are not used: there is no mount."""
+    return _resolve(args, STORE_GROUPS, env, source=source if source is not None else args.source, mount=False)
 
 
-def _fill(
+def flag_settings(args: argparse.Namespace, env: Mapping[str, str] = os.environ) -> Settings:
+    """Flags and ``DIRECTFS_*`` only, no config file (``directfs get``: credentials and TLS)."""
+    return _resolve(args, GET_GROUPS, env, source=None, mount=False, use_file=False)
+
+
+@dataclass
+class _Layer:
+    """The values one layer gives and, for each, where it came from."""
+
+    values: dict[str, Any] = field(default_factory=dict)
+    origins: dict[str, str] = field(default_factory=dict)
+
+    def add(self, name: str, value: Any, origin: str) -> None:
+        self.values[name] = value
+        self.origins[name] = origin
+
+
+def _resolve(
     args: argparse.Namespace,
-    layered: dict[str, Any],
+    groups: tuple[Group, ...],
     env: Mapping[str, str],
-    keys: Mapping[str, _Key] | None = None,
-) -> None:
-    """Environment over ``layered`` (file values), then every key the flags (and ``-o``) left unset into ``args``.
-    ``keys``: only these config keys (None: mount and source keys)."""
-    from_env = env_values(env)
-    if keys is not None:
-        from_env = {key: value for key, value in from_env.items() if key in keys}
-    layered.update(from_env)
-    layered.pop("url", None)
-    o_keys = _o_keys(args)
+    *,
+    source: str | None,
+    mount: bool,
+    use_file: bool = True,
+) -> Settings:
+    command_line = _Layer()  # flags over -o
+    if mount:
+        for item in parse_o(getattr(args, "options", None) or []):
+            command_line.add(item.option.name, item.parsed(), item.where)
+    for name, value in given_flags(args, groups).items():
+        command_line.add(name, value, OPTIONS[name].flag)
+
+    config = EMPTY_CONFIG
+    named: SourceConfig | None = None
+    files: list[_Layer] = []  # lowest first
+    if use_file:
+        config = load_for(command_line.values.get("config"), env)
+        where = config.path or "<config>"
+        sections: list[tuple[str, Mapping[str, Any]]] = [("mount", config.mount)] if mount else []
+        if source is not None and is_source_name(source):
+            named = config.source(source)
+            sections.append((f"source.{named.name}", named.values))
+            if mount:
+                sections.append((f"source.{named.name}.mount", named.mount))
+        for section, values in sections:
+            layer = _Layer()
+            for key, value in values.items():
+                if key not in ("url", "mountpoint"):
+                    layer.add(key, value, f"{where}: [{section}] {key}")
+            files.append(layer)
+    environment = _Layer()
+    for name, value in env_values(env, names_in(groups)).items():
+        environment.add(name, value, f"${OPTIONS[name].env}")
+
+    # A secret comes from the highest layer that gives it in any spelling: command line, then its variable, then the
+    # file (whose KEY_credential is the KEY_file path under $CREDENTIALS_DIRECTORY).
     for name in SECRET_KEYS:
-        env_name = f"DIRECTFS_{name.upper()}"
-        flags_given = _flag_given(args, name) or _flag_given(args, f"{name}_file")
-        spellings = [key for key in (name, f"{name}_file", f"{name}_credential") if key in layered]
-        if flags_given or env.get(env_name):
+        spellings = (name, f"{name}_file", f"{name}_credential")
+        variable = OPTIONS[name].env
+        above = any(key in command_line.values for key in spellings) or bool(variable and env.get(variable))
+        for layer in files:
             for key in spellings:
-                layered.pop(key)
-            continue
-        for key in spellings:
-            if key != name:
-                layered[key] = secret_file_path(key, layered[key], env)
-    for key, value in layered.items():
-        spec = MOUNT_KEYS.get(key) or SOURCE_KEYS[key]
-        if key in o_keys or _flag_given(args, spec.dest):
-            continue
-        if key == "mountpoint" and getattr(args, "mountpoint", None):
-            continue
-        setattr(args, spec.dest, _as_arg(key, value))
+                if key in layer.values:
+                    value, origin = layer.values.pop(key), layer.origins.pop(key)
+                    if not above:
+                        path = secret_file_path(key, value, env) if key.endswith("_credential") else value
+                        layer.add(f"{name}_file" if key.endswith("_credential") else key, path, origin)
+
+    merged = _Layer()
+    for layer in [*files, environment, command_line]:
+        merged.values.update(layer.values)
+        merged.origins.update(layer.origins)
+
+    mountpoint = None
+    if mount:
+        mountpoint = getattr(args, "mountpoint", None) or (named.mountpoint if named is not None else None)
+        if not mountpoint:
+            what = f"[source.{named.name}] has no mountpoint" if named is not None else "no MOUNTPOINT given"
+            raise ConfigError(f'{what}: give MOUNTPOINT on the command line or mountpoint = "/mnt/..." in the config')
+    return Settings(
+        values=merged.values,
+        origins=merged.origins,
+        source=named.url if named is not None else source,
+        source_name=named.name if named is not None else None,
+        mountpoint=mountpoint,
+        config=config,
+    )

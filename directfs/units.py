@@ -44,3 +44,27 @@ def parse_duration_seconds(text: str) -> float:
     if not math.isfinite(seconds):
         raise ConfigError(f"duration {text!r} is too large")
     return seconds
+
+
+def format_size(size: int) -> str:
+    """``size`` bytes the way ``parse_size`` reads them back, in the largest unit that keeps it whole (``"256M"``,
+    ``"4K"``, ``"1000"``): how help texts and the README show a default."""
+    for unit, power in (("T", 4), ("G", 3), ("M", 2), ("K", 1)):
+        if size and size % 1024**power == 0:
+            return f"{size // 1024**power}{unit}"
+    return str(size)
+
+
+def format_duration(seconds: float) -> str:
+    """``seconds`` the way ``parse_duration_seconds`` reads them back, in the largest unit that keeps it whole
+    (``"5s"``, ``"5m"``, ``"500ms"``)."""
+    if not seconds:
+        return "0s"
+    for unit in ("d", "h", "m", "s"):
+        count = seconds / _DURATION_SECONDS[unit]
+        if count == int(count):
+            return f"{int(count)}{unit}"
+    milliseconds = seconds * 1000
+    if milliseconds == int(milliseconds):
+        return f"{int(milliseconds)}ms"
+    return f"{seconds:g}s"

@@ -1,8 +1,8 @@
-"""Option values that the flags (``commands.common``), the config file (``config``) and the daemon all accept: block
-sizes, S3 endpoint URLs and the metrics listen address.
+"""Option values that the flags, ``-o``, the environment and the config file (all through ``options``, the option
+table) and the daemon accept: block sizes, S3 endpoint URLs and the metrics listen address.
 
-They live here, beside ``units`` and below everything that reads them, so that ``config`` never imports
-``commands`` and ``metrics`` never imports ``config``: imports run downward only (the layers contract in
+They live here, beside ``units`` and below everything that reads them, so that ``options`` and ``config`` never
+import ``commands`` and ``metrics`` never imports ``config``: imports run downward only (the layers contract in
 pyproject.toml, checked by ``make lint``). Stdlib, ``errors`` and ``units`` only: every command imports this at
 parse time.
 """
@@ -23,17 +23,23 @@ MIN_BLOCK_SIZE_BYTES: Final = 4 * 1024
 MAX_BLOCK_SIZE_BYTES: Final = 256 * 1024 * 1024
 
 
-def parse_block_size(text: str, flag: str = "--block-size") -> int:
-    """Bytes of a block size (``"64K"``, ``"8M"``), within MIN_/MAX_BLOCK_SIZE_BYTES; ConfigError otherwise."""
+def parse_block_size(text: str) -> int:
+    """Bytes of a block size (``"64K"``, ``"8M"``), within MIN_/MAX_BLOCK_SIZE_BYTES; ConfigError (the reason, without
+    the value: the caller names the flag or key and shows the value) otherwise."""
     size = parse_size(text)
     if not MIN_BLOCK_SIZE_BYTES <= size <= MAX_BLOCK_SIZE_BYTES:
-        raise ConfigError(f"{flag} must be between 4K and 256M, not {text!r}")
+        raise ConfigError("a block size must be between 4K and 256M")
     return size
 
 
-def parse_endpoint_url(text: str, flag: str = "--endpoint-url") -> str:
+def shown_endpoint_url(text: str) -> str:
+    """``text`` as an error message may show it: without userinfo or query, at most 100 characters."""
+    return text.split("?", 1)[0].rsplit("@", 1)[-1][:100]
+
+
+def parse_endpoint_url(text: str) -> str:
     """``http(s)://HOST[:PORT]`` (a trailing ``/`` is dropped); ConfigError for anything else. Credentials in it are
-    refused (argv is visible to every user) and never echoed back."""
+    refused (argv is visible to every user) and never echoed back (see ``shown_endpoint_url``)."""
     from urllib.parse import urlsplit
 
     try:
@@ -41,13 +47,12 @@ def parse_endpoint_url(text: str, flag: str = "--endpoint-url") -> str:
         port = parts.port  # ValueError for a non-numeric or out-of-range port
     except ValueError:
         port, parts = -1, None
-    shown = text.split("?", 1)[0].rsplit("@", 1)[-1][:100]
     if parts is None or port == -1 or parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigError(f"{flag} wants http(s)://HOST[:PORT], not {shown!r}")
+        raise ConfigError("expected http(s)://HOST[:PORT]")
     if parts.username is not None or parts.password is not None:
-        raise ConfigError(f"{flag} must not hold credentials: use AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or a profile")
+        raise ConfigError("must not hold credentials: use AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or a profile")
     if parts.query or parts.fragment or parts.path.strip("/"):
-        raise ConfigError(f"{flag} wants http(s)://HOST[:PORT] without a path or query, not {shown!r}")
+        raise ConfigError("expected http(s)://HOST[:PORT] without a path or query")
     return f"{parts.scheme}://{parts.netloc}"
 
 
@@ -55,7 +60,7 @@ def parse_endpoint_url(text: str, flag: str = "--endpoint-url") -> str:
 class MetricsAddress:
     """Where the Prometheus endpoint listens. Loopback unless ``metrics_allow_remote`` says otherwise.
 
-    Parsed by ``config.parse_metrics_address``; checked again by ``metrics.start_metrics_server``."""
+    Parsed by ``parse_metrics_address``; checked again by ``metrics.start_metrics_server``."""
 
     host: str
     port: int
@@ -71,3 +76,29 @@ class MetricsAddress:
 
     def __str__(self) -> str:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def parse_metrics_address(value: object) -> MetricsAddress:
+    """``HOST:PORT`` or ``[V6]:PORT`` (a bare ``PORT`` means 127.0.0.1:PORT); ValueError(reason) otherwise."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        text = str(value)
+    elif isinstance(value, str) and value and "\x00" not in value and "\n" not in value:
+        text = value
+    elif isinstance(value, str) and value:
+        raise ValueError("must not contain NUL or newline")
+    else:
+        raise ValueError("expected a non-empty string")
+    host, sep, port_text = text.rpartition(":")
+    if not sep:
+        host, port_text = "127.0.0.1", text
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not host:
+        raise ValueError("expected HOST:PORT, e.g. 127.0.0.1:9567")
+    try:
+        port = int(port_text, 10)
+    except ValueError:
+        raise ValueError("expected HOST:PORT, e.g. 127.0.0.1:9567") from None
+    if not 0 < port < 65536:
+        raise ValueError("port must be between 1 and 65535")
+    return MetricsAddress(host, port)

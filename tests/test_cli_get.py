@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import pytest
@@ -12,8 +12,9 @@ import pytest
 from directfs import cli
 from directfs.commands import common
 from directfs.commands.get import parse_portal, parse_range
+from directfs.config import Settings, flag_settings
 from directfs.errors import ConfigError
-from directfs.units import parse_size
+from directfs.units import parse_duration_seconds, parse_size
 
 from .support.blockserver import SECRET, BlockServer, Fault, payload
 
@@ -156,22 +157,23 @@ def test_parse_range() -> None:
 # --- commands/common.py -----------------------------------------------------------------------------------------
 
 
-def parse(*argv: str) -> argparse.Namespace:
+def parse(*argv: str, env: Mapping[str, str] | None = None) -> Settings:
+    """The settings of these credential and TLS flags (``env``: the DIRECTFS_* twins; none by default)."""
     parser = argparse.ArgumentParser()
     common.add_credential_arguments(parser)
     common.add_tls_arguments(parser)
-    return parser.parse_args(argv)
+    return flag_settings(parser.parse_args(argv), env or {})
 
 
 def test_credentials_precedence_flag_file_env(tmp_path: Path) -> None:
     key_file = tmp_path / "key"
     key_file.write_text("from-file\r\n\n")
     env = {common.ENV_SECRET_ACCESS_KEY: "from-env", common.ENV_ACCESS_KEY_ID: "id-env", common.ENV_TOKEN: "tok"}
-    assert common.resolve_credentials(parse(), env).secret_access_key == "from-env"
-    assert common.resolve_credentials(parse(), env).access_key_id == "id-env"
-    with_file = parse("--secret-access-key-file", str(key_file))
+    assert common.resolve_credentials(parse(env=env), env).secret_access_key == "from-env"
+    assert common.resolve_credentials(parse(env=env), env).access_key_id == "id-env"
+    with_file = parse("--secret-access-key-file", str(key_file), env=env)
     assert common.resolve_credentials(with_file, env).secret_access_key == "from-file"  # newlines stripped
-    with_flag = parse("--secret-access-key-file", str(key_file), "--secret-access-key", "from-flag")
+    with_flag = parse("--secret-access-key-file", str(key_file), "--secret-access-key", "from-flag", env=env)
     assert common.resolve_credentials(with_flag, env).secret_access_key == "from-flag"
     assert common.resolve_credentials(parse(), {}).secret_access_key is None
 
@@ -250,10 +252,10 @@ def test_parse_size_refuses(text: str) -> None:
     [("10", 10.0), ("2.5s", 2.5), ("500ms", 0.5), ("5m", 300.0), ("1h", 3600.0), ("1d", 86400.0), ("0", 0.0)],
 )
 def test_parse_duration(text: str, expected: float) -> None:
-    assert common.parse_duration_seconds(text) == expected
+    assert parse_duration_seconds(text) == expected
 
 
 @pytest.mark.parametrize("text", ["", "s", "-1s", "5 minutes", "1w", "inf", "1e3"])
 def test_parse_duration_refuses(text: str) -> None:
     with pytest.raises(ConfigError):
-        common.parse_duration_seconds(text)
+        parse_duration_seconds(text)

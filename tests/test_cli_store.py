@@ -21,7 +21,7 @@ import pytest
 from directfs import cli
 from directfs.commands import common
 from directfs.commands.storeio import printable, resolve_source_arg
-from directfs.config import apply_to_source_args, parse_config
+from directfs.config import mount_settings, parse_config, source_settings
 from directfs.errors import ConfigError
 from directfs.sources.base import SourceOptions
 
@@ -78,11 +78,14 @@ def _parsed(*argv: str) -> argparse.Namespace:
 def test_store_flags_feed_source_options() -> None:
     args = _parsed("ls", "s3://b", "--endpoint-url", "http://127.0.0.1:9000/", "--block-size", "64K")
     args.staging_deadline = "90s"
-    options = common.build_source_options(args, common.resolve_credentials(args, env={}))
+    settings = source_settings(args, env={})
+    options = common.build_source_options(settings, common.resolve_credentials(settings, env={}))
     assert options.endpoint_url == "http://127.0.0.1:9000"
     assert options.block_size_bytes == 64 * 1024
     assert options.staging_deadline_seconds == 90.0
-    defaults = common.build_source_options(_parsed("ls", "s3://b"), common.resolve_credentials(args, env={}))
+    defaults = common.build_source_options(
+        source_settings(_parsed("ls", "s3://b"), env={}), common.resolve_credentials(settings, env={})
+    )
     assert defaults.block_size_bytes == SourceOptions().block_size_bytes
     assert defaults.staging_deadline_seconds == SourceOptions().staging_deadline_seconds
 
@@ -102,7 +105,8 @@ def test_store_flags_feed_source_options() -> None:
 def test_store_flags_are_validated(flag: str, value: str, message: str) -> None:
     args = _parsed("cp", "s3://b/k", "/tmp/x", flag, value)
     with pytest.raises(ConfigError, match=message) as caught:
-        common.build_source_options(args, common.resolve_credentials(args, env={}))
+        settings = source_settings(args, env={})
+        common.build_source_options(settings, common.resolve_credentials(settings, env={}))
     assert "secret" not in str(caught.value).replace("must not hold credentials", "")
 
 
@@ -113,8 +117,8 @@ def test_config_keys_and_environment_twins(tmp_path: Path) -> None:
         'block_size = "1M"\nstaging_deadline = "30m"\n'
     )
     args = _parsed("ls", "archive/2024 q", "--config", str(config))
-    options = resolve_source_arg(args)  # NAME/sub/path
-    assert args.source == "s3://tape-bucket/raw/2024%20q"
+    url, options = resolve_source_arg(args)  # NAME/sub/path
+    assert url == "s3://tape-bucket/raw/2024%20q"
     assert (options.endpoint_url, options.block_size_bytes, options.staging_deadline_seconds) == (
         "http://127.0.0.1:8333",
         1024 * 1024,
@@ -122,8 +126,8 @@ def test_config_keys_and_environment_twins(tmp_path: Path) -> None:
     )
     # environment over the file, flags over both
     args = _parsed("ls", "archive", "--config", str(config), "--block-size", "2M")
-    apply_to_source_args(args, env={"DIRECTFS_BLOCK_SIZE": "4M", "DIRECTFS_STAGING_DEADLINE": "10s"})
-    options = common.build_source_options(args, common.resolve_credentials(args, env={}))
+    settings = source_settings(args, env={"DIRECTFS_BLOCK_SIZE": "4M", "DIRECTFS_STAGING_DEADLINE": "10s"})
+    options = common.build_source_options(settings, common.resolve_credentials(settings, env={}))
     assert (options.block_size_bytes, options.staging_deadline_seconds) == (2 * 1024 * 1024, 10.0)
     with pytest.raises(ConfigError, match="block_size"):
         parse_config('[source.x]\nurl = "s3://b"\nblock_size = "3"\n')
@@ -133,20 +137,18 @@ def test_config_keys_and_environment_twins(tmp_path: Path) -> None:
 
 def test_mount_o_options_and_help_list_every_scheme(tmp_path: Path) -> None:
     from directfs.commands import mount as mount_command
-    from directfs.commands.mount import resolve_options
 
     args = _parsed("mount", "s3://b", str(tmp_path), "-o", "block_size=1M,staging_deadline=1h,ro")
     args.options.append("endpoint_url=http://127.0.0.1:9000")
-    resolve_options(args)
-    options = common.build_source_options(args, common.resolve_credentials(args, env={}))
+    settings = mount_settings(args, env={})
+    options = common.build_source_options(settings, common.resolve_credentials(settings, env={}))
     assert (options.block_size_bytes, options.staging_deadline_seconds, options.endpoint_url) == (
         1024 * 1024,
         3600.0,
         "http://127.0.0.1:9000",
     )
     flag_wins = _parsed("mount", "s3://b", str(tmp_path), "-o", "block_size=1M", "--block-size", "64K")
-    resolve_options(flag_wins)
-    assert flag_wins.block_size == "64K"
+    assert mount_settings(flag_wins, env={})["block_size"] == 64 * 1024
     mount_parser = argparse.ArgumentParser(prog="directfs mount")
     mount_command.add_arguments(mount_parser)
     text = mount_parser.format_help() + mount_command.HELP

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from directfs import config
+from directfs import cli, config
 from directfs.errors import ConfigError
 
 SECRET = "s3cr3t-VALUE-never-shown"
@@ -23,41 +23,16 @@ def write(tmp_path: Path, text: str, mode: int = 0o600) -> str:
 
 
 def mount_args(source: str, mountpoint: str | None = None, **flags: object) -> argparse.Namespace:
-    """A Namespace shaped like `directfs mount`'s with nothing given on the command line."""
-    values: dict[str, object] = {
-        "source": source,
-        "mountpoint": mountpoint,
-        "config": None,
-        "options": [],
-        "cache_size": None,
-        "read_ahead": None,
-        "metadata_ttl": None,
-        "allow_other": None,
-        "uid": None,
-        "gid": None,
-        "umask": None,
-        "log_level": None,
-        "log_file": None,
-        "metrics_address": None,
-        "metrics_allow_remote": None,
-        "access_key_id": None,
-        "secret_access_key": None,
-        "secret_access_key_file": None,
-        "username": None,
-        "password": None,
-        "password_file": None,
-        "token": None,
-        "token_file": None,
-        "verify_tls": True,
-        "verify_storage_tls": True,
-        "ca_file": None,
-        "client_cert": None,
-        "client_key": None,
-        "connect_timeout": None,
-        "read_timeout": None,
-    }
-    values.update(flags)
-    return argparse.Namespace(**values)
+    """`directfs mount`'s Namespace, as its parser makes it, with ``flags`` given on the command line (``options``:
+    the list of ``-o`` values)."""
+    argv = ["mount", source, *([mountpoint] if mountpoint else [])]
+    for name, value in flags.items():
+        if name == "options":
+            assert isinstance(value, list)
+            argv += [item for text in value for item in ("-o", text)]
+        else:
+            argv += [f"--{name.replace('_', '-')}", str(value)]
+    return cli.build_parser().parse_args(argv)
 
 
 FULL = """
@@ -103,46 +78,46 @@ def test_precedence_file_then_source_then_env_then_flags(tmp_path: Path) -> None
     path = write(tmp_path, FULL)
     env = {"DIRECTFS_CONFIG": path, "DIRECTFS_READ_AHEAD": "16M", "DIRECTFS_METADATA_TTL": "2"}
     args = mount_args("projects", read_ahead="32M")  # the flag beats the environment
-    config.apply_to_mount_args(args, env)
-    assert args.source == "ctera+https://portal.example.com/projects"
-    assert args.source_name == "projects"
-    assert args.mountpoint == "/mnt/projects"
-    assert args.read_ahead == "32M"  # flag
-    assert args.metadata_ttl == 2.0  # environment beats [mount]
-    assert args.cache_size == str(1 << 30)  # [source.projects.mount] beats [mount]
-    assert args.umask == 0o22  # [mount]
-    assert args.log_level == "warning"
-    assert args.allow_other is True
-    assert args.verify_tls is False
-    assert args.connect_timeout == "3.0"
-    assert args.access_key_id == "AKIDEXAMPLE"
-    assert args.secret_access_key_file == "/etc/directfs/projects.key"
+    settings = config.mount_settings(args, env)
+    assert settings.source == "ctera+https://portal.example.com/projects"
+    assert settings.source_name == "projects"
+    assert settings.mountpoint == "/mnt/projects"
+    assert settings["read_ahead"] == 32 << 20  # flag
+    assert settings["metadata_ttl"] == 2.0  # environment beats [mount]
+    assert settings["cache_size"] == 1 << 30  # [source.projects.mount] beats [mount]
+    assert settings["umask"] == 0o22  # [mount]
+    assert settings["log_level"] == "warning"
+    assert settings["allow_other"] is True
+    assert settings["verify_tls"] is False
+    assert settings["connect_timeout"] == 3.0
+    assert settings["access_key_id"] == "AKIDEXAMPLE"
+    assert settings["secret_access_key_file"] == "/etc/directfs/projects.key"
 
 
 def test_o_options_rank_with_flags(tmp_path: Path) -> None:
     args = mount_args("projects", options=["cache_size=64M,ro"])
-    config.apply_to_mount_args(args, {"DIRECTFS_CONFIG": write(tmp_path, FULL), "DIRECTFS_CACHE_SIZE": "2G"})
-    assert args.cache_size is None  # left for -o cache_size=64M, which the mount command resolves
+    settings = config.mount_settings(args, {"DIRECTFS_CONFIG": write(tmp_path, FULL), "DIRECTFS_CACHE_SIZE": "2G"})
+    assert settings["cache_size"] == 64 << 20  # -o cache_size=64M, over the environment and the file
 
 
 def test_mountpoint_on_the_command_line_wins(tmp_path: Path) -> None:
     args = mount_args("projects", "/srv/other")
-    config.apply_to_mount_args(args, {"DIRECTFS_CONFIG": write(tmp_path, FULL)})
-    assert args.mountpoint == "/srv/other"
+    settings = config.mount_settings(args, {"DIRECTFS_CONFIG": write(tmp_path, FULL)})
+    assert settings.mountpoint == "/srv/other"
 
 
 def test_url_source_uses_only_mount_defaults(tmp_path: Path) -> None:
     args = mount_args("file:///srv/data", "/mnt/x")
-    config.apply_to_mount_args(args, {"DIRECTFS_CONFIG": write(tmp_path, FULL)})
-    assert args.source == "file:///srv/data"
-    assert args.source_name is None
-    assert args.cache_size == str(512 << 20)
-    assert args.access_key_id is None
+    settings = config.mount_settings(args, {"DIRECTFS_CONFIG": write(tmp_path, FULL)})
+    assert settings.source == "file:///srv/data"
+    assert settings.source_name is None
+    assert settings["cache_size"] == 512 << 20
+    assert settings.get("access_key_id") is None
 
 
 def test_no_config_file_and_no_name_needs_nothing(tmp_path: Path) -> None:
     args = mount_args("file:///srv/data", "/mnt/x")
-    cfg = config.apply_to_mount_args(args, {})
+    cfg = config.mount_settings(args, {}).config
     assert cfg.path in (None, config.DEFAULT_CONFIG_PATH)
 
 
@@ -155,16 +130,16 @@ def test_systemd_credential_becomes_a_secret_file_path(tmp_path: Path) -> None:
         '[source.p]\nurl = "ctera+https://h"\nmountpoint = "/mnt/p"\nsecret_access_key_credential = "ctera-secret"\n',
     )
     args = mount_args("p")
-    config.apply_to_mount_args(args, {"DIRECTFS_CONFIG": path, "CREDENTIALS_DIRECTORY": str(creds)})
-    assert args.secret_access_key_file == str(creds / "ctera-secret")
-    assert args.secret_access_key is None  # the value is read by the credential resolver, never put in args
+    settings = config.mount_settings(args, {"DIRECTFS_CONFIG": path, "CREDENTIALS_DIRECTORY": str(creds)})
+    assert settings["secret_access_key_file"] == str(creds / "ctera-secret")
+    assert settings.get("secret_access_key") is None  # the value is read by the credential resolver, never kept
 
 
 def test_secret_from_environment_beats_the_config(tmp_path: Path) -> None:
     path = write(tmp_path, f'[source.p]\nurl = "ctera+https://h"\nmountpoint = "/m"\nsecret_access_key = "{SECRET}"\n')
     args = mount_args("p")
-    config.apply_to_mount_args(args, {"DIRECTFS_CONFIG": path, "DIRECTFS_SECRET_ACCESS_KEY": "from-env"})
-    assert args.secret_access_key is None and args.secret_access_key_file is None
+    settings = config.mount_settings(args, {"DIRECTFS_CONFIG": path, "DIRECTFS_SECRET_ACCESS_KEY": "from-env"})
+    assert settings.get("secret_access_key") is None and settings.get("secret_access_key_file") is None
 
 
 def test_inline_secret_in_a_private_file_is_kept_in_memory_only(tmp_path: Path) -> None:
@@ -172,23 +147,23 @@ def test_inline_secret_in_a_private_file_is_kept_in_memory_only(tmp_path: Path) 
     cfg = config.load_config(path)
     assert SECRET not in repr(cfg)
     args = mount_args("p")
-    config.apply_to_mount_args(args, {"DIRECTFS_CONFIG": path})
-    assert args.password == SECRET
+    settings = config.mount_settings(args, {"DIRECTFS_CONFIG": path})
+    assert settings["password"] == SECRET
 
 
 def test_flags_secret_file_beats_config_secret(tmp_path: Path) -> None:
     path = write(tmp_path, f'[source.p]\nurl = "ctera+https://h"\nmountpoint = "/m"\npassword = "{SECRET}"\n')
     args = mount_args("p", password_file="/run/pw")
-    config.apply_to_mount_args(args, {"DIRECTFS_CONFIG": path})
-    assert args.password is None and args.password_file == "/run/pw"
+    settings = config.mount_settings(args, {"DIRECTFS_CONFIG": path})
+    assert settings.get("password") is None and settings["password_file"] == "/run/pw"
 
 
 def test_explicit_config_flag_beats_environment(tmp_path: Path) -> None:
     other = tmp_path / "other.toml"
     other.write_text('[mount]\ncache_size = "1M"\n')
     args = mount_args("file:///d", "/m", config=str(other))
-    config.apply_to_mount_args(args, {"DIRECTFS_CONFIG": write(tmp_path, FULL)})
-    assert args.cache_size == str(1 << 20)
+    settings = config.mount_settings(args, {"DIRECTFS_CONFIG": write(tmp_path, FULL)})
+    assert settings["cache_size"] == 1 << 20
 
 
 def test_find_config_path_order(tmp_path: Path) -> None:
@@ -281,21 +256,21 @@ def test_missing_unreadable_and_oversized_files(tmp_path: Path) -> None:
 def test_unknown_source_name_lists_the_known_ones(tmp_path: Path) -> None:
     args = mount_args("projcts")
     with pytest.raises(ConfigError, match=r"no \[source.projcts\] \(sources defined: projects\)"):
-        config.apply_to_mount_args(args, {"DIRECTFS_CONFIG": write(tmp_path, FULL)})
+        config.mount_settings(args, {"DIRECTFS_CONFIG": write(tmp_path, FULL)})
 
 
 def test_source_without_mountpoint_needs_one(tmp_path: Path) -> None:
     args = mount_args("p")
     with pytest.raises(ConfigError, match=r"\[source.p\] has no mountpoint: give MOUNTPOINT"):
-        config.apply_to_mount_args(args, {"DIRECTFS_CONFIG": write(tmp_path, '[source.p]\nurl = "file:///d"\n')})
+        config.mount_settings(args, {"DIRECTFS_CONFIG": write(tmp_path, '[source.p]\nurl = "file:///d"\n')})
 
 
 def test_credential_without_credentials_directory(tmp_path: Path) -> None:
     path = write(tmp_path, '[source.p]\nurl = "ctera+https://h"\nmountpoint = "/m"\ntoken_credential = "tok"\n')
     with pytest.raises(ConfigError, match=r"token_credential = 'tok': \$CREDENTIALS_DIRECTORY is not set"):
-        config.apply_to_mount_args(mount_args("p"), {"DIRECTFS_CONFIG": path})
+        config.mount_settings(mount_args("p"), {"DIRECTFS_CONFIG": path})
     with pytest.raises(ConfigError, match=r"token_credential = 'tok': no such credential"):
-        config.apply_to_mount_args(mount_args("p"), {"DIRECTFS_CONFIG": path, "CREDENTIALS_DIRECTORY": str(tmp_path)})
+        config.mount_settings(mount_args("p"), {"DIRECTFS_CONFIG": path, "CREDENTIALS_DIRECTORY": str(tmp_path)})
 
 
 @pytest.mark.parametrize(

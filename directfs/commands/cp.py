@@ -65,15 +65,16 @@ def run(args: argparse.Namespace) -> int:
     from .storeio import check_max_workers, resolve_source_arg
 
     check_max_workers(args.max_workers)
-    options = resolve_source_arg(args)
-    return trio.run(_copy, args, options)
+    url, options = resolve_source_arg(args)
+    return trio.run(_copy, args, url, options)
 
 
 class _Copier:
-    def __init__(self, args: argparse.Namespace, source: Source, progress: Progress) -> None:
+    def __init__(self, args: argparse.Namespace, url: str, source: Source, progress: Progress) -> None:
         import trio
 
         self.args = args
+        self.url = url
         self.source = source
         self.progress = progress
         self.block_slots = trio.Semaphore(args.max_workers)
@@ -84,7 +85,7 @@ class _Copier:
         from .storeio import describe, where
 
         self.failed += 1
-        self.progress.message(describe(exc, where(self.args.source, path)))
+        self.progress.message(describe(exc, where(self.url, path)))
 
     async def copy_file(self, path: str, entry: Entry, dest: str) -> None:
         """One file to ``dest`` via ``dest.part``; failures are reported (never raised) except cancellation."""
@@ -122,36 +123,36 @@ class _Copier:
         self.progress.file_done()
 
 
-async def _copy(args: argparse.Namespace, options: SourceOptions) -> int:
+async def _copy(args: argparse.Namespace, url: str, options: SourceOptions) -> int:
     import trio
 
     from ..errors import DirectFSError, IsADirectory
     from .storeio import Progress, describe, open_target, walk, where
 
     try:
-        target = await open_target(args.source, options)
+        target = await open_target(url, options)
     except DirectFSError as exc:
-        print(f"directfs cp: {describe(exc, where(args.source, ''))}", file=sys.stderr)
+        print(f"directfs cp: {describe(exc, where(url, ''))}", file=sys.stderr)
         return 1
     try:
         if target.children is None:  # one file
             dest = args.dest
             if await trio.to_thread.run_sync(os.path.isdir, dest):
                 dest = os.path.join(dest, target.entry.name)
-            copier = _Copier(args, target.source, Progress("cp", files=1, total_bytes=target.entry.size))
+            copier = _Copier(args, url, target.source, Progress("cp", files=1, total_bytes=target.entry.size))
             await copier.copy_file(target.path, target.entry, dest)
             copier.progress.finish()
             return 1 if copier.failed else 0
         if not args.recursive:
             error = IsADirectory("a folder: use -r to copy it and everything below")
-            print(f"directfs cp: {describe(error, where(args.source, ''))}", file=sys.stderr)
+            print(f"directfs cp: {describe(error, where(url, ''))}", file=sys.stderr)
             return 1
         failed_listing: list[tuple[str, DirectFSError]] = []
         listing = walk(target.source, target.path, target.children, lambda p, e: failed_listing.append((p, e)))
         items = [item async for item in listing]
         files = [(rel, entry) for rel, entry in items if not entry.is_dir]
         progress = Progress("cp", files=len(files), total_bytes=sum(entry.size for _, entry in files))
-        copier = _Copier(args, target.source, progress)
+        copier = _Copier(args, url, target.source, progress)
         for path, problem in failed_listing:
             copier.fail(path, problem)
         folders = [("", target.entry)] + [(rel, entry) for rel, entry in items if entry.is_dir]

@@ -93,13 +93,16 @@ def run(args: argparse.Namespace) -> int:
     start, end = parse_range(args.byte_range)
     if args.max_workers < 1 or args.resumes < 0:
         raise ConfigError("--max-workers must be >= 1 and --resumes >= 0")
-    credentials = common.resolve_credentials(args)
+    from ..config import flag_settings
+
+    settings = flag_settings(args)  # no config file: flags and DIRECTFS_* only
+    credentials = common.resolve_credentials(settings)
     if not credentials.access_key_id or not credentials.secret_access_key:
         raise ConfigError(
             "directfs get needs --access-key-id and --secret-access-key-file (or $DIRECTFS_ACCESS_KEY_ID and "
             "$DIRECTFS_SECRET_ACCESS_KEY)"
         )
-    options = common.build_source_options(args, credentials)
+    options = common.build_source_options(settings, credentials)
     return trio.run(_download, portal, args, options, start, end)
 
 

@@ -57,11 +57,11 @@ def run(args: argparse.Namespace) -> int:
 
     from .storeio import resolve_source_arg
 
-    options = resolve_source_arg(args)
-    return trio.run(_list, args, options)
+    url, options = resolve_source_arg(args)
+    return trio.run(_list, args, url, options)
 
 
-async def _list(args: argparse.Namespace, options: SourceOptions) -> int:
+async def _list(args: argparse.Namespace, url: str, options: SourceOptions) -> int:
     from ..errors import DirectFSError
     from .storeio import describe, open_target, walk, where
 
@@ -72,10 +72,10 @@ async def _list(args: argparse.Namespace, options: SourceOptions) -> int:
         nonlocal failures
         failures += 1
         out.flush()  # keep stdout and stderr in order on a terminal
-        print(f"directfs ls: {describe(exc, where(args.source, path))}", file=sys.stderr)
+        print(f"directfs ls: {describe(exc, where(url, path))}", file=sys.stderr)
 
     try:
-        target = await open_target(args.source, options)
+        target = await open_target(url, options)
     except DirectFSError as exc:
         on_error("", exc)
         return 1

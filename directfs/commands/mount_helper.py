@@ -5,18 +5,19 @@ helpers"). SOURCE is a ``[source.NAME]`` of the config file or a URL. An fstab l
 
     projects  /mnt/projects  directfs  _netdev,nofail,config=/etc/directfs/directfs.toml,allow_other  0 0
 
-Options:
+Options are parsed by ``directfs.options.parse_o``, the same parser as ``directfs mount -o`` (README "fstab" lists
+what follows from the option table):
 
 - ignored (they are for mount(8), systemd or the admin): ``_netdev``, ``nofail``, ``noauto``, ``auto``, ``user``,
   ``users``, ``nouser``, ``owner``, ``group``, ``defaults``, ``ro``, ``rw`` (the mount is always read-only),
   ``x-*`` (``x-systemd.*``, ``x-mount.*``), ``comment=*``, and the kernel flags mount(8) may pass along
   (``nosuid``, ``nodev``, ``noexec``, ``exec``, ``suid``, ``dev``, ``noatime``, ``relatime``, ``async``).
-- mapped to flags of ``directfs mount``: ``config=``, ``log_file=``, ``log_level=``, ``metrics_address=``,
-  ``metrics_allow_remote``, ``access_key_id=``, ``username=``, the secret *file* options (``secret_access_key_file=``,
-  ``password_file=``, ``token_file=``), ``ca_file=``, ``client_cert=``, ``client_key=``, ``connect_timeout=``,
-  ``read_timeout=``, ``no_verify_tls``.
-- passed on with ``-o``: ``allow_other``, ``uid=``, ``gid=``, ``umask=``, ``cache_size=``, ``read_ahead=``,
-  ``metadata_ttl=``.
+- mapped to flags of ``directfs mount`` (the options the table marks ``o_as_flag``): ``config=``, ``log_file=``,
+  ``log_level=``, ``metrics_address=``, ``metrics_allow_remote``, credentials other than secret values
+  (``access_key_id=``, ``username=``, ``secret_access_key_file=``, ...), TLS and timeouts (``ca_file=``,
+  ``no_verify_tls``, ``connect_timeout=``, ...).
+- passed on with ``-o``: the mount options proper (``allow_other``, ``uid=``, ``cache_size=``, ...) and the store
+  options (``endpoint_url=``, ``block_size=``, ``staging_deadline=``).
 - refused: secret *values* (``password=``, ``secret_access_key=``, ``token=``): fstab is world-readable and the
   value would sit in every ``ps`` listing. Any other option is an error naming it, unless ``-s`` (sloppy) is given.
 
@@ -35,62 +36,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
+from ..errors import ConfigError
+from ..options import parse_o
+
 EXIT_USAGE: Final = 1  # mount(8): incorrect invocation or permissions
 EXIT_FAILURE: Final = 32  # mount(8): mount failure
-
-IGNORED: Final = frozenset(
-    {
-        "_netdev",
-        "nofail",
-        "noauto",
-        "auto",
-        "user",
-        "users",
-        "nouser",
-        "owner",
-        "group",
-        "defaults",
-        "ro",
-        "rw",
-        "nosuid",
-        "suid",
-        "nodev",
-        "dev",
-        "noexec",
-        "exec",
-        "noatime",
-        "atime",
-        "relatime",
-        "norelatime",
-        "async",
-        "sync",
-    }
-)
-IGNORED_PREFIXES: Final = ("x-", "comment=")
-
-# option -> flag of `directfs mount` (value options take "=VALUE"; the others are switches)
-FLAG_VALUES: Final = {
-    "config": "--config",
-    "log_file": "--log-file",
-    "log_level": "--log-level",
-    "metrics_address": "--metrics-address",
-    "access_key_id": "--access-key-id",
-    "username": "--username",
-    "secret_access_key_file": "--secret-access-key-file",
-    "password_file": "--password-file",
-    "token_file": "--token-file",
-    "ca_file": "--ca-file",
-    "client_cert": "--client-cert",
-    "client_key": "--client-key",
-    "connect_timeout": "--connect-timeout",
-    "read_timeout": "--read-timeout",
-}
-FLAG_SWITCHES: Final = {
-    "metrics_allow_remote": "--metrics-allow-remote",
-    "no_verify_tls": "--no-verify-tls",
-}
-PASSED_WITH_O: Final = frozenset({"allow_other", "uid", "gid", "umask", "cache_size", "read_ahead", "metadata_ttl"})
-SECRET_VALUES: Final = frozenset({"password", "secret_access_key", "token"})
 
 
 class UsageError(Exception):
@@ -153,33 +103,17 @@ def parse_argv(argv: Sequence[str]) -> Invocation:
 
 def mount_command(inv: Invocation) -> list[str]:
     """The ``directfs mount`` argv (after ``python -m directfs.cli``) for an invocation."""
+    try:
+        items = parse_o(inv.options, fstab=True, sloppy=inv.sloppy)
+    except ConfigError as exc:
+        raise UsageError(exc.strerror) from None
     flags: list[str] = []
     passed: list[str] = []
-    for group in inv.options:
-        for item in group.split(","):
-            item = item.strip()
-            if not item:
-                continue
-            key, sep, value = item.partition("=")
-            key = key.replace("-", "_")
-            if key in IGNORED or item.startswith(IGNORED_PREFIXES):
-                continue
-            if key in SECRET_VALUES:
-                raise UsageError(
-                    f"option {key}= would put a secret in fstab and in ps; use {key}_file=PATH or the config file"
-                )
-            if key in FLAG_VALUES:
-                if not sep or not value:
-                    raise UsageError(f"option {key} needs a value ({key}=...)")
-                flags += [FLAG_VALUES[key], value]
-            elif key in FLAG_SWITCHES:
-                if sep:
-                    raise UsageError(f"option {key} takes no value")
-                flags.append(FLAG_SWITCHES[key])
-            elif key in PASSED_WITH_O:
-                passed.append(item)
-            elif not inv.sloppy:
-                raise UsageError(f"unknown option {key!r} (use -s to ignore unknown options)")
+    for item in items:
+        if item.option.o_as_flag:
+            flags += item.option.argv(item.value)
+        else:
+            passed.append(item.text)
     if inv.verbose:
         flags += ["--log-level", "debug"]
     command = ["mount", inv.source, inv.mountpoint, *flags]

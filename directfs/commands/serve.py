@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..options import duration_arg
+
 if TYPE_CHECKING:
     from ..server.config import Credentials, ServeConfig
 
@@ -34,6 +36,11 @@ stdout gets exactly one line once the first scan is done and the socket listens:
   directfs serve: listening on http://127.0.0.1:PORT
 SIGHUP rescans DIR now; SIGTERM/SIGINT exit 0.
 """
+
+
+def _whole_seconds(text: str) -> int:
+    """A duration (``90``, ``10m``, ``1d``) in whole seconds, for the portal's URL lifetimes."""
+    return round(duration_arg(text))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -104,19 +111,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     store.add_argument("--store-region", metavar="REGION", help="S3 region to sign for (default us-east-1)")
     store.add_argument(
         "--url-ttl",
-        type=int,
+        type=_whole_seconds,
         default=86400,
-        metavar="SECONDS",
-        help="lifetime of block URLs (default 86400, as real presigned URLs)",
+        metavar="DURATION",
+        help="lifetime of block URLs (default 1d, as real presigned URLs)",
     )
 
     portal = parser.add_argument_group("portal behaviour")
     portal.add_argument(
         "--rescan-interval",
-        type=float,
+        type=duration_arg,
         default=30.0,
-        metavar="SECONDS",
-        help="rescan DIR this often (default 30; 0 = only at start and on SIGHUP)",
+        metavar="DURATION",
+        help="rescan DIR this often (default 30s; 0 = only at start and on SIGHUP)",
     )
     portal.add_argument(
         "--max-blocks-per-reply",

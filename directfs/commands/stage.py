@@ -22,7 +22,6 @@ drives); without a mount it also bounds the blocks in flight across files, as ``
 from __future__ import annotations
 
 import argparse
-import copy
 import os
 import sys
 from collections.abc import Callable
@@ -65,7 +64,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     common.add_source_arguments(parser)
     parser.epilog = (
-        "Through a mount, the daemon's block cache keeps only what fits in its --cache-size (default 256M), and "
+        "Through a mount, the daemon's block cache keeps only what fits in its --cache-size, and "
         "without a mount nothing is kept: on a tape system the lasting effect is that the store stages the data to "
         "its disk tier, so that later reads are fast. Per-read waiting is bounded by the staging deadline (the "
         "mount's --staging-deadline, or this command's for URLs)."
@@ -113,10 +112,8 @@ def _plan(args: argparse.Namespace) -> list[_Job]:
                 )
             jobs.append(_Job(given, local=os.path.abspath(given)))
             continue
-        own = copy.copy(args)  # each URL/NAME folds its own [source.NAME] under the same flags
-        own.source = given
-        options = resolve_source_arg(own)
-        jobs.append(_Job(given, url=own.source, options=options))
+        url, options = resolve_source_arg(args, given)  # each URL/NAME folds its own [source.NAME] under the flags
+        jobs.append(_Job(given, url=url, options=options))
     return jobs
 
 

@@ -17,16 +17,14 @@ import sys
 from collections import defaultdict
 from typing import Any
 
+from ..options import add_flags
+
 HELP = "Show a running mount's counters: reads, cache, prefetch, store calls, FUSE requests and latency."
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("target", metavar="MOUNTPOINT|NAME", help="a mountpoint, or a [source.NAME] of the config")
-    parser.add_argument(
-        "--config",
-        metavar="PATH",
-        help="config file for NAME (default: $DIRECTFS_CONFIG, then /etc/directfs/directfs.toml when present)",
-    )
+    add_flags(parser, "config")
     parser.add_argument(
         "--raw", action="store_true", help="print the Prometheus exposition text as the daemon sends it"
     )

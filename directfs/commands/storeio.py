@@ -320,20 +320,21 @@ class Progress:
 # --- arguments --------------------------------------------------------------------------------------------------
 
 
-def resolve_source_arg(args: argparse.Namespace) -> SourceOptions:
-    """``args.source`` (a URL, a ``NAME`` or ``NAME/sub/path`` of the config file) to a URL, the config and
-    ``DIRECTFS_*`` folded under the flags, and the SourceOptions of it all."""
-    from ..config import apply_to_source_args
+def resolve_source_arg(args: argparse.Namespace, given: str | None = None) -> tuple[str, SourceOptions]:
+    """``given`` (default ``args.source``: a URL, a ``NAME`` or ``NAME/sub/path`` of the config file) -> its URL and
+    the SourceOptions of the flags, ``DIRECTFS_*`` and the config file folded together (``config.source_settings``)."""
+    from ..config import source_settings
     from . import common
 
+    source = args.source if given is None else given
     sub = ""
-    if "://" not in args.source:
-        name, _, sub = args.source.partition("/")
-        args.source = name
-    apply_to_source_args(args)
+    if "://" not in source:
+        source, _, sub = source.partition("/")
+    settings = source_settings(args, source=source)
+    url = settings.source or source
     if sub.strip("/"):
-        parts = urlsplit(args.source)
+        parts = urlsplit(url)
         path = parts.path.rstrip("/") + "/" + quote(sub.strip("/"))
-        args.source = urlunsplit((parts.scheme, parts.netloc, path, parts.query, ""))
-    credentials = common.resolve_credentials(args)
-    return common.build_source_options(args, credentials)
+        url = urlunsplit((parts.scheme, parts.netloc, path, parts.query, ""))
+    credentials = common.resolve_credentials(settings)
+    return url, common.build_source_options(settings, credentials)

@@ -9,6 +9,9 @@ import sys
 import time
 from typing import Final
 
+from ..options import duration_arg
+from ..units import format_duration
+
 HELP = "Unmount a directfs mount and wait until its daemon has exited."
 
 # A daemon closes its open handles and exits well within a second; 10 s covers a loaded machine.
@@ -25,10 +28,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--wait",
-        type=float,
+        type=duration_arg,
         default=DEFAULT_WAIT_SECONDS,
-        metavar="SECONDS",
-        help=f"how long to wait for the daemon to exit (default {DEFAULT_WAIT_SECONDS:.0f}: it needs well under 1 s)",
+        metavar="DURATION",
+        help=f"how long to wait for the daemon to exit (default {format_duration(DEFAULT_WAIT_SECONDS)}: it needs "
+        "well under 1 s)",
     )
 
 
