@@ -612,18 +612,14 @@ class DirectIOClient:
             remaining = max(0.001, deadline - trio.current_time())
             return await run_job(partial(_block_job, getter, chunk.url, limit, remaining, verify, decode))
 
-        reply = await self._with_transport_errors(attempt, info, what)
-        if reply.status_code in (400, 403):
-            log.debug("%s: HTTP %d (expired URL?)", what, reply.status_code)
-            return None
-        if reply.status_code != 200:
-            raise DownloadError(f"storage answered HTTP {reply.status_code} ({what})", block=info)
-        return reply
+        return await self._storage_reply(attempt, info, what)
 
-    async def _with_transport_errors(self, attempt: Callable[[], Awaitable[R]], info: BlockInfo, what: str) -> R:
-        """``send_with_retries(attempt)`` with transport failures mapped to the block errors of the tree."""
+    async def _storage_reply(self, attempt: Callable[[], Awaitable[R]], info: BlockInfo, what: str) -> R | None:
+        """``send_with_retries(attempt)`` for a block object: the 200 reply, None for 400/403 (an expired presigned
+        URL: the caller refreshes the block list), ``DownloadError`` for any other status, and transport failures
+        mapped to the block errors of the tree."""
         try:
-            return await send_with_retries(attempt, policy=self.settings.retry, what=what)
+            reply = await send_with_retries(attempt, policy=self.settings.retry, what=what)
         except (_Overlong, BodyTooLarge) as exc:
             raise DownloadError(f"object of {exc.size}+ bytes is too large for this block", block=info) from None
         except httpx.TimeoutException as exc:
@@ -634,6 +630,12 @@ class DirectIOClient:
             ) from exc
         except httpx.HTTPError as exc:  # anything else httpx raises (a decoding error): not ours to let escape
             raise DownloadError(f"{type(exc).__name__} downloading block ({what})", block=info) from exc
+        if reply.status_code in (400, 403):
+            log.debug("%s: HTTP %d (expired URL?)", what, reply.status_code)
+            return None
+        if reply.status_code != 200:
+            raise DownloadError(f"storage answered HTTP {reply.status_code} ({what})", block=info)
+        return reply
 
     async def _download(self, chunk: Chunk, info: BlockInfo, what: str) -> _Reply | None:
         """The object over httpx on the trio thread (``block_transfer="httpx"``), or None for 403/400."""
@@ -646,13 +648,7 @@ class DirectIOClient:
                     return _Reply(response.status_code, response.headers, bytearray())
                 return _Reply(200, response.headers, await _read_limited(response, limit))
 
-        reply = await self._with_transport_errors(attempt, info, what)
-        if reply.status_code in (400, 403):
-            log.debug("%s: HTTP %d (expired URL?)", what, reply.status_code)
-            return None
-        if reply.status_code != 200:
-            raise DownloadError(f"storage answered HTTP {reply.status_code} ({what})", block=info)
-        return reply
+        return await self._storage_reply(attempt, info, what)
 
 
 @dataclass(frozen=True, slots=True)
