@@ -330,6 +330,11 @@ def log_level_of(exc: BaseException) -> int:
 
 
 # --- exception groups and shared errors ---------------------------------------------------------------------
+#
+# The one policy for exception groups (trio nurseries raise them): a group whose leaves are all ours stands for its
+# first leaf (several failures at once are one failure to report: the first); a group with any other leaf is not
+# ours (a bug, or a Cancelled that belongs to the caller) and is handled by the caller as such. Only
+# ``raise_single`` drops ``Cancelled`` leaves, because it re-raises for a caller whose own nursery cancelled them.
 
 
 def _leaves(group: BaseExceptionGroup[BaseException]) -> Iterator[BaseException]:
@@ -340,16 +345,25 @@ def _leaves(group: BaseExceptionGroup[BaseException]) -> Iterator[BaseException]
             yield exc
 
 
-def unwrap_error(exc: Exception, *, context: str) -> DirectFSError:
-    """The ``DirectFSError`` to report for ``exc``: itself, the first one inside an ``ExceptionGroup`` made only of
-    ours, or (for anything else, i.e. a bug) a plain ``DirectFSError`` chained to it, logged once with traceback."""
+def ours_only(exc: BaseException) -> DirectFSError | None:
+    """``exc`` if it is ours, the first leaf of a group made only of ours, else None (the policy above)."""
     if isinstance(exc, DirectFSError):
         return exc
     if isinstance(exc, BaseExceptionGroup):
         leaves = list(_leaves(exc))
-        ours = [leaf for leaf in leaves if isinstance(leaf, DirectFSError)]
-        if ours and len(ours) == len(leaves):
-            return ours[0]
+        if leaves and all(isinstance(leaf, DirectFSError) for leaf in leaves):
+            first = leaves[0]
+            assert isinstance(first, DirectFSError)
+            return first
+    return None
+
+
+def unwrap_error(exc: Exception, *, context: str) -> DirectFSError:
+    """The ``DirectFSError`` to report for ``exc``: itself, the first one inside an ``ExceptionGroup`` made only of
+    ours, or (for anything else, i.e. a bug) a plain ``DirectFSError`` chained to it, logged once with traceback."""
+    ours = ours_only(exc)
+    if ours is not None:
+        return ours
     logger.error("unexpected %s while %s", type(exc).__name__, context, exc_info=exc)
     error = DirectFSError(f"unexpected {type(exc).__name__} while {context}")
     error.__cause__ = exc

@@ -24,7 +24,7 @@ from typing import Any, ParamSpec, TypeVar
 import pyfuse3
 import trio
 
-from .errors import DirectFSError, EntryNotFoundError, errno_of, log_level_of
+from .errors import EntryNotFoundError, errno_of, log_level_of, ours_only
 from .metrics import OpStats
 from .vfs import Attributes, FileSystem
 
@@ -34,20 +34,11 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 
-def _leaves(exc: BaseException) -> list[BaseException]:
-    if isinstance(exc, BaseExceptionGroup):
-        found: list[BaseException] = []
-        for inner in exc.exceptions:
-            found.extend(_leaves(inner))
-        return found
-    return [exc]
-
-
 def fuse_errno(exc: Exception) -> int:
-    """The errno to answer for ``exc``; logs it with traceback when it is not one of ours."""
-    leaves = _leaves(exc)
-    if leaves and all(isinstance(leaf, DirectFSError) for leaf in leaves):
-        return errno_of(leaves[0])
+    """The errno to answer for ``exc``; logs it with traceback when it is not one of ours (``errors.ours_only``)."""
+    ours = ours_only(exc)
+    if ours is not None:
+        return errno_of(ours)
     log.error("unexpected error in a FUSE handler; answering EIO", exc_info=exc)
     return errno.EIO
 
@@ -56,10 +47,8 @@ def failure_level(exc: Exception) -> int:
     """The level of the one line a failed request logs: the class's ``log_level`` for ours (absent names, absent
     xattrs and writes to a read-only mount are DEBUG, a corrupt block ERROR, a timeout WARNING: see
     ``directfs.errors``); WARNING for anything else, whose traceback ``fuse_errno`` already logged at ERROR."""
-    leaves = _leaves(exc)
-    if leaves and all(isinstance(leaf, DirectFSError) for leaf in leaves):
-        return log_level_of(leaves[0])
-    return logging.WARNING
+    ours = ours_only(exc)
+    return log_level_of(ours) if ours is not None else logging.WARNING
 
 
 def _boundary(handler: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Coroutine[Any, Any, R]]:

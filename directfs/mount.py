@@ -41,7 +41,7 @@ import trio
 from . import http, metrics
 from .engine.allocator import tune_allocator
 from .engine.reader import ReadEngine, ReadSettings
-from .errors import ConfigError, DirectFSError, NamespaceTimeout
+from .errors import ConfigError, DirectFSError, NamespaceTimeout, ours_only
 from .logs import dump_tasks_on_sigusr1
 from .notify import Notifier
 from .sources.base import Preparable, SourceOptions
@@ -334,17 +334,6 @@ async def _start_metrics(
         exits.append(server.close)
 
 
-def _our_error(exc: BaseException) -> DirectFSError | None:
-    """``exc`` itself, or the first of ours inside a (nursery) exception group made only of ours."""
-    if isinstance(exc, DirectFSError):
-        return exc
-    if isinstance(exc, BaseExceptionGroup):
-        inner = [_our_error(e) for e in exc.exceptions]
-        if inner and all(e is not None for e in inner):
-            return inner[0]
-    return None
-
-
 def run_mount(config: MountConfig) -> int:
     """Mount in this process (foreground); returns the exit status. Failures before "ready" go to --ready-fd."""
     import pyfuse3
@@ -355,7 +344,7 @@ def run_mount(config: MountConfig) -> int:
         clean_stale_mountpoint(config.mountpoint)
         trio.run(_serve, config, readiness, state)
     except BaseException as exc:
-        error = _our_error(exc)
+        error = ours_only(exc)
         if error is None:
             readiness.failed(f"unexpected error: {exc!r}")
             raise
