@@ -22,12 +22,26 @@ import ssl
 from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Final, Protocol, TypeVar
+from typing import Final, Literal, Protocol, TypeVar
 
 import httpx
 import trio
 
-from .errors import ConfigError
+from .errors import (
+    BlockError,
+    BlockInfo,
+    BlockListConnectionError,
+    BlockListTimeout,
+    ConfigError,
+    DirectFSError,
+    DownloadConnectionError,
+    DownloadError,
+    DownloadTimeout,
+    InvalidRequest,
+    NamespaceConnectionError,
+    NamespaceError,
+    NamespaceTimeout,
+)
 
 log = logging.getLogger(__name__)
 
@@ -266,10 +280,41 @@ def describe_transport_error(exc: BaseException) -> str:
     """A short, secret-free description of a transport failure for error messages (names the TLS cause)."""
     tls = tls_failure(exc)
     if isinstance(tls, ssl.SSLCertVerificationError):
-        return f"TLS certificate verification failed ({tls.verify_message}); see --ca-file / --no-verify-tls"
+        return (
+            f"TLS certificate verification failed: the server's certificate is not trusted ({tls.verify_message}); "
+            "add its CA with --ca-file, or --no-verify-tls"
+        )
     if tls is not None:
         return f"TLS failure ({type(tls).__name__})"
     return type(exc).__name__
+
+
+# The one table from httpx's exceptions to the error tree, by what was being fetched: (timeout, connection failure,
+# anything else httpx raises). Every source maps transport failures through ``transport_error``.
+Subject = Literal["namespace", "block list", "block"]
+_TRANSPORT_ERRORS: Final[dict[str, tuple[type[DirectFSError], type[DirectFSError], type[DirectFSError]]]] = {
+    "namespace": (NamespaceTimeout, NamespaceConnectionError, NamespaceError),
+    "block list": (BlockListTimeout, BlockListConnectionError, InvalidRequest),
+    "block": (DownloadTimeout, DownloadConnectionError, DownloadError),
+}
+
+
+def transport_error(
+    exc: httpx.HTTPError, *, subject: Subject, what: str, filename: str | None = None, block: BlockInfo | None = None
+) -> DirectFSError:
+    """The tree's error for an httpx failure while fetching ``subject``; ``what`` (already redacted) names the
+    request. Timeouts (the retry budget included) are ETIMEDOUT, transport failures ENETRESET with the TLS cause
+    named, anything else EIO. Raise it ``from exc``."""
+    timeout, connection, other = _TRANSPORT_ERRORS[subject]
+    if isinstance(exc, httpx.TimeoutException):
+        cls, message = timeout, f"{what}: timed out"
+    elif isinstance(exc, httpx.TransportError):
+        cls, message = connection, f"{what}: {describe_transport_error(exc)}"
+    else:
+        cls, message = other, f"{what}: {type(exc).__name__}"
+    if issubclass(cls, BlockError):
+        return cls(message, filename=filename, block=block)
+    return cls(message, filename=filename)
 
 
 class StatusReply(Protocol):
@@ -364,4 +409,5 @@ __all__ = [
     "send_with_retries",
     "ssl_context",
     "tls_failure",
+    "transport_error",
 ]

@@ -13,7 +13,7 @@ import httpx
 import pytest
 import trio
 
-from directfs import http
+from directfs import errors, http
 from directfs.http import (
     HTTPSettings,
     RetryBudgetExceeded,
@@ -241,3 +241,35 @@ async def test_httpx_request_logs_are_redacted(caplog: pytest.LogCaptureFixture)
         await client.get("http://store.test/blocks/1?X-Amz-Signature=TOPSECRET")
     assert "store.test/blocks/1" in caplog.text
     assert "TOPSECRET" not in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("subject", "expected"),
+    [
+        ("namespace", ("NamespaceTimeout", "NamespaceConnectionError", "NamespaceError")),
+        ("block list", ("BlockListTimeout", "BlockListConnectionError", "InvalidRequest")),
+        ("block", ("DownloadTimeout", "DownloadConnectionError", "DownloadError")),
+    ],
+)
+def test_one_table_maps_transport_failures(subject: http.Subject, expected: tuple[str, str, str]) -> None:
+    info = errors.BlockInfo("7", 1, 0, 10)
+    failures: list[httpx.HTTPError] = [
+        http.RetryBudgetExceeded("budget"),
+        httpx.ConnectError("refused"),
+        httpx.DecodingError("bad gzip"),
+    ]
+    for failure, name in zip(failures, expected, strict=True):
+        error = http.transport_error(failure, subject=subject, what="GET https://h/x", filename="f", block=info)
+        assert type(error).__name__ == name
+        assert str(error).startswith("[Errno") and "GET https://h/x" in str(error)
+    assert isinstance(http.transport_error(failures[0], subject=subject, what="w"), TimeoutError)
+    assert isinstance(http.transport_error(failures[1], subject=subject, what="w"), ConnectionError)
+
+
+def test_untrusted_certificate_message_names_the_fix() -> None:
+    cause = ssl.SSLCertVerificationError(1, "certificate verify failed")
+    cause.verify_message = "unable to get local issuer certificate"
+    failure = httpx.ConnectError("tls")
+    failure.__cause__ = cause
+    error = http.transport_error(failure, subject="namespace", what="PROPFIND https://h/")
+    assert "not trusted" in str(error) and "certificate verification failed" in str(error) and "--ca-file" in str(error)

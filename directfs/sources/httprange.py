@@ -27,15 +27,13 @@ import trio
 from ..errors import (
     BlockInfo,
     DataNotOnlineError,
-    DownloadConnectionError,
     DownloadError,
-    DownloadTimeout,
     EntryNotFoundError,
     InvalidArgumentError,
     PermissionDeniedError,
     StaleFileError,
 )
-from ..http import RetryPolicy, redact_url, send_with_retries
+from ..http import RetryPolicy, redact_url, send_with_retries, transport_error
 from ..transfer import BlockingGetter, BodyTooLarge
 from ..workers import run_job
 from .base import BlockLayout
@@ -183,12 +181,8 @@ class RangeFile:
             raise DownloadError(
                 f"the server sent {exc.size}+ bytes for a range of {length} (it ignored the Range header?)", block=info
             ) from None
-        except httpx.TimeoutException as exc:
-            raise DownloadTimeout(block=info) from exc
-        except (httpx.NetworkError, httpx.RemoteProtocolError, httpx.ProxyError) as exc:
-            raise DownloadConnectionError(block=info) from exc
         except httpx.HTTPError as exc:
-            raise DownloadError(f"{type(exc).__name__} from {redact_url(self._url)}", block=info) from exc
+            raise transport_error(exc, subject="block", what=f"GET {redact_url(self._url)}", block=info) from exc
 
 
 _RANGE_STATUSES: Final = frozenset({200, 206})

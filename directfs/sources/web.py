@@ -31,7 +31,6 @@ import logging
 import os
 import posixpath
 import re
-import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
@@ -46,13 +45,19 @@ from ..errors import (
     EntryNotFoundError,
     IsADirectory,
     MalformedListingError,
-    NamespaceConnectionError,
     NamespaceError,
-    NamespaceTimeout,
     NotADirectory,
     PermissionDeniedError,
 )
-from ..http import HTTPSettings, RetryPolicy, build_client, is_loopback_host, redact_url, send_with_retries
+from ..http import (
+    HTTPSettings,
+    RetryPolicy,
+    build_client,
+    is_loopback_host,
+    redact_url,
+    send_with_retries,
+    transport_error,
+)
 from ..transfer import BlockingGetter
 from .base import BlockLayout, Credentials, Entry, OpenFile, SourceOptions, valid_name
 from .httprange import RangeFile
@@ -230,35 +235,13 @@ async def request(
     async def once() -> Reply:
         try:
             return await send_with_retries(attempt, policy=policy, what=what)
-        except httpx.TimeoutException as exc:
-            raise NamespaceTimeout(f"{what}: timed out", filename=path) from exc
-        except httpx.ConnectError as exc:
-            if _tls_untrusted(exc):
-                raise NamespaceConnectionError(
-                    f"{what}: the server's TLS certificate is not trusted (add its CA with --ca-file)", filename=path
-                ) from exc
-            raise NamespaceConnectionError(f"{what}: cannot connect", filename=path) from exc
-        except (httpx.NetworkError, httpx.RemoteProtocolError, httpx.ProxyError) as exc:
-            raise NamespaceConnectionError(f"{what}: {type(exc).__name__}", filename=path) from exc
         except httpx.HTTPError as exc:
-            raise NamespaceError(f"{what}: {type(exc).__name__}", filename=path) from exc
+            raise transport_error(exc, subject="namespace", what=what, filename=path) from exc
 
     reply = await once()
     if reply.status_code in (401, 403) and await auth.refresh():
         reply = await once()
     return reply
-
-
-def _tls_untrusted(exc: BaseException) -> bool:
-    """Whether a connect failure is a refused server certificate (anywhere in the cause chain)."""
-    seen: BaseException | None = exc
-    for _ in range(8):
-        if seen is None:
-            return False
-        if isinstance(seen, ssl.SSLCertVerificationError) or "CERTIFICATE_VERIFY_FAILED" in str(seen):
-            return True
-        seen = seen.__cause__ or seen.__context__
-    return False
 
 
 def raise_for_status(reply: Reply, what: str, path: str) -> None:

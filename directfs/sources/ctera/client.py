@@ -46,14 +46,10 @@ from ...errors import (
     BlockDigestError,
     BlockError,
     BlockInfo,
-    BlockListConnectionError,
-    BlockListTimeout,
     BlocksNotFoundError,
     ConfigError,
     DirectFSError,
-    DownloadConnectionError,
     DownloadError,
-    DownloadTimeout,
     InvalidArgumentError,
     InvalidRequest,
     MalformedMetadataError,
@@ -67,10 +63,10 @@ from ...http import (
     RetryPolicy,
     StatusReply,
     build_client,
-    describe_transport_error,
     is_loopback_host,
     redact_url,
     send_with_retries,
+    transport_error,
 )
 from ...transfer import BlockingGetter, BodyTooLarge
 from ...workers import run_codec, run_job
@@ -495,15 +491,8 @@ class DirectIOClient:
             reply = await send_with_retries(attempt, policy=self.settings.retry, what=what)
         except _Overlong:
             raise _malformed(file_id, f"reply larger than {limit} bytes") from None
-        except httpx.TimeoutException as exc:
-            raise BlockListTimeout(f"Timed out fetching the block list ({what})", filename=file_id) from exc
-        except httpx.TransportError as exc:
-            raise BlockListConnectionError(
-                f"Connection error fetching the block list ({what}): {describe_transport_error(exc)}",
-                filename=file_id,
-            ) from exc
-        except httpx.HTTPError as exc:  # anything else httpx raises (a decoding error): not ours to let escape
-            raise InvalidRequest(f"{type(exc).__name__} fetching the block list ({what})", filename=file_id) from exc
+        except httpx.HTTPError as exc:
+            raise transport_error(exc, subject="block list", what=what, filename=file_id) from exc
         status = reply.status_code
         if status != 200:
             log.debug("%s: HTTP %d", what, status)
@@ -622,14 +611,8 @@ class DirectIOClient:
             reply = await send_with_retries(attempt, policy=self.settings.retry, what=what)
         except (_Overlong, BodyTooLarge) as exc:
             raise DownloadError(f"object of {exc.size}+ bytes is too large for this block", block=info) from None
-        except httpx.TimeoutException as exc:
-            raise DownloadTimeout(f"Timed out downloading block ({what})", block=info) from exc
-        except httpx.TransportError as exc:
-            raise DownloadConnectionError(
-                f"Connection error downloading block ({what}): {describe_transport_error(exc)}", block=info
-            ) from exc
-        except httpx.HTTPError as exc:  # anything else httpx raises (a decoding error): not ours to let escape
-            raise DownloadError(f"{type(exc).__name__} downloading block ({what})", block=info) from exc
+        except httpx.HTTPError as exc:
+            raise transport_error(exc, subject="block", what=what, block=info) from exc
         if reply.status_code in (400, 403):
             log.debug("%s: HTTP %d (expired URL?)", what, reply.status_code)
             return None

@@ -28,14 +28,20 @@ from ...errors import (
     ConfigError,
     EntryNotFoundError,
     MalformedListingError,
-    NamespaceConnectionError,
     NamespaceError,
-    NamespaceTimeout,
     NotADirectory,
     PermissionDeniedError,
     UnsupportedStorageError,
 )
-from ...http import HTTPSettings, RetryPolicy, build_client, is_loopback_host, redact_url, send_with_retries
+from ...http import (
+    HTTPSettings,
+    RetryPolicy,
+    build_client,
+    is_loopback_host,
+    redact_url,
+    send_with_retries,
+    transport_error,
+)
 from .. import davxml
 from ..base import BlockLayout, Entry, OpenFile, SourceOptions
 from ..httprange import RangeFile
@@ -170,12 +176,8 @@ class CteraSource:
 
         try:
             response = await send_with_retries(attempt, policy=self._retry, what=what)
-        except httpx.TimeoutException as exc:
-            raise NamespaceTimeout(f"{what}: timed out", filename=path or "/") from exc
-        except (httpx.NetworkError, httpx.RemoteProtocolError, httpx.ProxyError) as exc:
-            raise NamespaceConnectionError(f"{what}: {type(exc).__name__}", filename=path or "/") from exc
         except httpx.HTTPError as exc:
-            raise NamespaceError(f"{what}: {type(exc).__name__}", filename=path or "/") from exc
+            raise transport_error(exc, subject="namespace", what=what, filename=path or "/") from exc
         status = response.status_code
         if status == 207:
             return response.resources
