@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 from ..errors import InvalidArgumentError
+from ..http import HTTPSettings
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,3 +193,21 @@ class SourceOptions:
     # a disk-cache recall on tape systems while a stuck read still ends; bigger recalls: `directfs stage` ahead.
     staging_deadline_seconds: float = 300.0
     allow_plain_http: bool = False  # ctera+http:// only for loopback unless this is set
+
+    def http_settings(self, *, storage: bool = False) -> HTTPSettings:
+        """The one translation of these options into an ``HTTPSettings``: the Portal's or a store's (TLS, CA, client
+        certificate, timeouts), or with ``storage`` object storage behind presigned URLs (its own TLS switch, no
+        client certificate: presigned URLs carry their own authorisation)."""
+        if storage:
+            verify = self.verify_tls if self.storage_verify_tls is None else self.storage_verify_tls
+            client_cert = client_key = None
+        else:
+            verify, client_cert, client_key = self.verify_tls, self.credentials.client_cert, self.credentials.client_key
+        return HTTPSettings(
+            connect_timeout_seconds=self.connect_timeout_seconds,
+            read_timeout_seconds=self.read_timeout_seconds,
+            verify_tls=verify,
+            ca_file=self.ca_file,
+            client_cert=client_cert,
+            client_key=client_key,
+        )

@@ -54,7 +54,7 @@ from ..http import RetryPolicy, build_client, is_loopback_host, redact_url
 from ..transfer import BlockingGetter
 from .base import Credentials, Entry, OpenFile, SourceOptions, valid_name
 from .nearline import StagingPolicy
-from .web import HTTPAuth, Reply, http_mtime_ns, http_settings, plain_file, request
+from .web import HTTPAuth, Reply, http_mtime_ns, plain_file, request
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +168,7 @@ class S3Source:
         else:
             self._base = f"{ep.scheme}://{netloc}/{quote(self._bucket, safe='')}/"
         self._options = options
-        self._settings = http_settings(options)
+        self._settings = options.http_settings()
         self._retry = RetryPolicy()
         self._staging = StagingPolicy(deadline_seconds=options.staging_deadline_seconds)
         self._client: httpx.AsyncClient | None = None

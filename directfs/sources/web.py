@@ -50,7 +50,6 @@ from ..errors import (
     PermissionDeniedError,
 )
 from ..http import (
-    HTTPSettings,
     RetryPolicy,
     build_client,
     is_loopback_host,
@@ -157,17 +156,6 @@ class HTTPAuth:
             return False
         self._token_file.force_reload()
         return True
-
-
-def http_settings(options: SourceOptions) -> HTTPSettings:
-    return HTTPSettings(
-        connect_timeout_seconds=options.connect_timeout_seconds,
-        read_timeout_seconds=options.read_timeout_seconds,
-        verify_tls=options.verify_tls,
-        ca_file=options.ca_file,
-        client_cert=options.credentials.client_cert,
-        client_key=options.credentials.client_key,
-    )
 
 
 def check_url(url: str, allowed: dict[str, str], options: SourceOptions, auth: HTTPAuth) -> tuple[str, str]:
@@ -330,7 +318,7 @@ class PlainHTTPStore(abc.ABC):
             raise ConfigError(f"block size must be positive, not {options.block_size_bytes}")
         self._auth = HTTPAuth(options.credentials)
         self._options = options
-        self._settings = http_settings(options)
+        self._settings = options.http_settings()
         self._retry = RetryPolicy()
         self._staging = StagingPolicy(deadline_seconds=options.staging_deadline_seconds)
         self._client: httpx.AsyncClient | None = None

@@ -129,25 +129,9 @@ class DirectIOSettings:
     @classmethod
     def from_options(cls, options: SourceOptions, *, retry: RetryPolicy | None = None) -> DirectIOSettings:
         """Settings from the command layer's store-independent options (TLS, CA, timeouts)."""
-        cred = options.credentials
-        portal = HTTPSettings(
-            connect_timeout_seconds=options.connect_timeout_seconds,
-            read_timeout_seconds=options.read_timeout_seconds,
-            verify_tls=options.verify_tls,
-            ca_file=options.ca_file,
-            client_cert=cred.client_cert,
-            client_key=cred.client_key,
-        )
-        storage_verify = options.verify_tls if options.storage_verify_tls is None else options.storage_verify_tls
-        storage = HTTPSettings(
-            connect_timeout_seconds=options.connect_timeout_seconds,
-            read_timeout_seconds=options.read_timeout_seconds,
-            verify_tls=storage_verify,
-            ca_file=options.ca_file,
-        )
         return cls(
-            portal=portal,
-            storage=storage,
+            portal=options.http_settings(),
+            storage=options.http_settings(storage=True),
             retry=retry or RetryPolicy(),
             allow_plain_http=options.allow_plain_http,
         )

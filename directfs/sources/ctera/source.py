@@ -34,7 +34,6 @@ from ...errors import (
     UnsupportedStorageError,
 )
 from ...http import (
-    HTTPSettings,
     RetryPolicy,
     build_client,
     is_loopback_host,
@@ -98,14 +97,7 @@ class CteraSource:
         elif credentials.username is not None and credentials.password is not None:
             pair = f"{credentials.username}:{credentials.password}".encode()
             self._auth_header["Authorization"] = "Basic " + base64.b64encode(pair).decode("ascii")
-        self._http = HTTPSettings(
-            connect_timeout_seconds=options.connect_timeout_seconds,
-            read_timeout_seconds=options.read_timeout_seconds,
-            verify_tls=options.verify_tls,
-            ca_file=options.ca_file,
-            client_cert=credentials.client_cert,
-            client_key=credentials.client_key,
-        )
+        self._http = options.http_settings()
         self._retry = RetryPolicy()
         self._dav: httpx.AsyncClient | None = None
         self._dio: DirectIOClient | None = None
