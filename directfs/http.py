@@ -37,10 +37,12 @@ from .errors import (
     DownloadConnectionError,
     DownloadError,
     DownloadTimeout,
+    EntryNotFoundError,
     InvalidRequest,
     NamespaceConnectionError,
     NamespaceError,
     NamespaceTimeout,
+    PermissionDeniedError,
 )
 
 log = logging.getLogger(__name__)
@@ -317,6 +319,20 @@ def transport_error(
     return cls(message, filename=filename)
 
 
+def namespace_status_error(
+    status: int, *, what: str, filename: str, hint: str = "check the credentials", code: str | None = None
+) -> DirectFSError:
+    """The one status table of metadata requests (listings, stats): 404 ENOENT, 401/403 EACCES with ``hint``, anything
+    else EIO. ``what`` names the request (redacted); ``code`` is the store's own error code, shown after the status
+    (S3's ``NoSuchKey``/``NoSuchBucket`` also mean ENOENT)."""
+    detail = f"{what}: HTTP {status}" + (f" {code}" if code else "")
+    if status == 404 or code in ("NoSuchBucket", "NoSuchKey"):
+        return EntryNotFoundError(detail if code else None, filename=filename)
+    if status in (401, 403):
+        return PermissionDeniedError(f"{detail} ({hint})", filename=filename)
+    return NamespaceError(detail, filename=filename)
+
+
 class StatusReply(Protocol):
     """What the retry helper needs of an attempt's result (an ``httpx.Response`` fits)."""
 
@@ -404,6 +420,7 @@ __all__ = [
     "build_client",
     "describe_transport_error",
     "is_loopback_host",
+    "namespace_status_error",
     "parse_retry_after",
     "redact_url",
     "send_with_retries",

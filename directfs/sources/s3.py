@@ -46,11 +46,10 @@ from ..errors import (
     EntryNotFoundError,
     IsADirectory,
     MalformedListingError,
-    NamespaceError,
     NotADirectory,
     PermissionDeniedError,
 )
-from ..http import RetryPolicy, build_client, is_loopback_host, redact_url
+from ..http import RetryPolicy, build_client, is_loopback_host, namespace_status_error, redact_url
 from ..transfer import BlockingGetter
 from .base import Credentials, Entry, OpenFile, SourceOptions, valid_name
 from .nearline import StagingPolicy
@@ -254,13 +253,8 @@ class S3Source:
 
     def _raise(self, reply: Reply, what: str, path: str) -> None:
         code = _error_code(reply.body)
-        detail = f"{what}: HTTP {reply.status_code}" + (f" {code}" if code else "")
-        shown = path or "/"
-        if reply.status_code == 404 or code in ("NoSuchBucket", "NoSuchKey"):
-            raise EntryNotFoundError(detail, filename=shown)
-        if reply.status_code in (401, 403):
-            raise PermissionDeniedError(f"{detail} (check the AWS credentials and region)", filename=shown)
-        raise NamespaceError(detail, filename=shown)
+        hint = "check the AWS credentials and region"
+        raise namespace_status_error(reply.status_code, what=what, filename=path or "/", hint=hint, code=code or None)
 
     # --- namespace ---
 

@@ -53,6 +53,7 @@ from ..http import (
     RetryPolicy,
     build_client,
     is_loopback_host,
+    namespace_status_error,
     redact_url,
     send_with_retries,
     transport_error,
@@ -233,13 +234,8 @@ async def request(
 
 
 def raise_for_status(reply: Reply, what: str, path: str) -> None:
-    """Map a failed metadata status to our tree (404 ENOENT, 401/403 EACCES, anything else EIO)."""
-    status = reply.status_code
-    if status == 404:
-        raise EntryNotFoundError(filename=path)
-    if status in (401, 403):
-        raise PermissionDeniedError(f"{what}: HTTP {status} (check the credentials)", filename=path)
-    raise NamespaceError(f"{what}: HTTP {status}", filename=path)
+    """Map a failed metadata status to our tree (``http.namespace_status_error``)."""
+    raise namespace_status_error(reply.status_code, what=what, filename=path)
 
 
 def http_mtime_ns(value: str | None) -> int:

@@ -26,17 +26,15 @@ import trio
 
 from ...errors import (
     ConfigError,
-    EntryNotFoundError,
     MalformedListingError,
-    NamespaceError,
     NotADirectory,
-    PermissionDeniedError,
     UnsupportedStorageError,
 )
 from ...http import (
     RetryPolicy,
     build_client,
     is_loopback_host,
+    namespace_status_error,
     redact_url,
     send_with_retries,
     transport_error,
@@ -173,11 +171,7 @@ class CteraSource:
         status = response.status_code
         if status == 207:
             return response.resources
-        if status == 404:
-            raise EntryNotFoundError(filename=path or "/")
-        if status in (401, 403):
-            raise PermissionDeniedError(f"{what}: HTTP {status} (check the Portal credentials)", filename=path or "/")
-        raise NamespaceError(f"{what}: HTTP {status}", filename=path or "/")
+        raise namespace_status_error(status, what=what, filename=path or "/", hint="check the Portal credentials")
 
     def _entry(self, name: str, resource: davxml.DavResource) -> Entry:
         mtime_ns = resource.mtime_ns or 0
