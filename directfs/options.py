@@ -12,7 +12,7 @@ secret. Everything else is generated from the table:
   call it;
 - the TOML keys ``config`` validates (``TOML_KEYS``) and the environment twins it reads (``ENV_NAMES``);
 - the README's option tables (``readme_blocks``; ``python -m directfs.options README.md`` rewrites them and
-  ``tests/test_options.py`` fails when they are stale).
+  ``tests/unit/test_options.py`` fails when they are stale).
 
 Values: sizes are bytes or K/M/G/T (binary); durations are seconds or ``500ms``/``10s``/``5m``/``1h``/``1d``, the
 same ``units`` parser everywhere (``--metadata-ttl 5s``, ``--metadata-ttl 5`` and ``metadata_ttl = 5`` agree).

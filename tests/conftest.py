@@ -7,7 +7,9 @@ that cleanup (or fail it). So the session starts and ends by detaching every dir
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,3 +32,41 @@ def no_leftover_mounts() -> Iterator[None]:
     _clean_pytest_mounts()
     yield
     _clean_pytest_mounts()
+
+
+# --- log check (after s3ql's pytest_checklogs.py) ---------------------------------------------------------------------
+# A WARNING or ERROR logged by directfs in the test process fails the test, unless the test declares it:
+# ``@pytest.mark.expected_logs(r"regex", ...)`` (each pattern is searched in the formatted message), or the test takes
+# ``caplog`` and so checks its own log records. Logs of daemons run as subprocesses are not seen here.
+
+
+class _Collect(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@pytest.fixture(autouse=True)
+def check_logs(request: pytest.FixtureRequest) -> Iterator[None]:
+    handler = _Collect()
+    logger = logging.getLogger("directfs")
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+    if "caplog" in request.fixturenames:
+        return
+    expected = [re.compile(p) for m in request.node.iter_markers("expected_logs") for p in m.args]
+    unexpected = [
+        f"{r.levelname} {r.name}: {r.getMessage()}"
+        for r in handler.records
+        if not any(p.search(r.getMessage()) for p in expected)
+    ]
+    if unexpected:
+        pytest.fail(
+            "unexpected WARNING/ERROR logs (declare them with @pytest.mark.expected_logs):\n" + "\n".join(unexpected)
+        )
