@@ -52,8 +52,8 @@ from ..errors import (
 from ..http import RetryPolicy, build_client, is_loopback_host, namespace_status_error, redact_url
 from ..transfer import BlockingGetter
 from .base import Credentials, Entry, OpenFile, SourceOptions, valid_name
+from .httpstore import HTTPAuth, Reply, http_mtime_ns, plain_file, request
 from .nearline import StagingPolicy
-from .web import HTTPAuth, Reply, http_mtime_ns, plain_file, request
 
 log = logging.getLogger(__name__)
 

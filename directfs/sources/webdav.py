@@ -26,7 +26,7 @@ from ..errors import EntryNotFoundError, MalformedListingError, NotADirectory
 from ..http import redact_url
 from . import davxml
 from .base import Entry, SourceOptions
-from .web import PlainHTTPStore, Reply, check_url, http_mtime_ns, raise_for_status, request
+from .httpstore import PlainHTTPStore, Reply, check_url, http_mtime_ns, raise_for_status, request
 
 
 class WebDAVSource(PlainHTTPStore):
