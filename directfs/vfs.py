@@ -43,6 +43,7 @@ import cachetools
 import trio
 
 from .errors import (
+    DirectFSError,
     EntryNotFoundError,
     IsADirectory,
     NamespaceTimeout,
@@ -50,6 +51,7 @@ from .errors import (
     NotADirectory,
     ReadOnlyError,
     StaleFileError,
+    replay_error,
 )
 from .sources.base import Entry, OpenFile, Source, join, valid_name
 
@@ -214,7 +216,12 @@ class _SingleFlight(Generic[T]):
             if not flight.finished:
                 continue
             if flight.error is not None:
-                raise flight.error
+                error = flight.error
+                # Each follower raises its own copy (chained to the leader's): one shared object raised from many
+                # tasks would splice all their tracebacks onto it (errors.replay_error, as the block cache does).
+                if isinstance(error, DirectFSError):
+                    raise replay_error(error)  # chained to the leader's (its __cause__)
+                raise error
             return flight.result  # type: ignore[return-value]
 
 

@@ -525,3 +525,34 @@ async def test_fuse_boundary_maps_errors_and_survives_bugs(caplog: pytest.LogCap
     with pytest.raises(pyfuse3.FUSEError) as stale:
         await readonly()
     assert stale.value.errno == errno.ESTALE
+
+
+async def test_concurrent_failing_lookups_each_raise_their_own_error(autojump_clock: trio.testing.MockClock) -> None:
+    # The single-flight of store calls hands every follower its own exception (chained to the leader's), never one
+    # shared object whose traceback all of them would extend.
+    from directfs.errors import NamespaceTimeout
+    from directfs.vfs import _SingleFlight
+
+    flights: _SingleFlight[int] = _SingleFlight()
+    calls = 0
+
+    async def fail() -> int:
+        nonlocal calls
+        calls += 1
+        await trio.sleep(1)
+        raise NamespaceTimeout("the store did not answer", filename="a")
+
+    caught: list[BaseException] = []
+
+    async def one() -> None:
+        try:
+            await flights.run("a", fail)
+        except NamespaceTimeout as exc:
+            caught.append(exc)
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(3):
+            nursery.start_soon(one)
+    assert calls == 1 and len(caught) == 3
+    assert len({id(exc) for exc in caught}) == 3
+    assert all(str(exc) == str(caught[0]) for exc in caught)
