@@ -23,6 +23,7 @@ the cache never mutates a block, and a view keeps an evicted block alive only as
 
 from __future__ import annotations
 
+import abc
 import math
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -92,7 +93,7 @@ def select_blocks(layout: BlockLayout, byte_range: ByteRange) -> range:
 Result = BlockData | DirectFSError
 
 
-class _Window:
+class _Window(abc.ABC):
     """Starts the blocks of ``indices`` in order under ``tokens``; subclasses hand results to their consumer.
 
     Counters for tests and stats: ``in_flight`` (fetches being waited for now), ``buffered`` (results not yet taken),
@@ -141,8 +142,9 @@ class _Window:
         self.buffered -= 1
         self._tokens.release()
 
+    @abc.abstractmethod
     async def _run(self, position: int, index: int) -> None:
-        raise NotImplementedError
+        """Wait for block ``index`` (the ``position``-th selected) and hand it to this window's consumer."""
 
 
 class BlockStream(_Window):

@@ -32,6 +32,7 @@ from ..errors import (
     MalformedListingError,
 )
 from ..http import (
+    HTTPSettings,
     RetryPolicy,
     build_client,
     is_loopback_host,
@@ -223,30 +224,29 @@ def http_mtime_ns(value: str | None) -> int:
         return 0
 
 
-class PlainHTTPStore(abc.ABC):
-    """What the HTTP and WebDAV sources share: credentials (rotating tokens included), one lazily built client, the
-    retry and staging policies, and files read as strict ranged GETs (``plain_file``)."""
+class StoreClients:
+    """The connections of one plain store: an httpx client for metadata, built on first use, and a
+    ``BlockingGetter`` for file data (GETs in worker threads), built on the first open. A client someone put in place
+    as ``_client`` (tests: ``httpx.MockTransport``) keeps file data on httpx as well."""
 
-    def __init__(self, options: SourceOptions) -> None:
-        if options.block_size_bytes <= 0:
-            raise ConfigError(f"block size must be positive, not {options.block_size_bytes}")
-        self._auth = HTTPAuth(options.credentials)
-        self._options = options
-        self._settings = options.http_settings()
-        self._retry = RetryPolicy()
-        self._staging = StagingPolicy(deadline_seconds=options.staging_deadline_seconds)
+    def __init__(self, settings: HTTPSettings) -> None:
+        self._settings = settings
         self._client: httpx.AsyncClient | None = None
         self._built_client: httpx.AsyncClient | None = None  # the client _http() made (not one a test put in place)
-        self._getter: BlockingGetter | None = None  # file data: GETs in worker threads (built on first open)
-
-    @abc.abstractmethod
-    def _file_url(self, path: str) -> str:
-        """The URL that a ranged GET of the file at ``path`` goes to."""
+        self._getter: BlockingGetter | None = None
 
     def _http(self) -> httpx.AsyncClient:
         if self._client is None:
             self._client = self._built_client = build_client(self._settings)
         return self._client
+
+    async def _data_getter(self) -> BlockingGetter | None:
+        """The getter for file data (None: file data stays on the httpx client). Always a checkpoint."""
+        if self._getter is None and self._client is self._built_client:
+            self._getter = await trio.to_thread.run_sync(BlockingGetter, self._settings)  # TLS setup: a thread
+        else:
+            await trio.lowlevel.checkpoint()
+        return self._getter
 
     async def aclose(self) -> None:
         getter, self._getter = self._getter, None
@@ -256,16 +256,29 @@ class PlainHTTPStore(abc.ABC):
             await self._client.aclose()
             self._client = None
 
+
+class PlainHTTPStore(StoreClients, abc.ABC):
+    """What the HTTP and WebDAV sources share: credentials (rotating tokens included), one lazily built client, the
+    retry and staging policies, and files read as strict ranged GETs (``plain_file``)."""
+
+    def __init__(self, options: SourceOptions) -> None:
+        if options.block_size_bytes <= 0:
+            raise ConfigError(f"block size must be positive, not {options.block_size_bytes}")
+        self._auth = HTTPAuth(options.credentials)
+        super().__init__(options.http_settings())
+        self._options = options
+        self._retry = RetryPolicy()
+        self._staging = StagingPolicy(deadline_seconds=options.staging_deadline_seconds)
+
+    @abc.abstractmethod
+    def _file_url(self, path: str) -> str:
+        """The URL that a ranged GET of the file at ``path`` goes to."""
+
     async def open(self, path: str, entry: Entry) -> OpenFile:
         if entry.is_dir:
             await trio.lowlevel.checkpoint()
             raise IsADirectory(filename=path)
-        if self._getter is None and self._client is self._built_client:
-            # File data in worker threads on libcurl. A client someone put in place (tests: httpx.MockTransport)
-            # keeps everything on httpx.
-            self._getter = await trio.to_thread.run_sync(BlockingGetter, self._settings)  # TLS setup: a thread
-        else:
-            await trio.lowlevel.checkpoint()
+        getter = await self._data_getter()
         return plain_file(
             self._http(),
             self._file_url(path),
@@ -275,7 +288,7 @@ class PlainHTTPStore(abc.ABC):
             policy=self._retry,
             auth=self._auth,
             staging=self._staging,
-            getter=self._getter,
+            getter=getter,
         )
 
 

@@ -38,7 +38,6 @@ from typing import Any, Final
 from urllib.parse import parse_qs, quote, unquote, unquote_plus, urlsplit
 
 import defusedxml.ElementTree as SafeET
-import httpx
 import trio
 
 from ..errors import (
@@ -49,10 +48,9 @@ from ..errors import (
     NotADirectory,
     PermissionDeniedError,
 )
-from ..http import RetryPolicy, build_client, is_loopback_host, namespace_status_error, redact_url
-from ..transfer import BlockingGetter
+from ..http import RetryPolicy, is_loopback_host, namespace_status_error, redact_url
 from .base import Credentials, Entry, OpenFile, SourceOptions, valid_name
-from .httpstore import HTTPAuth, Reply, http_mtime_ns, plain_file, request
+from .httpstore import HTTPAuth, Reply, StoreClients, http_mtime_ns, plain_file, request
 from .nearline import StagingPolicy
 
 log = logging.getLogger(__name__)
@@ -117,7 +115,7 @@ def parse_list_page(body: bytes, *, url_encoded: bool) -> _Page:
     return _Page(files, prefixes, token if truncated else None)
 
 
-class S3Source:
+class S3Source(StoreClients):
     """A bucket or prefix. Create with :func:`create`; ``aclose`` releases connections."""
 
     def __init__(self, url: str, options: SourceOptions) -> None:
@@ -166,13 +164,10 @@ class S3Source:
             self._base = f"{ep.scheme}://{self._bucket}.{netloc}/"
         else:
             self._base = f"{ep.scheme}://{netloc}/{quote(self._bucket, safe='')}/"
+        super().__init__(options.http_settings())
         self._options = options
-        self._settings = options.http_settings()
         self._retry = RetryPolicy()
         self._staging = StagingPolicy(deadline_seconds=options.staging_deadline_seconds)
-        self._client: httpx.AsyncClient | None = None
-        self._built_client: httpx.AsyncClient | None = None  # the client _http() made (not one a test put in place)
-        self._getter: BlockingGetter | None = None  # object data: GETs in worker threads (built on first open)
         self._credentials: Any = None  # botocore Credentials, resolved on first use
         self._frozen: Any = None
         self._credentials_lock = trio.Lock()
@@ -182,19 +177,6 @@ class S3Source:
         self.endpoint_display = redact_url(self._base)
 
     # --- plumbing ---
-
-    def _http(self) -> httpx.AsyncClient:
-        if self._client is None:
-            self._client = self._built_client = build_client(self._settings)
-        return self._client
-
-    async def aclose(self) -> None:
-        getter, self._getter = self._getter, None
-        if getter is not None:
-            getter.close()
-        if self._client is not None:
-            await self._client.aclose()
-            self._client = None
 
     def _key(self, path: str) -> str:
         return f"{self._prefix}/{path}" if self._prefix and path else self._prefix or path
@@ -357,12 +339,7 @@ class S3Source:
         if entry.is_dir:
             await trio.lowlevel.checkpoint()
             raise IsADirectory(filename=path)
-        if self._getter is None and self._client is self._built_client:
-            # File data in worker threads on libcurl. A client someone put in place (tests: httpx.MockTransport)
-            # keeps everything on httpx.
-            self._getter = await trio.to_thread.run_sync(BlockingGetter, self._settings)  # TLS setup: a thread
-        else:
-            await trio.lowlevel.checkpoint()
+        getter = await self._data_getter()
         url = self._object_url(self._key(path))
 
         async def headers() -> dict[str, str]:
@@ -378,7 +355,7 @@ class S3Source:
             auth=None,
             staging=self._staging,
             headers=headers,
-            getter=self._getter,
+            getter=getter,
         )
 
 
