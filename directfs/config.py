@@ -17,16 +17,23 @@ File layout (``examples/directfs.toml`` is the annotated reference)::
     [source.projects]            # `directfs mount projects` / systemd `directfs@projects` / fstab `projects ...`
     url = "ctera+https://portal.example.com/projects"
     mountpoint = "/mnt/projects"
-    access_key_id = "AKIA..."
+    access_key_id_credential = "ctera-key-id"       # systemd LoadCredential=ctera-key-id:/etc/directfs/ctera-key-id
     secret_access_key_credential = "ctera-secret"   # systemd LoadCredential=ctera-secret:/etc/directfs/ctera.key
     [source.projects.mount]      # per-source overrides of [mount]
     allow_other = true
 
-Secrets (``secret_access_key``, ``password``, ``token``) come in three spellings: ``KEY_file = "/path"`` (read once,
-trailing newline stripped), ``KEY_credential = "name"`` (the file ``$CREDENTIALS_DIRECTORY/name`` that systemd's
-``LoadCredential=`` provides, readable only by the unit) or ``KEY = "value"`` inline, which is accepted only when the
-config file is not readable by group or others (``chmod 600``). Secret values never appear in errors, ``repr`` or
+Secrets (``access_key_id``, ``secret_access_key``, ``password``, ``token``) come in three spellings:
+``KEY_file = "/path"`` (read once, trailing newline stripped), ``KEY_credential = "name"`` (the file
+``$CREDENTIALS_DIRECTORY/name`` that systemd's ``LoadCredential=`` provides, readable only by the unit) or
+``KEY = "value"`` inline, which is accepted only when the config file is not readable by group or others
+(``chmod 600``). Secret values never appear in errors, ``repr`` or
 logs; file and credential *paths* travel to the daemon in argv, the values never do.
+
+Permissions (issue 13 L5): a config file that group, others or a user other than root and ourselves may write could
+aim the daemon at another Portal or at files of the writer's choosing, and a secret file that group or others may
+read (or that another user owns, and so may rewrite) gives its secret away. Both draw a warning naming the file and
+the fix; ``--strict-permissions`` (or ``$DIRECTFS_STRICT_PERMISSIONS``) refuses them instead (``check_config_file``,
+``check_secret_file``). The access key id is one of the secrets: alone it unlocks native files through /directio.
 
 Every error is a ``ConfigError`` naming the file, the key, the value (``<hidden>`` for secrets) and the reason;
 an unknown key also names the closest known one. Unknown ``DIRECTFS_*`` variables only log a warning: the
@@ -196,14 +203,17 @@ def parse_config(text: str, *, path: str = "<config>", file_mode: int = 0o600) -
     return Config(path=path, mount=mount, sources=sources)
 
 
-def load_config(path: str) -> Config:
-    """Read and validate the config file at ``path`` (ConfigError naming the path if it cannot)."""
+def load_config(path: str, *, strict_permissions: bool = False) -> Config:
+    """Read and validate the config file at ``path`` (ConfigError naming the path if it cannot). A file others may
+    write draws a warning, or with ``strict_permissions`` a ConfigError (``check_config_file``)."""
     try:
         with open(path, "rb") as handle:
-            mode = os.fstat(handle.fileno()).st_mode
+            info = os.fstat(handle.fileno())
             data = handle.read(MAX_CONFIG_FILE_BYTES + 1)
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path!r}: {exc.strerror}") from None
+    check_config_file(path, info, strict=strict_permissions)
+    mode = info.st_mode
     if len(data) > MAX_CONFIG_FILE_BYTES:
         raise ConfigError(f"config file {path!r} is larger than {MAX_CONFIG_FILE_BYTES} bytes: wrong file?")
     try:
@@ -222,10 +232,10 @@ def find_config_path(explicit: str | None, env: Mapping[str, str] = os.environ) 
     return DEFAULT_CONFIG_PATH if os.path.exists(DEFAULT_CONFIG_PATH) else None
 
 
-def load_for(explicit: str | None, env: Mapping[str, str] = os.environ) -> Config:
+def load_for(explicit: str | None, env: Mapping[str, str] = os.environ, *, strict_permissions: bool = False) -> Config:
     """The config ``find_config_path`` picks, or an empty one when there is none."""
     path = find_config_path(explicit, env)
-    return load_config(path) if path is not None else EMPTY_CONFIG
+    return load_config(path, strict_permissions=strict_permissions) if path is not None else EMPTY_CONFIG
 
 
 def env_values(env: Mapping[str, str] = os.environ, names: Iterable[str] | None = None) -> dict[str, Any]:
@@ -269,6 +279,60 @@ def secret_file_path(key: str, value: str, env: Mapping[str, str]) -> str:
     if not os.path.isfile(path):
         raise ConfigError(f"{key} = {value!r}: no such credential in ${ENV_CREDENTIALS_DIRECTORY} ({path})")
     return path
+
+
+# --- file permissions (issue 13 L5) -------------------------------------------------------------------------------
+
+
+def _foreign_owner(info: os.stat_result) -> bool:
+    """Owned by neither root nor us: that user may chmod and rewrite the file whatever its mode says."""
+    return info.st_uid not in (0, os.geteuid())
+
+
+def _judge(what: str, path: str, problems: list[str], fix: str, *, strict: bool) -> None:
+    if not problems:
+        return
+    message = f"{what} {path!r} is {' and '.join(problems)}: {fix}"
+    if strict:
+        raise ConfigError(message + " (refused: --strict-permissions)")
+    log.warning("%s (--strict-permissions refuses it)", message)
+
+
+def check_config_file(path: str, info: os.stat_result, *, strict: bool = False) -> None:
+    """Warn about (``strict``: refuse) a config file group, others or another user may write."""
+    problems = []
+    if info.st_mode & 0o022:
+        problems.append(f"writable by group or others (mode {stat.S_IMODE(info.st_mode):03o})")
+    if _foreign_owner(info):
+        problems.append(f"owned by uid {info.st_uid}")
+    _judge("config file", path, problems, "chmod go-w it and let root own it", strict=strict)
+
+
+def check_secret_file(path: str, info: os.stat_result, *, strict: bool = False) -> None:
+    """Warn about (``strict``: refuse) a secret file group or others may read or write, or another user owns.
+    systemd credentials ($CREDENTIALS_DIRECTORY, 0400 and the unit's own) and Kubernetes Secret volumes with
+    ``defaultMode: 0400`` pass."""
+    problems = []
+    if info.st_mode & 0o077:
+        problems.append(f"open to group or others (mode {stat.S_IMODE(info.st_mode):03o})")
+    if _foreign_owner(info):
+        problems.append(f"owned by uid {info.st_uid}")
+    _judge("secret file", path, problems, "chmod 600 it and let root or this user own it", strict=strict)
+
+
+def strict_permissions_given(given: Mapping[str, Any], env: Mapping[str, str]) -> bool:
+    """``--strict-permissions`` (in ``given``, the command line's values) or ``$DIRECTFS_STRICT_PERMISSIONS``: known
+    before the config file is read, since that file is among what it judges."""
+    if "strict_permissions" in given:
+        return bool(given["strict_permissions"])
+    option = OPTIONS["strict_permissions"]
+    text = env.get(option.env or "")
+    if not text:
+        return False
+    try:
+        return bool(option.parse(text))
+    except ValueError as exc:
+        raise ConfigError(f"environment {option.env}={option.shown(text)}: {exc}") from None
 
 
 # --- the typed config of one command: the layers folded once ----------------------------------------------------
@@ -368,7 +432,8 @@ def _resolve(
     named: SourceConfig | None = None
     files: list[_Layer] = []  # lowest first
     if use_file:
-        config = load_for(command_line.values.get("config"), env)
+        strict = strict_permissions_given(command_line.values, env)
+        config = load_for(command_line.values.get("config"), env, strict_permissions=strict)
         where = config.path or "<config>"
         sections: list[tuple[str, Mapping[str, Any]]] = [("mount", config.mount)] if mount else []
         if source is not None and is_source_name(source):

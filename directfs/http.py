@@ -13,13 +13,15 @@ line and exception message about a URL uses :func:`redact_url` (scheme, host, po
 
 from __future__ import annotations
 
+import contextlib
 import email.utils
 import functools
 import ipaddress
 import logging
 import random
 import ssl
-from collections.abc import Awaitable, Callable, Collection
+import zlib
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Final, Literal, Protocol, TypeVar
@@ -44,6 +46,7 @@ from .errors import (
     NamespaceTimeout,
     PermissionDeniedError,
 )
+from .values import parse_decimal
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +168,8 @@ def _install_log_redaction() -> None:
 
 
 def ssl_context(settings: HTTPSettings) -> ssl.SSLContext:
-    """The TLS context for ``settings``: system trust (+ ``ca_file``), or no verification when switched off.
+    """The TLS context for ``settings``: the system roots plus ``ca_file`` (an addition, never a replacement: issue 13
+    M4), or no verification when switched off.
 
     Shared by every client with the same TLS settings (an ``SSLContext`` may serve many connections and threads):
     loading the system CA bundle costs ~25-50 ms of CPU here, and a mount's first open used to load it four times."""
@@ -177,12 +181,14 @@ def _ssl_context(
     verify_tls: bool, ca_file: str | None, client_cert: str | None, client_key: str | None
 ) -> ssl.SSLContext:
     settings = HTTPSettings(verify_tls=verify_tls, ca_file=ca_file, client_cert=client_cert, client_key=client_key)
-    if settings.verify_tls:
-        context = ssl.create_default_context(cafile=settings.ca_file)
-    else:
-        context = ssl.create_default_context()
+    # The system roots as OpenSSL finds them (SSL_CERT_FILE / SSL_CERT_DIR honoured). create_default_context(cafile=)
+    # would load the file *instead* of them, so the file is added after.
+    context = ssl.create_default_context()
+    if not settings.verify_tls:
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
+    elif settings.ca_file:
+        context.load_verify_locations(cafile=settings.ca_file)
     if settings.client_cert:
         context.load_cert_chain(settings.client_cert, settings.client_key)
     return context
@@ -197,8 +203,10 @@ def build_client(
     """An HTTP/1.1-only client with our deadlines, limits and TLS (h2 measured 2-3x slower here: docs/testbed.md §5).
 
     Redirects are not followed: a presigned URL or the Portal API redirecting elsewhere is unexpected, and following
-    it could carry the Authorization header to another host. ``transport`` replaces the network (tests use
-    ``httpx.MockTransport`` for scripted edge cases); TLS and pool limits then belong to that transport.
+    it could carry the Authorization header to another host. Every request asks for ``Accept-Encoding: identity``:
+    blocks are compressed already and ranges are of the stored bytes, and a metadata reply is bounded by what it
+    costs to hold (``read_body``), not by what a compressed bomb expands to. ``transport`` replaces the network
+    (tests use ``httpx.MockTransport`` for scripted edge cases); TLS and pool limits then belong to that transport.
     """
     _raise_read_size()
     _install_log_redaction()
@@ -208,7 +216,7 @@ def build_client(
         verify=ssl_context(settings),
         trust_env=settings.trust_env,
         follow_redirects=False,
-        headers=headers,
+        headers={"Accept-Encoding": "identity", **(headers or {})},
         transport=transport,
         timeout=httpx.Timeout(
             connect=settings.connect_timeout_seconds,
@@ -255,8 +263,9 @@ def parse_retry_after(value: str | None, *, now: datetime | None = None) -> floa
     if value is None:
         return None
     value = value.strip()
-    if value.isdigit():
-        return float(value)
+    seconds = parse_decimal(value)
+    if seconds is not None:
+        return float(seconds)
     try:
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError, IndexError):
@@ -406,12 +415,170 @@ async def send_with_retries(
         await trio.sleep(delay)
 
 
+# --- bodies ---------------------------------------------------------------------------------------------------------
+#
+# One way to send a request body and one way to read a reply body, for every source. Bodies are read *raw* and
+# bounded on the wire and after decoding (issue 13 M1): httpx's own decoders inflate a whole network chunk at once,
+# so 255 KiB of gzip became one 268 MiB allocation against a 64 MiB cap. Every client asks for ``identity`` (see
+# ``build_client``); a server that compresses anyway is decoded here, a bounded piece at a time.
+
+# zlib window bits per Content-Encoding: 16+ = gzip header, + 32 = zlib or gzip (auto), - = raw deflate.
+_DECODERS: Final = {"gzip": 16 + 15, "x-gzip": 16 + 15, "deflate": 32 + 15}
+_DECODE_STEP_BYTES: Final = 1024 * 1024  # inflate output per step: bounds a bomb's cost before the limit trips
+
+
+class BadBody(Exception):
+    """A reply body we refuse (internal: each caller maps it to its own class of the tree, with ``what``)."""
+
+
+class BodyTooLarge(BadBody):
+    """The reply declared, or sent, more than ``limit_bytes``; ``size`` is the declared size or a lower bound."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__(f"body of {size}+ bytes is over the limit")
+        self.size = size
+
+
+class _RequestBody(httpx.AsyncByteStream):
+    """A request body of known bytes whose iterator is a plain object, not an async generator. httpx's own
+    ``ByteStream.__aiter__`` is one: a send cut off mid-body (a hung or refusing Portal) leaves it suspended, and
+    trio's async-generator hook warns (``ResourceWarning``) when the garbage collector finds it."""
+
+    def __init__(self, data: bytes) -> None:
+        self._data = data
+
+    def __aiter__(self) -> _OnePiece:
+        return _OnePiece(self._data)
+
+
+class _OnePiece:
+    def __init__(self, data: bytes) -> None:
+        self._data: bytes | None = data
+
+    def __aiter__(self) -> _OnePiece:
+        return self
+
+    async def __anext__(self) -> bytes:
+        data, self._data = self._data, None
+        if data is None:
+            raise StopAsyncIteration
+        return data
+
+
+@contextlib.asynccontextmanager
+async def open_stream(
+    client: httpx.AsyncClient,
+    method: str,
+    url: str | httpx.URL,
+    *,
+    headers: Mapping[str, str] | None = None,
+    content: bytes | None = None,
+) -> AsyncIterator[httpx.Response]:
+    """``client.stream(...)`` for every request of directfs; a ``content`` body is sent by ``_RequestBody``."""
+    request = client.build_request(method, url, headers=headers, content=content)  # sets Content-Length
+    if content is not None:
+        request.stream = _RequestBody(content)
+    response = await client.send(request, stream=True)
+    try:
+        yield response
+    finally:
+        await response.aclose()
+
+
+class _Decoder:
+    """Content decoding with a bound on the output: ``feed`` returns at most ``limit - produced + 1`` bytes per
+    call, so the caller sees the limit crossed before a bomb is inflated."""
+
+    def __init__(self, encoding: str) -> None:
+        encoding = encoding.strip().lower()
+        self._inflater: zlib._Decompress | None = None
+        if encoding not in ("", "identity"):
+            if encoding not in _DECODERS:
+                raise BadBody(f"unsupported Content-Encoding {encoding[:40]!r} (identity was asked for)")
+            self._inflater = zlib.decompressobj(_DECODERS[encoding])
+
+    def feed(self, raw: bytes, room: int) -> Iterator[bytes]:
+        if self._inflater is None:
+            yield raw
+            return
+        data = raw
+        try:
+            while True:
+                step = min(room + 1, _DECODE_STEP_BYTES)
+                piece = self._inflater.decompress(data, step)
+                room -= len(piece)
+                yield piece
+                data = self._inflater.unconsumed_tail
+                if room < 0 or (not data and len(piece) < step):  # over the limit, or input and output drained
+                    return
+        except zlib.error as exc:
+            raise BadBody(f"content decoding failed: {exc}") from None
+
+    def close(self) -> None:
+        if self._inflater is not None and not self._inflater.eof:
+            raise BadBody("the compressed body ended early")
+
+
+async def read_body(
+    response: httpx.Response,
+    limit_bytes: int,
+    *,
+    feed: Callable[[bytes], object] | None = None,
+    prefix: bool = False,
+) -> bytearray:
+    """The body of ``response``, decoded, at most ``limit_bytes`` (``BodyTooLarge`` past it; ``BadBody`` for an
+    encoding we cannot decode). A declared Content-Length over the limit is refused unread; past the limit reading
+    stops (the caller's ``open_stream`` closes the connection). With ``prefix`` a longer body is not an error: its
+    first ``limit_bytes`` are the result (error bodies: enough to recognise one). With ``feed`` the pieces go to it as
+    they arrive and nothing is kept (streaming parsers); the result is then empty. A reply already read
+    (``httpx.MockTransport``) is taken as it is."""
+    try:
+        content = response.content
+    except httpx.ResponseNotRead:
+        pass
+    else:
+        if prefix:
+            content = content[:limit_bytes]
+        if len(content) > limit_bytes:
+            raise BodyTooLarge(len(content))
+        if feed is not None:
+            feed(content)
+            return bytearray()
+        return bytearray(content)
+    encoding = response.headers.get("content-encoding", "")
+    declared = parse_decimal(response.headers.get("content-length", ""))
+    if not (encoding or prefix) and declared is not None and declared > limit_bytes:
+        raise BodyTooLarge(declared)
+    decoder = _Decoder(encoding)
+    body = bytearray()
+    produced = 0
+    # A body cut off here (too large) leaves httpx's nested async generators suspended; trio's GC hook closes them
+    # and warns (ResourceWarning). Closing only the outer one would not reach the inner ones, so tests that cut a
+    # body off say so with a filterwarnings mark.
+    async for raw in response.aiter_raw():
+        for piece in decoder.feed(raw, limit_bytes - produced):
+            produced += len(piece)
+            if produced > limit_bytes:
+                if prefix:
+                    body += piece[: len(piece) - (produced - limit_bytes)]
+                    return body
+                raise BodyTooLarge(produced)
+            if feed is not None:
+                feed(piece)
+            else:
+                body += piece
+    decoder.close()
+    return body
+
+
 __all__ = [
     "NO_RETRIES",
     "READ_NUM_BYTES",
     "RETRYABLE_ERRORS",
     "RETRY_STATUSES",
     "STATISTICS",
+    "BadBody",
+    "BodyTooLarge",
     "HTTPSettings",
     "HTTPStatistics",
     "RetryBudgetExceeded",
@@ -421,7 +588,9 @@ __all__ = [
     "describe_transport_error",
     "is_loopback_host",
     "namespace_status_error",
+    "open_stream",
     "parse_retry_after",
+    "read_body",
     "redact_url",
     "send_with_retries",
     "ssl_context",

@@ -42,7 +42,7 @@ from .units import format_duration, format_size, parse_duration_seconds, parse_s
 from .values import parse_block_size, parse_endpoint_url, parse_metrics_address, shown_endpoint_url
 
 LOG_LEVELS: Final = ("debug", "info", "warning", "error")
-SECRET_KEYS: Final = ("secret_access_key", "password", "token")
+SECRET_KEYS: Final = ("access_key_id", "secret_access_key", "password", "token")
 
 Parser = Callable[[object], Any]
 Group = Literal["config", "mount", "credentials", "tls", "stores", "source"]
@@ -425,6 +425,20 @@ TABLE: Final[tuple[Option, ...]] = (
         reason="precedence: file < DIRECTFS_* environment < flags",
     ),
     _row(
+        "strict_permissions",
+        "credentials",
+        _as_bool,
+        "refuse, instead of a warning, a config file that group, others or another user may write, and a secret "
+        "file that group or others may read or write, or another user owns",
+        kind="switch",
+        flag=True,
+        switch=True,
+        env=True,
+        # Not a config key: the file it judges would carry it, and whoever may rewrite that file could drop it.
+        default_text="a warning",
+        reason="an existing install keeps mounting while its admin fixes the modes the warning names",
+    ),
+    _row(
         "foreground",
         "mount",
         _as_bool,
@@ -591,19 +605,8 @@ TABLE: Final[tuple[Option, ...]] = (
         argv_parse=_as_made_absolute,
         default_text="discarded; use -f to see logs on the terminal",
     ),
-    _row(
-        "access_key_id",
-        "credentials",
-        _as_str,
-        "Direct IO access key id",
-        home=_home(f"{_CREDENTIALS}access_key_id"),
-        unit="ID",
-        flag=True,
-        env=True,
-        o=True,
-        o_as_flag=True,
-        toml="source",
-    ),
+    # A secret (issue 13 L5): the key id alone is the Bearer of /directio, which unlocks native files.
+    *_secret("access_key_id", "ID", "Direct IO access key id", file_help="file holding the Direct IO access key id"),
     *_secret(
         "secret_access_key",
         "KEY",
@@ -662,7 +665,7 @@ TABLE: Final[tuple[Option, ...]] = (
         "ca_file",
         "tls",
         _as_str,
-        "extra trusted CA certificates (PEM), e.g. a private CA",
+        "extra trusted CA certificates (PEM), e.g. a private CA, trusted on top of the system's",
         home=_home(f"{_SOURCE}ca_file"),
         unit="PEM",
         flag=True,
@@ -670,6 +673,37 @@ TABLE: Final[tuple[Option, ...]] = (
         o=True,
         o_as_flag=True,
         toml="source",
+    ),
+    _row(
+        "storage_ca_file",
+        "tls",
+        _as_str,
+        "extra trusted CA certificates (PEM) for object storage (presigned block URLs); the Portal keeps --ca-file",
+        home=_home(f"{_SOURCE}storage_ca_file"),
+        unit="PEM",
+        flag=True,
+        env=True,
+        o=True,
+        o_as_flag=True,
+        toml="source",
+        default_text="--ca-file",
+    ),
+    _row(
+        "allow_insecure_storage",
+        "tls",
+        _as_bool,
+        "accept plain http:// block URLs, and block URLs to this machine, from any Portal (link-local and cloud "
+        "metadata hosts stay refused)",
+        kind="switch",
+        home=_home(f"{_SOURCE}allow_insecure_storage"),
+        flag=True,
+        switch=True,
+        env=True,
+        o=True,
+        o_as_flag=True,
+        toml="source",
+        reason="blocks carry no MAC: over http a network attacker can change them; only a loopback http:// Portal "
+        "gets them without it",
     ),
     _row(
         "client_cert",
@@ -770,6 +804,20 @@ TABLE: Final[tuple[Option, ...]] = (
         o=True,
         toml="source",
         reason="a disk-cache recall; stage bigger recalls ahead with `directfs stage`",
+    ),
+    _row(
+        "follow_symlinks",
+        "stores",
+        _as_bool,
+        "file:// only: follow symlinks that lead out of the source folder (links inside it are always followed)",
+        kind="switch",
+        home=_home(f"{_SOURCE}follow_symlinks"),
+        flag=True,
+        switch=True,
+        env=True,
+        o=True,
+        toml="source",
+        reason="whoever can write into the tree could link to any file the daemon may read (/etc/shadow under root)",
     ),
     _row(
         "url",

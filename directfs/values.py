@@ -23,6 +23,23 @@ MIN_BLOCK_SIZE_BYTES: Final = 4 * 1024
 MAX_BLOCK_SIZE_BYTES: Final = 256 * 1024 * 1024
 
 
+# 18 digits: every such number fits an int64 (file sizes, offsets, lengths, seconds), and int() never sees the
+# thousands of digits it refuses (Python's 4300-digit limit) or spends quadratic time on.
+MAX_DECIMAL_DIGITS: Final = 18
+
+
+def parse_decimal(text: str | bytes, *, max_digits: int = MAX_DECIMAL_DIGITS) -> int | None:
+    """The non-negative integer that ``text`` spells in ASCII digits (surrounding whitespace allowed), or None.
+
+    The one place a number from a header, a reply or an argument is read: ``str.isdigit()`` accepts ``"²"`` and
+    ``"١"``, which ``int()`` then refuses with a ValueError, and any number of digits. No sign, no ``_``, no
+    ``0x``: ``int()`` accepts those, HTTP does not."""
+    text = text.strip()
+    if not 0 < len(text) <= max_digits or not text.isascii() or not text.isdigit():
+        return None
+    return int(text)
+
+
 def parse_block_size(text: str) -> int:
     """Bytes of a block size (``"64K"``, ``"8M"``), within MIN_/MAX_BLOCK_SIZE_BYTES; ConfigError (the reason, without
     the value: the caller names the flag or key and shows the value) otherwise."""

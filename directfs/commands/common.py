@@ -20,6 +20,7 @@ import os
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Final
 
+from ..config import check_secret_file
 from ..errors import ConfigError
 from ..options import OPTIONS, SECRET_KEYS, STORE_GROUPS, add_flags
 from ..sources.base import Credentials, SourceOptions
@@ -49,13 +50,16 @@ def add_credential_arguments(parser: argparse.ArgumentParser) -> None:
     add_flags(parser, "credentials")
 
 
-def read_secret_file(path: str) -> str:
-    """The content of a secret file without trailing newlines; ConfigError naming the path (never the content)."""
+def read_secret_file(path: str, *, strict_permissions: bool = False) -> str:
+    """The content of a secret file without trailing newlines; ConfigError naming the path (never the content).
+    A file group or others may read draws a warning, or with ``strict_permissions`` a ConfigError."""
     try:
         with open(path, "rb") as handle:
+            info = os.fstat(handle.fileno())
             data = handle.read(MAX_SECRET_FILE_BYTES + 1)
     except OSError as exc:
         raise ConfigError(f"cannot read secret file {path!r}: {exc.strerror}") from None
+    check_secret_file(path, info, strict=strict_permissions)
     if len(data) > MAX_SECRET_FILE_BYTES:
         raise ConfigError(f"secret file {path!r} is larger than {MAX_SECRET_FILE_BYTES} bytes: wrong file?")
     try:
@@ -68,20 +72,29 @@ def read_secret_file(path: str) -> str:
     return text
 
 
-def _pick(value: str | None, path: str | None, env: Mapping[str, str], name: str) -> str | None:
+def _pick(value: str | None, path: str | None, env: Mapping[str, str], name: str, *, strict: bool) -> str | None:
     if value:
         return value
     if path:
-        return read_secret_file(path)
+        return read_secret_file(path, strict_permissions=strict)
     return env.get(name) or None
 
 
 def resolve_credentials(settings: Settings, env: Mapping[str, str] = os.environ) -> Credentials:
     """Credentials from ``settings`` and, for secret values nobody else gave, the environment (flag > file > env)."""
+    strict = bool(settings.get("strict_permissions", False))
     fields = settings.kwargs("Credentials")
     for name in SECRET_KEYS:
-        fields[name] = _pick(settings.get(name), settings.get(f"{name}_file"), env, _env(name))
-    fields["token_file"] = settings.get("token_file") if not settings.get("token") else None
+        fields[name] = _pick(settings.get(name), settings.get(f"{name}_file"), env, _env(name), strict=strict)
+    token_file = settings.get("token_file") if not settings.get("token") else None
+    if token_file:  # re-read by the store when it changes; its permissions are judged once, here
+        try:
+            info = os.stat(token_file)
+        except OSError:
+            pass  # the store reports a missing token file where it reads it
+        else:
+            check_secret_file(token_file, info, strict=strict)
+    fields["token_file"] = token_file
     return Credentials(**fields)
 
 
@@ -103,7 +116,8 @@ def add_source_arguments(parser: argparse.ArgumentParser) -> None:
 
 def build_source_options(settings: Settings, credentials: Credentials) -> SourceOptions:
     """Store-independent options from ``settings`` (options nobody gave keep ``SourceOptions``'s defaults)."""
-    ca_file = settings.get("ca_file")
-    if ca_file and not os.path.isfile(ca_file):
-        raise ConfigError(f"{settings.origin('ca_file')} {ca_file!r} is not a file")
+    for name in ("ca_file", "storage_ca_file"):
+        ca_file = settings.get(name)
+        if ca_file and not os.path.isfile(ca_file):
+            raise ConfigError(f"{settings.origin(name)} {ca_file!r} is not a file")
     return SourceOptions(credentials=credentials, **settings.kwargs("SourceOptions"))

@@ -2,9 +2,11 @@
 
 * A file URL is written to ``DEST`` (or ``DEST/NAME`` when DEST is a folder); a folder URL needs ``-r`` and its
   *contents* go into the folder DEST (created if missing), as ``rclone copy`` does.
-* Every file is written to ``NAME.part`` beside its destination, fsynced, given the store's mtime and only then
-  renamed over ``NAME``: a destination never holds a partial file, even after a crash. Folders get their mtimes
-  after their contents are written.
+* Every file is written to a new ``NAME.<random>.part`` beside its destination, fsynced, given the store's mtime
+  and only then renamed over ``NAME``: a destination never holds a partial file, even after a crash. Symbolic links
+  are never written through: the part file is created ``O_EXCL | O_NOFOLLOW``, a link at ``NAME`` is replaced (its
+  target untouched), and with ``-r`` a sub-folder of DEST that is a link is refused (``directfs.commands.partfile``).
+  A DEST that is a link to a folder is that folder, as for ``cp``. Folders get their mtimes after their contents.
 * A file that fails (its ``.part`` removed) is reported on stderr with its errno and the copy goes on with the
   others; the exit status is 1 if any failed.
 
@@ -20,16 +22,16 @@ files open at once. Local file system calls run in worker threads, never on the 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import sys
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, NamedTuple
 
 from . import common
+from .partfile import PartFile, open_folder, set_folder_mtime
 
 if TYPE_CHECKING:
     from ..sources.base import Entry, Source, SourceOptions
-    from .storeio import Progress
+    from .progress import Progress
 
 HELP = "Copy a file (or a folder with -r) from any store URL or NAME to local disk, without a mount."
 
@@ -87,35 +89,33 @@ class _Copier:
         self.failed += 1
         self.progress.message(describe(exc, where(self.url, path)))
 
-    async def copy_file(self, path: str, entry: Entry, dest: str) -> None:
-        """One file to ``dest`` via ``dest.part``; failures are reported (never raised) except cancellation."""
+    async def copy_file(self, path: str, entry: Entry, dest: Dest) -> None:
+        """One file to ``dest`` via a part file beside it; failures are reported (never raised) except cancellation."""
         import trio
 
         from ..errors import DirectFSError
         from .storeio import fetch_blocks
 
-        part = f"{dest}.part"
+        part: PartFile | None = None
         try:
             handle = await self.source.open(path, entry)
             try:
-                fd = await trio.to_thread.run_sync(_create, part, handle.layout.size)
-                try:
+                part = await trio.to_thread.run_sync(_create, dest, handle.layout.size)
+                fd = part.fd
 
-                    async def write(offset: int, data: memoryview) -> None:
-                        await trio.to_thread.run_sync(_pwrite_all, fd, data, offset)
-                        self.progress.advance(len(data))
+                async def write(offset: int, data: memoryview) -> None:
+                    await trio.to_thread.run_sync(_pwrite_all, fd, data, offset)
+                    self.progress.advance(len(data))
 
-                    await fetch_blocks(handle, self.block_slots, write)
-                    await trio.to_thread.run_sync(os.fsync, fd)
-                finally:
-                    os.close(fd)
+                await fetch_blocks(handle, self.block_slots, write)
             finally:
                 with trio.CancelScope(shield=True):
                     await handle.aclose()
-            await trio.to_thread.run_sync(_finish, part, dest, entry.mtime_ns)
+            await trio.to_thread.run_sync(part.commit, entry.mtime_ns)
         except BaseException as exc:
-            with trio.CancelScope(shield=True):
-                await trio.to_thread.run_sync(_unlink_quietly, part)
+            if part is not None:
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(part.discard)
             if isinstance(exc, DirectFSError | OSError):
                 self.fail(path, exc)
                 return
@@ -127,7 +127,8 @@ async def _copy(args: argparse.Namespace, url: str, options: SourceOptions) -> i
     import trio
 
     from ..errors import DirectFSError, IsADirectory
-    from .storeio import Progress, describe, open_target, walk, where
+    from .progress import Progress
+    from .storeio import describe, open_target, walk, where
 
     try:
         target = await open_target(url, options)
@@ -137,10 +138,11 @@ async def _copy(args: argparse.Namespace, url: str, options: SourceOptions) -> i
     try:
         if target.children is None:  # one file
             dest = args.dest
-            if await trio.to_thread.run_sync(os.path.isdir, dest):
+            if await trio.to_thread.run_sync(os.path.isdir, dest):  # a link to a folder is that folder, as for cp
                 dest = os.path.join(dest, target.entry.name)
+            folder, name = os.path.split(dest)  # DEST's folder as the user named it; the name itself is not followed
             copier = _Copier(args, url, target.source, Progress("cp", files=1, total_bytes=target.entry.size))
-            await copier.copy_file(target.path, target.entry, dest)
+            await copier.copy_file(target.path, target.entry, Dest(folder or ".", (), name))
             copier.progress.finish()
             return 1 if copier.failed else 0
         if not args.recursive:
@@ -175,7 +177,7 @@ async def _copy(args: argparse.Namespace, url: str, options: SourceOptions) -> i
         # Folder mtimes last (writing a child changes its folder's mtime), deepest first.
         for rel, entry in sorted(folders, key=lambda item: item[0].count("/") + bool(item[0]), reverse=True):
             if entry.mtime_ns > 0:
-                await trio.to_thread.run_sync(_set_mtime, _local(args.dest, rel), entry.mtime_ns)
+                await trio.to_thread.run_sync(_set_mtime, args.dest, rel, entry.mtime_ns)
         progress.finish()
         return 1 if copier.failed else 0
     finally:
@@ -187,24 +189,40 @@ def join_path(parent: str, rel: str) -> str:
     return f"{parent}/{rel}" if parent else rel
 
 
-def _local(dest: str, rel: str) -> str:
+class Dest(NamedTuple):
+    """Where a file goes: ``root`` as the user named it (links in it followed), then ``folders`` below it (never
+    through a link) and the file's ``name``."""
+
+    root: str
+    folders: tuple[str, ...]
+    name: str
+
+
+def _parts(rel: str) -> tuple[str, ...]:
     # rel's parts passed valid_name in storeio.walk: no "..", no "/", no NUL, so the result stays under dest.
-    return os.path.join(dest, *rel.split("/")) if rel else dest
+    return tuple(rel.split("/")) if rel else ()
+
+
+def _local(dest: str, rel: str) -> Dest:
+    parts = _parts(rel)
+    return Dest(dest, parts[:-1], parts[-1])
 
 
 def _make_folders(dest: str, rels: list[str]) -> None:
+    os.makedirs(dest, exist_ok=True)  # DEST itself: the user's path
     for rel in rels:
-        os.makedirs(_local(dest, rel), exist_ok=True)
+        if rel:
+            os.close(open_folder(dest, _parts(rel), create=True))  # below it: made, never through a link
 
 
-def _create(part: str, size: int) -> int:
-    fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
+def _create(dest: Dest, size: int) -> PartFile:
+    part = PartFile.create(dest.root, dest.folders, dest.name)
     try:
-        os.ftruncate(fd, size)  # the final size at once: blocks land anywhere with pwrite
+        os.ftruncate(part.fd, size)  # the final size at once: blocks land anywhere with pwrite
     except BaseException:
-        os.close(fd)
+        part.discard()
         raise
-    return fd
+    return part
 
 
 def _pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
@@ -215,16 +233,5 @@ def _pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> N
         offset += written
 
 
-def _set_mtime(path: str, mtime_ns: int) -> None:
-    os.utime(path, ns=(mtime_ns, mtime_ns))
-
-
-def _finish(part: str, dest: str, mtime_ns: int) -> None:
-    if mtime_ns > 0:
-        _set_mtime(part, mtime_ns)
-    os.replace(part, dest)
-
-
-def _unlink_quietly(path: str) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
+def _set_mtime(dest: str, rel: str, mtime_ns: int) -> None:
+    set_folder_mtime(dest, _parts(rel), mtime_ns)

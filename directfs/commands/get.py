@@ -1,25 +1,28 @@
 """``directfs get PORTAL FILE_ID DEST``: download one file (or a byte range of it) with the Streamer API.
 
-The file is written to ``DEST.part`` and renamed to ``DEST`` only when complete, so ``DEST`` never holds a partial
-file; ``-`` writes to stdout. A stream that stops on a block error resumes from ``StreamError.offset`` (a new
-stream with fresh presigned URLs) up to ``--resumes`` times. A progress line goes to stderr when it is a terminal.
+The file is written to a new ``DEST.<random>.part`` and renamed to ``DEST`` only when complete, so ``DEST`` never
+holds a partial file, and no symbolic link is written through (a link at ``DEST`` is replaced, its target untouched:
+``directfs.commands.partfile``); ``-`` writes to stdout. A stream that stops on a block error resumes from
+``StreamError.offset`` (a new stream with fresh presigned URLs) up to ``--resumes`` times. A progress line goes to
+stderr when it is a terminal.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import sys
-import time
 from typing import TYPE_CHECKING, BinaryIO, Final
 
 from ..errors import ConfigError
+from ..values import parse_decimal
 from . import common
+from .partfile import PartFile
 
 if TYPE_CHECKING:
     from ..api import DirectIO
     from ..sources.base import SourceOptions
+    from .progress import Progress
 
 HELP = "Download a file by its Direct IO file id (ctera+https://HOST FILE_ID DEST, '-' for stdout)."
 
@@ -28,7 +31,6 @@ HELP = "Download a file by its Direct IO file id (ctera+https://HOST FILE_ID DES
 DEFAULT_RESUMES: Final = 3
 # The Streamer's own default (8): enough to hide object-store latency, few enough to bound memory (8 blocks).
 DEFAULT_MAX_WORKERS: Final = 8
-PROGRESS_INTERVAL_SECONDS: Final = 0.25  # redraws per second on a terminal: smooth, and cheap
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -78,9 +80,9 @@ def parse_range(text: str | None) -> tuple[int, int | None]:
     if text is None:
         return 0, None
     start_text, sep, end_text = text.strip().partition("-")
-    if not sep or not start_text.isdigit() or not (end_text == "" or end_text.isdigit()):
+    start, end = parse_decimal(start_text), parse_decimal(end_text)
+    if not sep or start is None or (end is None and end_text != ""):
         raise ConfigError(f"--range must be START-END or START- (bytes, END inclusive), not {text!r}")
-    start, end = int(start_text), int(end_text) if end_text else None
     if end is not None and end < start:
         raise ConfigError(f"--range end {end} is before its start {start}")
     return start, end
@@ -107,34 +109,35 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def _download(portal: str, args: argparse.Namespace, options: SourceOptions, start: int, end: int | None) -> int:
+    import trio
+
     from ..api import DirectIO, DirectIOSettings
+    from .progress import Progress
 
     credentials = options.credentials
     assert credentials.access_key_id and credentials.secret_access_key  # checked by run()
     settings = DirectIOSettings.from_options(options)
     to_stdout = args.dest == "-"
-    part = f"{args.dest}.part"
-    progress = _Progress(enabled=sys.stderr.isatty())
+    progress = Progress("get", total_bytes=None)  # the size comes with the first stream
     async with DirectIO(portal, credentials.access_key_id, credentials.secret_access_key, settings=settings) as dio:
         if to_stdout:
             await _stream(dio, args, start, end, sys.stdout.buffer, progress)
             sys.stdout.buffer.flush()
             return 0
+        part = await trio.to_thread.run_sync(PartFile.beside, args.dest)
         try:
-            with open(part, "wb") as sink:  # noqa: ASYNC230 - local file; the writes run in a worker thread
+            with os.fdopen(part.fd, "wb", closefd=False) as sink:  # the writes run in a worker thread
                 await _stream(dio, args, start, end, sink, progress)
-                sink.flush()
-                os.fsync(sink.fileno())
-            os.replace(part, args.dest)
+            await trio.to_thread.run_sync(part.commit)
         except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(part)
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(part.discard)
             raise
     return 0
 
 
 async def _stream(
-    dio: DirectIO, args: argparse.Namespace, start: int, end: int | None, sink: BinaryIO, progress: _Progress
+    dio: DirectIO, args: argparse.Namespace, start: int, end: int | None, sink: BinaryIO, progress: Progress
 ) -> None:
     import trio
 
@@ -142,57 +145,21 @@ async def _stream(
     from ..errors import StreamError
 
     position, resumes = start, 0
-    while True:
-        try:
-            async with dio.streamer(args.file_id, ByteRange(position, end), max_workers=args.max_workers) as stream:
-                if progress.total is None:
-                    progress.total = max(0, stream.stop - stream.start)
-                async for fragment in stream:
-                    # One thread hop per fragment (a whole block): the trio thread keeps fetching meanwhile.
-                    await trio.to_thread.run_sync(sink.write, fragment)
-                    position += len(fragment)
-                    progress.advance(len(fragment))
-            progress.finish()
-            return
-        except StreamError as exc:
-            if resumes >= args.resumes:
-                progress.finish()
-                raise
-            resumes += 1
-            position = exc.offset
-            progress.note(f"stream stopped ({exc.__cause__ or exc}); resuming at byte {position} ({resumes})")
-
-
-class _Progress:
-    """A one-line progress display on stderr (only when it is a terminal)."""
-
-    def __init__(self, *, enabled: bool) -> None:
-        self.enabled = enabled
-        self.total: int | None = None
-        self.done = 0
-        self._started = time.monotonic()
-        self._drawn = 0.0
-
-    def advance(self, count: int) -> None:
-        self.done += count
-        now = time.monotonic()
-        if self.enabled and now - self._drawn >= PROGRESS_INTERVAL_SECONDS:
-            self._drawn = now
-            self._draw(now)
-
-    def _draw(self, now: float) -> None:
-        elapsed = max(now - self._started, 1e-6)
-        rate = self.done / elapsed / 1e6
-        percent = f"{100 * self.done / self.total:5.1f}%" if self.total else "     "
-        sys.stderr.write(f"\r{percent} {self.done / 1e6:10.1f} MB {rate:8.1f} MB/s")
-        sys.stderr.flush()
-
-    def note(self, text: str) -> None:
-        sys.stderr.write(("\n" if self.enabled else "") + f"directfs get: {text}\n")
-        sys.stderr.flush()
-
-    def finish(self) -> None:
-        if self.enabled:
-            self._draw(time.monotonic())
-            sys.stderr.write("\n")
-            sys.stderr.flush()
+    with progress:  # the final line on every way out, so an error printed after it starts a line of its own
+        while True:
+            try:
+                async with dio.streamer(args.file_id, ByteRange(position, end), max_workers=args.max_workers) as stream:
+                    if progress.total_bytes is None:
+                        progress.total_bytes = max(0, stream.stop - stream.start)
+                    async for fragment in stream:
+                        # One thread hop per fragment (a whole block): the trio thread keeps fetching meanwhile.
+                        await trio.to_thread.run_sync(sink.write, fragment)
+                        position += len(fragment)
+                        progress.advance(len(fragment))
+                return
+            except StreamError as exc:
+                if resumes >= args.resumes:
+                    raise
+                resumes += 1
+                position = exc.offset
+                progress.message(f"stream stopped ({exc.__cause__ or exc}); resuming at byte {position} ({resumes})")

@@ -14,12 +14,13 @@ what follows from the option table):
   (``nosuid``, ``nodev``, ``noexec``, ``exec``, ``suid``, ``dev``, ``noatime``, ``relatime``, ``async``).
 - mapped to flags of ``directfs mount`` (the options the table marks ``o_as_flag``): ``config=``, ``log_file=``,
   ``log_level=``, ``metrics_address=``, ``metrics_allow_remote``, credentials other than secret values
-  (``access_key_id=``, ``username=``, ``secret_access_key_file=``, ...), TLS and timeouts (``ca_file=``,
+  (``access_key_id_file=``, ``username=``, ``secret_access_key_file=``, ...), TLS and timeouts (``ca_file=``,
   ``no_verify_tls``, ``connect_timeout=``, ...).
 - passed on with ``-o``: the mount options proper (``allow_other``, ``uid=``, ``cache_size=``, ...) and the store
   options (``endpoint_url=``, ``block_size=``, ``staging_deadline=``).
-- refused: secret *values* (``password=``, ``secret_access_key=``, ``token=``): fstab is world-readable and the
-  value would sit in every ``ps`` listing. Any other option is an error naming it, unless ``-s`` (sloppy) is given.
+- refused: secret *values* (``access_key_id=``, ``password=``, ``secret_access_key=``, ``token=``): fstab is
+  world-readable and the value would sit in every ``ps`` listing. Any other option is an error naming it, unless
+  ``-s`` (sloppy) is given.
 
 ``-f`` (fake) prints the command and exits; ``-v`` logs at debug; ``-n`` is accepted (there is no mtab to skip).
 The helper runs ``directfs mount`` in daemon mode, which returns only once the mount answers (or with the reason it

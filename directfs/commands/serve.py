@@ -17,12 +17,17 @@ if TYPE_CHECKING:
 HELP = "Publish a local directory as a CTERA-compatible portal (WebDAV, Direct IO, notifications) for tests and demos."
 
 _EPILOG = """\
-credentials (flag > environment > printed demo default):
+credentials (flag > environment; one set):
   access key id      --access-key-id          DIRECTFS_ACCESS_KEY_ID      (Bearer value for /directio)
   secret access key  --secret-access-key-file DIRECTFS_SECRET_ACCESS_KEY  (wraps the per-file keys; never sent)
   portal user        --username               DIRECTFS_USERNAME           (HTTP Basic for WebDAV + notifications)
   portal password    --password-file          DIRECTFS_PASSWORD
   bearer token       --token-file             DIRECTFS_TOKEN              (alternative to Basic)
+  Nothing configured: the public demo set is used and printed (loopback --listen only, unless --insecure-demo).
+  Anything configured: only what is configured works. No token: Bearer is refused; no user and password: Basic is
+  refused (one of the two is required); no key pair: /directio is off and file keys are wrapped with a random
+  secret kept in the state dir (file-key-wrapping.key). Half a pair (a user without a password, a key id without
+  its secret) refuses to start. Rejected logins are answered after --failed-auth-delay.
   The client reads the same variables, so `directfs serve DIR` and `directfs mount` in one shell just work.
   With --store s3://, the bucket credentials come from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY.
 
@@ -51,7 +56,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--listen",
         default="127.0.0.1:8443",
         metavar="HOST:PORT",
-        help="address to listen on (default 127.0.0.1:8443; port 0 picks a free one and prints it)",
+        help="address to listen on (default 127.0.0.1:8443; port 0 picks a free one and prints it). Off loopback: "
+        "plain HTTP is warned about (use --tls-cert), the demo credentials are refused (see --insecure-demo)",
     )
     parser.add_argument(
         "--public-url", metavar="URL", help="base URL clients use to reach this server, if not the listen address"
@@ -62,7 +68,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--state-dir",
         type=Path,
         metavar="PATH",
-        help="index + block objects (default ~/.local/state/directfs/portal-<hash of DIR>; never listed)",
+        help="index + block objects (default ~/.local/state/directfs/portal-<hash of DIR>; never listed). Created "
+        "0700; an existing one must be yours and not group/other-writable (it holds the wrapped file keys)",
     )
 
     enc = parser.add_argument_group("block encoding")
@@ -142,6 +149,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     portal.add_argument(
         "--ingest-workers", type=int, metavar="N", help="threads encoding blocks (default: number of CPUs)"
     )
+    portal.add_argument(
+        "--failed-auth-delay",
+        type=duration_arg,
+        metavar="DURATION",
+        help="wait this long before answering a rejected login (default 0.5s; other clients are not slowed; "
+        "0 = no delay)",
+    )
     portal.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
 
     creds = parser.add_argument_group("credentials (see below)")
@@ -150,6 +164,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     creds.add_argument("--username", metavar="NAME")
     creds.add_argument("--password-file", type=Path, metavar="PATH")
     creds.add_argument("--token-file", type=Path, metavar="PATH")
+    creds.add_argument(
+        "--insecure-demo",
+        action="store_true",
+        help="allow the public demo credentials (used when none are configured) on a non-loopback --listen",
+    )
 
     faults = parser.add_argument_group("TEST-ONLY fault injection (off unless given; never use in a demo or benchmark)")
     faults.add_argument(
@@ -204,54 +223,96 @@ def _read_secret_file(path: Path, what: str) -> str:
     return value
 
 
-def _credentials(args: argparse.Namespace) -> Credentials:
+def _credentials(args: argparse.Namespace, host: str) -> Credentials:
+    """One credential set: what the user configured (flag > environment), or the demo set if nothing at all is.
+
+    A surface without its credential is refused, never defaulted: no token means no Bearer, no user and password means
+    no Basic, no key pair means no Direct IO. Half a pair is a mistake, and refused at start."""
     from ..errors import ConfigError
     from ..server import config as cfg
-
-    demo: list[str] = []
-
-    def pick(flag_value: str | None, env: str, default: str, name: str) -> str:
-        if flag_value:
-            return flag_value
-        if os.environ.get(env):
-            return os.environ[env]
-        demo.append(name)
-        return default
 
     def from_file(path: Path | None, what: str) -> str | None:
         return _read_secret_file(path, what) if path is not None else None
 
+    def pick(flag_value: str | None, env: str) -> str | None:
+        return flag_value or os.environ.get(env) or None  # an empty variable counts as unset
+
     creds = cfg.Credentials(
-        access_key_id=pick(args.access_key_id, "DIRECTFS_ACCESS_KEY_ID", cfg.DEMO_ACCESS_KEY_ID, "access key id"),
+        access_key_id=pick(args.access_key_id, "DIRECTFS_ACCESS_KEY_ID"),
         secret_access_key=pick(
-            from_file(args.secret_access_key_file, "secret access key"),
-            "DIRECTFS_SECRET_ACCESS_KEY",
-            cfg.DEMO_SECRET_ACCESS_KEY,
-            "secret access key",
+            from_file(args.secret_access_key_file, "secret access key"), "DIRECTFS_SECRET_ACCESS_KEY"
         ),
-        username=pick(args.username, "DIRECTFS_USERNAME", cfg.DEMO_USERNAME, "username"),
-        password=pick(from_file(args.password_file, "password"), "DIRECTFS_PASSWORD", cfg.DEMO_PASSWORD, "password"),
-        token=pick(from_file(args.token_file, "token"), "DIRECTFS_TOKEN", cfg.DEMO_TOKEN, "token"),
+        username=pick(args.username, "DIRECTFS_USERNAME"),
+        password=pick(from_file(args.password_file, "password"), "DIRECTFS_PASSWORD"),
+        token=pick(from_file(args.token_file, "token"), "DIRECTFS_TOKEN"),
     )
+    if not (creds.access_key_id or creds.secret_access_key or creds.username or creds.password or creds.token):
+        return _demo_credentials(host, insecure_demo=args.insecure_demo)
+    if (creds.username is None) != (creds.password is None):
+        missing = "username (--username or DIRECTFS_USERNAME)" if creds.username is None else "password"
+        raise ConfigError(
+            f"a portal login needs a username and a password; the {missing} is not set "
+            "(password: --password-file or DIRECTFS_PASSWORD)"
+        )
+    if (creds.access_key_id is None) != (creds.secret_access_key is None):
+        missing = (
+            "access key id (--access-key-id or DIRECTFS_ACCESS_KEY_ID)"
+            if creds.access_key_id is None
+            else "secret access key (--secret-access-key-file or DIRECTFS_SECRET_ACCESS_KEY)"
+        )
+        raise ConfigError(f"the Direct IO key pair is half set: the {missing} is missing")
+    if not creds.basic and creds.token is None:
+        raise ConfigError(
+            "no portal login is configured: set a username and password (DIRECTFS_USERNAME, DIRECTFS_PASSWORD) "
+            "and/or a token (DIRECTFS_TOKEN) for WebDAV and the change feed; configure nothing at all to use the "
+            "public demo credentials"
+        )
+    if creds.secret_access_key is not None:
+        _check_wrapping_secret(creds.secret_access_key)
+    return creds
+
+
+def _check_wrapping_secret(secret: str) -> None:
+    from ..errors import ConfigError
     from ..sources.ctera.codec import wrap_file_key
 
     try:  # fail at start, not on the first file: the secret must be base64 to wrap keys with it
-        wrap_file_key(bytes(32), creds.secret_access_key)
+        wrap_file_key(bytes(32), secret)
     except OSError as exc:
         raise ConfigError(f"the secret access key is unusable: {exc.strerror}") from None
-    if demo:
-        # Only the demo defaults are printed; a value the user gave is never echoed.
-        shown = {
-            "access key id": ("DIRECTFS_ACCESS_KEY_ID", cfg.DEMO_ACCESS_KEY_ID),
-            "secret access key": ("DIRECTFS_SECRET_ACCESS_KEY", cfg.DEMO_SECRET_ACCESS_KEY),
-            "username": ("DIRECTFS_USERNAME", cfg.DEMO_USERNAME),
-            "password": ("DIRECTFS_PASSWORD", cfg.DEMO_PASSWORD),
-            "token": ("DIRECTFS_TOKEN", cfg.DEMO_TOKEN),
-        }
-        print("directfs serve: WARNING: using public demo credentials (not for real data):", file=sys.stderr)
-        for name in demo:
-            env, value = shown[name]
-            print(f"  {env}={value}", file=sys.stderr)
+
+
+def _demo_credentials(host: str, *, insecure_demo: bool) -> Credentials:
+    """The whole public demo set, printed. Off loopback anyone on the network could use it: refused there unless
+    ``--insecure-demo`` says the user means it."""
+    from ..errors import ConfigError
+    from ..server import config as cfg
+
+    if not cfg.is_loopback_host(host) and not insecure_demo:
+        raise ConfigError(
+            f"refusing to serve the public demo credentials on {host}, which the network can reach: configure "
+            "credentials (see --help), listen on 127.0.0.1, or pass --insecure-demo"
+        )
+    creds = cfg.Credentials(
+        access_key_id=cfg.DEMO_ACCESS_KEY_ID,
+        secret_access_key=cfg.DEMO_SECRET_ACCESS_KEY,
+        username=cfg.DEMO_USERNAME,
+        password=cfg.DEMO_PASSWORD,
+        token=cfg.DEMO_TOKEN,
+        demo=True,
+    )
+    # Printed because they are public anyway and the user needs them; a value the user gave is never echoed.
+    print("directfs serve: WARNING: using public demo credentials (not for real data):", file=sys.stderr)
+    for env, value in (
+        ("DIRECTFS_ACCESS_KEY_ID", cfg.DEMO_ACCESS_KEY_ID),
+        ("DIRECTFS_SECRET_ACCESS_KEY", cfg.DEMO_SECRET_ACCESS_KEY),
+        ("DIRECTFS_USERNAME", cfg.DEMO_USERNAME),
+        ("DIRECTFS_PASSWORD", cfg.DEMO_PASSWORD),
+        ("DIRECTFS_TOKEN", cfg.DEMO_TOKEN),
+    ):
+        print(f"  {env}={value}", file=sys.stderr)
+    if not cfg.is_loopback_host(host):
+        print(f"directfs serve: WARNING: --insecure-demo: anyone who can reach {host} can read DIR", file=sys.stderr)
     return creds
 
 
@@ -289,7 +350,7 @@ def build_config(args: argparse.Namespace) -> ServeConfig:
         state_dir=state_dir,
         host=host,
         port=port,
-        credentials=_credentials(args),
+        credentials=_credentials(args, host),
         encoding=cfg.EncodingRules(
             chunking=args.chunking,
             block_size_bytes=block_size,
@@ -317,6 +378,11 @@ def build_config(args: argparse.Namespace) -> ServeConfig:
             seed=args.fault_seed,
         ),
         ingest_workers=args.ingest_workers or max(1, os.cpu_count() or 1),
+        failed_auth_delay_seconds=(
+            cfg.DEFAULT_FAILED_AUTH_DELAY_SECONDS
+            if args.failed_auth_delay is None
+            else max(0.0, args.failed_auth_delay)
+        ),
     )
 
 

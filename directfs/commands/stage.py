@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
@@ -32,7 +31,7 @@ from . import common
 
 if TYPE_CHECKING:
     from ..sources.base import Entry, Source, SourceOptions
-    from .storeio import Progress
+    from .progress import Progress
 
 HELP = (
     "Bring nearline (tape) files online ahead of time: read files or folders whole, through a mount or from a "
@@ -148,9 +147,7 @@ class _Stager:
         else:
             self.failed += 1
             line = f"failed {describe(error, place)}"
-        if self.progress.enabled:
-            sys.stderr.write("\r\x1b[K")
-        print(line, flush=True)
+        self.progress.line(line)
         self.progress.file_done()
 
     async def through_mount(self, path: str, place: str) -> None:
@@ -239,7 +236,8 @@ async def _stage(args: argparse.Namespace, jobs: list[_Job]) -> int:
     import trio
 
     from ..errors import DirectFSError
-    from .storeio import Progress, describe, open_target, walk, where
+    from .progress import Progress
+    from .storeio import describe, open_target, walk, where
 
     stager = _Stager(args.max_workers)
     # Plan every job first (listings), so the progress line knows the totals; then read everything.
@@ -280,7 +278,7 @@ async def _stage(args: argparse.Namespace, jobs: list[_Job]) -> int:
         stager.progress = Progress("stage", files=len(local_files) + len(remote), total_bytes=total)
         for place, problem in early:
             stager.failed += 1
-            print(f"failed {describe(problem, place)}", flush=True)
+            stager.progress.line(f"failed {describe(problem, place)}")  # the bar is on screen already
 
         async def bounded_local(path: str) -> None:
             try:

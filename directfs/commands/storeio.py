@@ -1,5 +1,6 @@
 """What ``directfs ls``, ``cp`` and ``stage`` share: a store URL (or NAME) opened through the Source API, the tree
-walked below it, every block of a file fetched with bounded concurrency, errors as one line, a progress line.
+walked below it, every block of a file fetched with bounded concurrency, errors as one line (the progress line is
+``directfs.commands.progress``).
 
 A URL may name a folder or a file. The Source API has no notion of "the root is a file" (``file://`` refuses it,
 ``s3://bucket/key`` reads as an empty folder, WebDAV stats it as a file), so :func:`open_target` stats and lists the
@@ -19,8 +20,6 @@ from __future__ import annotations
 import argparse
 import errno
 import os
-import sys
-import time
 import unicodedata
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -38,7 +37,6 @@ from ..sources.registry import create_source
 # A walk deeper than this is a loop (a file:// tree with a symlink to its own parent), not data: PATH_MAX (4096)
 # allows at most ~2000 levels of one-letter names, and no real namespace comes near 256.
 MAX_DEPTH: Final = 256
-PROGRESS_INTERVAL_SECONDS: Final = 0.25  # redraws per second on a terminal: smooth, and cheap
 
 
 def display_url(url: str) -> str:
@@ -256,65 +254,6 @@ def check_max_workers(value: int) -> int:
     if not 1 <= value <= 64:
         raise ConfigError(f"--max-workers must be between 1 and 64, not {value}")
     return value
-
-
-# --- progress ---------------------------------------------------------------------------------------------------
-
-
-class Progress:
-    """One progress line on stderr, only when it is a terminal: files and bytes done of the totals, and MB/s."""
-
-    def __init__(self, command: str, *, files: int, total_bytes: int, enabled: bool | None = None) -> None:
-        self.command = command
-        self.enabled = sys.stderr.isatty() if enabled is None else enabled
-        self.files = files
-        self.total_bytes = total_bytes
-        self.files_done = 0
-        self.bytes_done = 0
-        self._started = time.monotonic()
-        self._drawn = 0.0
-
-    def advance(self, count: int) -> None:
-        self.bytes_done += count
-        self._maybe_draw()
-
-    def file_done(self) -> None:
-        self.files_done += 1
-        self._maybe_draw()
-
-    def _maybe_draw(self) -> None:
-        now = time.monotonic()
-        if self.enabled and now - self._drawn >= PROGRESS_INTERVAL_SECONDS:
-            self._drawn = now
-            self._draw(now)
-
-    def _draw(self, now: float) -> None:
-        elapsed = max(now - self._started, 1e-6)
-        percent = 100 * self.bytes_done / self.total_bytes if self.total_bytes else 100.0
-        sys.stderr.write(
-            f"\r{percent:5.1f}%  {self.files_done}/{self.files} files  {self.bytes_done / 1e6:.1f}/"
-            f"{self.total_bytes / 1e6:.1f} MB  {self.bytes_done / elapsed / 1e6:.1f} MB/s\x1b[K"
-        )
-        sys.stderr.flush()
-
-    def message(self, text: str) -> None:
-        """A line of its own (an error) without breaking the progress line."""
-        if self.enabled:
-            sys.stderr.write("\r\x1b[K")
-        sys.stderr.write(f"directfs {self.command}: {text}\n")
-        sys.stderr.flush()
-        if self.enabled:
-            self._draw(time.monotonic())
-
-    def finish(self) -> None:
-        if self.enabled:
-            self._draw(time.monotonic())
-            sys.stderr.write("\n")
-            sys.stderr.flush()
-
-    @property
-    def elapsed_seconds(self) -> float:
-        return time.monotonic() - self._started
 
 
 # --- arguments --------------------------------------------------------------------------------------------------

@@ -4,9 +4,16 @@ Concurrency: handlers run on one asyncio loop. They read the immutable ``Index.s
 scan), so a listing or block list is always consistent with one scan. Notification reads go through the index's
 reader connection. Scans run in a worker thread, one at a time (``Portal.scan_lock``); after each scan
 ``Portal.changed`` wakes the long-polls. Block objects of the local store are sent with ``FileResponse``, which
-uses ``sendfile``: the benchmark reads 512 MiB files through here and Python never touches those bytes.
+uses ``sendfile``: the benchmark reads 512 MiB files through here and Python never touches those bytes. A WebDAV GET
+sends a file of DIR from a descriptor the index opened and checked (:func:`_send_indexed_file`), also with sendfile.
 
-Logging never shows a signature or a secret: the access log writes the path without its query string.
+Logging never shows a signature or a secret: the access log writes the path without its query string. Whatever a
+client sent is logged through :func:`log_safe` (control characters escaped), so a request cannot forge log lines.
+
+Authentication (issue 13, H1/L8): WebDAV and the Notification Service take HTTP Basic or ``Bearer <token>``, Direct
+IO takes ``Bearer <access key id>``; a credential that is not configured is refused, never defaulted. A rejected
+login is answered after ``failed_auth_delay_seconds`` (an ``asyncio.sleep`` of that request only); a request without
+credentials (the first leg of a challenge) is answered at once.
 """
 
 from __future__ import annotations
@@ -14,10 +21,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import functools
 import hashlib
 import hmac
 import json
 import logging
+import math
 import os
 import random
 import re
@@ -32,10 +41,19 @@ import cachetools
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
+from ..errors import EntryNotFoundError, StaleFileError
 from .config import ServeConfig
 from .index import Index, Node, ScanStats
 from .store import BlockStore, LocalBlockStore
-from .webdav import WEBDAV_ROOT, BadPropfind, finite_depth_error, multistatus, parse_propfind
+from .webdav import (
+    MAX_PROPFIND_BODY_BYTES,
+    PROPERTIES,
+    WEBDAV_ROOT,
+    BadPropfind,
+    finite_depth_error,
+    multistatus_chunks,
+    parse_propfind,
+)
 
 log = logging.getLogger("directfs.server")
 
@@ -54,8 +72,15 @@ MAX_LONGPOLL_MS: Final = 60000
 MD5_CACHE_ENTRIES: Final = 65536
 # Hash small objects on the event loop; bigger ones in a thread (MD5 runs ~700 MB/s: 4 MiB is ~6 ms).
 MD5_INLINE_BYTES: Final = 64 * 1024
+# A PROPFIND reply of up to this many properties (nodes times names asked) is rendered on the event loop: ~70 files
+# with every property, about 5 ms on a busy 2-core box; a bigger one is rendered piece by piece in a worker thread.
+PROPFIND_INLINE_PROPERTIES: Final = 1024
 _OBJECT_KEY_RE: Final = re.compile(r"^blocks/[0-9a-f]{2}/[0-9a-f]{64}$")
 _DIGITS_RE: Final = re.compile(r"^[0-9]{1,18}$")
+# What a signed block URL carries (store.UrlSigner): ASCII digits for the expiry, lowercase hex SHA-256 for the
+# signature. Anything else is refused before it reaches int() or hmac.compare_digest (both raise on odd input).
+_EXPIRES_RE: Final = re.compile(r"[0-9]{1,18}")
+_SIG_RE: Final = re.compile(r"[0-9a-f]{64}")
 
 
 @dataclass
@@ -103,15 +128,35 @@ class Portal:
 PORTAL_KEY: Final = web.AppKey("portal", Portal)
 
 
+def log_safe(text: object) -> str:
+    """``text`` as one printable log field: every non-printable character (C0/C1 controls, DEL, line and paragraph
+    separators, bidi overrides and other format characters) becomes ``\\xNN``/``\\uNNNN``, and ``\\`` and ``"`` are
+    escaped, so a client cannot end a log line, forge the next one, or recolour a terminal."""
+    value = str(text)
+    if value.isprintable() and "\\" not in value and '"' not in value:
+        return value
+    out = []
+    for ch in value:
+        if ch in '\\"':
+            out.append("\\" + ch)
+        elif ch.isprintable():
+            out.append(ch)
+        else:
+            code = ord(ch)
+            out.append(f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}")
+    return "".join(out)
+
+
 class RedactingAccessLogger(AbstractAccessLogger):
-    """``METHOD /path STATUS bytes seconds``: never the query (signatures) nor headers (credentials)."""
+    """``METHOD /path STATUS bytes seconds``: never the query (signatures) nor headers (credentials); what the client
+    sent is escaped (:func:`log_safe`)."""
 
     def log(self, request: Any, response: Any, time: float) -> None:
         self.logger.info(
             '%s "%s %s" %s %s %.3fs',
-            request.remote,
-            request.method,
-            request.rel_url.path,
+            log_safe(request.remote),
+            log_safe(request.method),
+            log_safe(request.rel_url.path),
             response.status,
             response.body_length,
             time,
@@ -140,19 +185,59 @@ def _same(a: str, b: str) -> bool:
 
 
 def _portal_user_ok(request: web.Request, portal: Portal) -> bool:
-    """HTTP Basic with the portal user, or ``Bearer <token>``."""
+    """HTTP Basic with the portal user, or ``Bearer <token>``: each only if configured (never a default)."""
     header = request.headers.get("Authorization", "")
     scheme, _, value = header.partition(" ")
     creds = portal.config.credentials
     if scheme.lower() == "bearer":
-        return _same(value.strip(), creds.token)
+        return creds.token is not None and _same(value.strip(), creds.token)
     if scheme.lower() == "basic":
+        if creds.username is None or creds.password is None:
+            return False
         try:
             user, _, password = base64.b64decode(value.strip(), validate=True).decode("utf-8").partition(":")
         except (binascii.Error, UnicodeDecodeError):
             return False
         return _same(user, creds.username) & _same(password, creds.password)
     return False
+
+
+def _challenges(portal: Portal) -> list[str]:
+    """One ``WWW-Authenticate`` per accepted scheme, so a client is never invited to use one that is refused."""
+    creds = portal.config.credentials
+    found = []
+    if creds.basic:
+        found.append('Basic realm="directfs", charset="UTF-8"')
+    if creds.token is not None:
+        found.append('Bearer realm="directfs"')
+    return found
+
+
+async def _rejected_login(request: web.Request, portal: Portal, response: web.Response) -> web.Response:
+    """``response`` (a 401), after the failed-login delay when credentials were presented. The sleep holds only this
+    request (handler cancellation ends it if the client goes away)."""
+    if "Authorization" in request.headers:
+        log.info("rejected credentials from %s for %s", log_safe(request.remote), log_safe(request.rel_url.path))
+        if portal.config.failed_auth_delay_seconds > 0:
+            await asyncio.sleep(portal.config.failed_auth_delay_seconds)
+    return response
+
+
+@web.middleware
+async def portal_user_middleware(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """The login check of every WebDAV and Notification Service handler, with the challenge and the failed-login
+    delay (the handlers check again: the middleware only adds the delay in front)."""
+    if request.match_info.handler not in _PORTAL_USER_HANDLERS:
+        return await handler(request)
+    portal = request.app[PORTAL_KEY]
+    if _portal_user_ok(request, portal):
+        return await handler(request)
+    response = _error(401, "authentication required")
+    for challenge in _challenges(portal):
+        response.headers.add("WWW-Authenticate", challenge)
+    return await _rejected_login(request, portal, response)
 
 
 def _resolve(portal: Portal, request: web.Request) -> Node | None:
@@ -205,8 +290,11 @@ async def webdav_propfind(request: web.Request) -> web.StreamResponse:
     if depth not in ("0", "1"):
         # Like Apache (DavDepthInfinity off) and nginx: a whole-tree walk is refused; a missing Depth means infinity.
         return web.Response(status=403, body=finite_depth_error(), content_type="application/xml", charset="utf-8")
+    body = await _read_at_most(request, MAX_PROPFIND_BODY_BYTES)
+    if body is None:
+        return web.Response(status=413, text=f"a PROPFIND body is at most {MAX_PROPFIND_BODY_BYTES} bytes")
     try:
-        mode, names = parse_propfind(await request.read())
+        mode, names = parse_propfind(body)
     except BadPropfind as exc:
         return web.Response(status=400, text=str(exc))
     node = _resolve(portal, request)
@@ -215,12 +303,40 @@ async def webdav_propfind(request: web.Request) -> web.StreamResponse:
     nodes = [node]
     if depth == "1" and node.is_dir:
         nodes.extend(portal.index.snapshot.children.get(node.path, ()))
-    body = (
-        await asyncio.to_thread(multistatus, nodes, mode, names)
-        if len(nodes) > 256
-        else multistatus(nodes, mode, names)
-    )
-    return web.Response(status=207, body=body, content_type="application/xml", charset="utf-8")
+    # Rendered a piece at a time (issue 13 M6): a big reply's pieces in a worker thread, so the loop only ever waits
+    # for a write; the writes wait for the client (backpressure), so memory holds a piece or two, never the reply.
+    pieces = multistatus_chunks(nodes, mode, names)
+    offload = len(nodes) * max(len(names), len(PROPERTIES)) > PROPFIND_INLINE_PROPERTIES
+
+    async def next_piece() -> bytes | None:
+        return await asyncio.to_thread(next, pieces, None) if offload else next(pieces, None)
+
+    first, second = await next_piece(), await next_piece()
+    if second is None:  # one piece: a plain reply with a Content-Length
+        return web.Response(status=207, body=first or b"", content_type="application/xml", charset="utf-8")
+    response = web.StreamResponse(status=207)
+    response.content_type = "application/xml"
+    response.charset = "utf-8"
+    await response.prepare(request)
+    await response.write(first or b"")
+    piece: bytes | None = second
+    while piece is not None:
+        await response.write(piece)
+        piece = await next_piece()
+    await response.write_eof()
+    return response
+
+
+async def _read_at_most(request: web.Request, limit: int) -> bytes | None:
+    """The request body, or None when it is longer than ``limit`` bytes (read no further than that)."""
+    if request.content_length is not None and request.content_length > limit:
+        return None
+    body = bytearray()
+    while piece := await request.content.read(limit + 1 - len(body)):
+        body += piece
+        if len(body) > limit:
+            return None
+    return bytes(body)
 
 
 async def webdav_get(request: web.Request) -> web.StreamResponse:
@@ -232,9 +348,116 @@ async def webdav_get(request: web.Request) -> web.StreamResponse:
         return web.Response(status=404, text="not found")
     if node.is_dir:
         return web.Response(status=405, text="GET of a folder: use PROPFIND", headers={"Allow": "OPTIONS, PROPFIND"})
-    # The live file (Range handled by FileResponse). If it changed since the last scan, the bytes are newer than the
-    # listing; the next scan gives it a new id and ETag.
-    return web.FileResponse(portal.index.root / node.path, headers={"ETag": node.etag})
+    return await _send_indexed_file(request, portal.index, node)
+
+
+async def _send_indexed_file(request: web.Request, index: Index, node: Node) -> web.StreamResponse:
+    """The bytes of the file the scan indexed as ``node``, and only those (issue 13 H2, L4).
+
+    The index opens it beneath DIR without following symlinks and checks device, inode, size and mtime
+    (``Index.open_node``); this sends from that descriptor. So a file or folder swapped for a symlink, another file
+    renamed over it, a FIFO, or a ``NAME.gz`` next to it (aiohttp's ``FileResponse`` serves that to a client that
+    accepts gzip) never answer in its place: 404 then. A file changed in place since the scan answers 409 (412 to a
+    conditional GET) until the next scan indexes the new version. Preconditions and one ``Range`` (as aiohttp parses
+    it) are evaluated against the indexed version, which is what the ETag names."""
+    try:
+        f = await asyncio.to_thread(index.open_node, node)
+    except EntryNotFoundError:
+        return web.Response(status=404, text="not found")
+    except StaleFileError:
+        if "If-Match" in request.headers or "If-Unmodified-Since" in request.headers:
+            return web.Response(status=412, text="the file changed since it was listed")
+        return web.Response(status=409, text="the file changed since the last scan; it is served after the next one")
+    except PermissionError:
+        return web.Response(status=403, text="the server may not read this file")
+    with f:
+        size = node.size
+        mtime = node.mtime_ns / 1e9
+        refused = _precondition_status(request, node)
+        if refused is not None:
+            answer = web.Response(status=refused)
+            if refused == 304:
+                answer.headers["ETag"] = node.etag
+                answer.last_modified = mtime
+            return answer
+        start, count, status = 0, size, 200
+        if _range_applies(request, node):
+            try:
+                rng = request.http_range  # one range; several, or a malformed one, raise ValueError
+            except ValueError:
+                return web.Response(status=416, headers={"Content-Range": f"bytes */{size}"})
+            if rng.start is not None:
+                if rng.start < 0:  # "bytes=-N": the last N bytes
+                    start = max(0, size + rng.start)
+                    count = size - start
+                else:
+                    start = rng.start
+                    count = min(rng.stop if rng.stop is not None else size, size) - start
+                if start >= size:
+                    return web.Response(status=416, headers={"Content-Range": f"bytes */{size}"})
+                status = 206
+        response = web.StreamResponse(
+            status=status,
+            headers={
+                "ETag": node.etag,
+                "Accept-Ranges": "bytes",
+                # One type for every file, as PROPFIND lists it: never guessed from the name, so a .html or .svg in
+                # DIR is not rendered by a browser that holds the portal's credentials.
+                "Content-Type": "application/octet-stream",
+                "X-Content-Type-Options": "nosniff",
+            },
+        )
+        if status == 206:
+            response.headers["Content-Range"] = f"bytes {start}-{start + count - 1}/{size}"
+        response.content_length = count
+        response.last_modified = mtime
+        await response.prepare(request)
+        if count and request.method != "HEAD":
+            if request.transport is None:
+                raise ConnectionResetError("the client went away")
+            # sendfile(2) from our descriptor (asyncio falls back to reads for TLS): Python never holds the bytes.
+            await asyncio.get_running_loop().sendfile(request.transport, f, start, count)
+        await response.write_eof()
+        return response
+
+
+def _etag_matches(node: Node, header_etags: tuple[Any, ...], *, weak: bool) -> bool:
+    """RFC 9110 comparison of the indexed ETag with an If-Match/If-None-Match list (aiohttp's parsed ``ETag``s)."""
+    value = node.etag.strip('"')
+    if len(header_etags) == 1 and header_etags[0].value == "*":
+        return True
+    return any(e.value == value for e in header_etags if weak or not e.is_weak)
+
+
+def _precondition_status(request: web.Request, node: Node) -> int | None:
+    """412 or 304 when the request's preconditions say so (RFC 9110 13.2.2 order), else None."""
+    mtime = node.mtime_ns / 1e9
+    if_match = request.if_match
+    if if_match is not None:
+        if not _etag_matches(node, if_match, weak=False):
+            return 412
+    elif (since := request.if_unmodified_since) is not None and mtime > since.timestamp():
+        return 412
+    if_none_match = request.if_none_match
+    if if_none_match is not None:
+        if _etag_matches(node, if_none_match, weak=True):
+            return 304
+    elif (since := request.if_modified_since) is not None and mtime <= since.timestamp():
+        return 304
+    return None
+
+
+def _range_applies(request: web.Request, node: Node) -> bool:
+    """Whether Range is honoured: no If-Range, or one naming the indexed version (its strong ETag, or exactly its
+    Last-Modified date; RFC 9110 13.1.5). Otherwise the whole file is sent."""
+    raw = request.headers.get("If-Range")
+    if raw is None:
+        return True
+    raw = raw.strip()
+    if raw.startswith(('"', "W/")):
+        return raw == node.etag
+    date = request.if_range
+    return date is not None and int(date.timestamp()) == node.mtime_ns // 10**9
 
 
 # --- Direct IO -------------------------------------------------------------------------------------------------
@@ -250,8 +473,11 @@ async def directio(request: web.Request) -> web.StreamResponse:
     portal = request.app[PORTAL_KEY]
     config = portal.config
     scheme, _, value = request.headers.get("Authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not _same(value.strip(), config.credentials.access_key_id):
-        return _error(401, "invalid access key")
+    access_key_id = config.credentials.access_key_id
+    if access_key_id is None:  # no key pair configured: the surface is off, whatever is sent
+        return await _rejected_login(request, portal, _error(401, "Direct IO is off on this portal"))
+    if scheme.lower() != "bearer" or not _same(value.strip(), access_key_id):
+        return await _rejected_login(request, portal, _error(401, "invalid access key"))
     file_id = request.match_info["file_id"]
     node = portal.index.snapshot.by_id.get(int(file_id)) if _DIGITS_RE.match(file_id) else None
     if node is None or node.is_dir:
@@ -318,9 +544,13 @@ async def block_get(request: web.Request) -> web.StreamResponse:
     if not isinstance(store, LocalBlockStore):
         return web.Response(status=404, text="blocks are in object storage")
     raw_path = request.rel_url.raw_path
-    reason = store.signer.check(raw_path, request.query.get("expires", ""), request.query.get("sig", ""))
+    expires, sig = request.query.get("expires", ""), request.query.get("sig", "")
+    if _EXPIRES_RE.fullmatch(expires) and _SIG_RE.fullmatch(sig):
+        reason = store.signer.check(raw_path, expires, sig)
+    else:
+        reason = "missing or malformed expires/sig"
     if reason is not None:
-        log.info("refused block %s: %s", request.rel_url.path, reason)
+        log.info("refused block %s: %s", log_safe(request.rel_url.path), reason)
         return web.Response(status=403, text="Forbidden: the URL signature is invalid or expired")
     key = request.rel_url.path.lstrip("/")
     if not _OBJECT_KEY_RE.match(key):
@@ -397,12 +627,33 @@ async def _faulty_block(
 # --- Notification Service ---------------------------------------------------------------------------------------
 
 
+def _no_json_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+# Strict JSON: Python's json accepts NaN and Infinity, which no JSON client sends and no number check expects.
+_strict_json_loads: Final = functools.partial(json.loads, parse_constant=_no_json_constant)
+
+
+def longpoll_seconds(timeout_ms: object) -> float | None:
+    """How long a long-poll may wait, for the body's ``timeout`` (milliseconds): None (a 400) unless it is a finite
+    number >= 0 (a JSON boolean is not a number here). Longer than ``MAX_LONGPOLL_MS`` is clamped to it, not refused:
+    the answer is then ``{"changes": false}`` and the client polls again, as against a Portal with a shorter cap."""
+    if isinstance(timeout_ms, bool) or not isinstance(timeout_ms, int | float):
+        return None
+    if isinstance(timeout_ms, float) and not math.isfinite(timeout_ms):
+        return None
+    if timeout_ms < 0:
+        return None
+    return float(min(timeout_ms, MAX_LONGPOLL_MS)) / 1000  # min first: float() of a huge int overflows
+
+
 async def _notify_args(request: web.Request) -> tuple[dict[str, Any], int, frozenset[int]] | web.Response:
     portal = request.app[PORTAL_KEY]
     if not _portal_user_ok(request, portal):
         return _unauthorized()
     try:
-        body = await request.json()
+        body = await request.json(loads=_strict_json_loads)
     except (ValueError, UnicodeDecodeError):
         return _error(400, "the body must be JSON")
     if not isinstance(body, dict):
@@ -442,11 +693,11 @@ async def notify_longpoll(request: web.Request) -> web.StreamResponse:
     if isinstance(parsed, web.Response):
         return parsed
     body, cursor, folder_ids = parsed
-    timeout_ms = body.get("timeout", DEFAULT_LONGPOLL_MS)
-    if not isinstance(timeout_ms, int | float) or timeout_ms < 0:
-        return _error(400, "timeout must be a non-negative number of milliseconds")
+    wait_seconds = longpoll_seconds(body.get("timeout", DEFAULT_LONGPOLL_MS))
+    if wait_seconds is None:
+        return _error(400, "timeout must be a finite, non-negative number of milliseconds")
     portal = request.app[PORTAL_KEY]
-    deadline = time.monotonic() + min(float(timeout_ms), MAX_LONGPOLL_MS) / 1000
+    deadline = time.monotonic() + wait_seconds
 
     def pending() -> bool:
         return bool(portal.index.events_after(cursor, limit=1, folder_ids=folder_ids or None)[0])
@@ -467,7 +718,9 @@ async def notify_longpoll(request: web.Request) -> web.StreamResponse:
 
 
 def make_app(portal: Portal) -> web.Application:
+    # Faults first (outermost), as a flaky network would be; then the login check with its failed-login delay.
     middlewares = [fault_middleware] if portal.config.faults.active else []
+    middlewares.append(portal_user_middleware)
     # client_max_size: PROPFIND and notification bodies are small; 1 MiB bounds a hostile one.
     app = web.Application(middlewares=middlewares, client_max_size=1024 * 1024)
     app[PORTAL_KEY] = portal
@@ -481,3 +734,7 @@ def make_app(portal: Portal) -> web.Application:
     app.router.add_route("POST", NOTIFY_BASE + "/list", notify_list)
     app.router.add_route("POST", NOTIFY_BASE + "/longpoll", notify_longpoll)
     return app
+
+
+# Handlers behind the portal login (Basic or Bearer token); OPTIONS, /directio and /blocks have their own rules.
+_PORTAL_USER_HANDLERS: Final = frozenset({webdav_propfind, webdav_get, notify_list, notify_longpoll})

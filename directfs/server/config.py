@@ -1,12 +1,15 @@
-"""Configuration of the reference portal: one frozen dataclass built once by ``directfs serve`` (flags > env > demo).
+"""Configuration of the reference portal: one frozen dataclass built once by ``directfs serve`` (flags > env).
 
-Secrets are ``repr=False`` so a config printed in a traceback or a log never shows them.
+Credentials are one set (:class:`Credentials`): either everything the user configured and nothing else, or, when
+nothing at all is configured, the public demo set. Secrets are ``repr=False`` so a config printed in a traceback or a
+log never shows them (the access key id included: it alone unlocks native files through ``/directio``).
 """
 
 from __future__ import annotations
 
 import fnmatch
 import hashlib
+import ipaddress
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,8 +18,9 @@ from typing import Final, Literal
 from ..errors import ConfigError
 from ..sources.ctera.codec import Compression
 
-# Demo credentials, printed with a warning when the user gives none. The secret is 40 base64 characters (30 bytes),
-# the shape of real CTERA secret access keys, so the codec's zero-padding to 32 bytes is exercised by every demo.
+# Demo credentials, printed with a warning when the user configures none at all (never mixed with configured ones).
+# The secret is 40 base64 characters (30 bytes), the shape of real CTERA secret access keys, so the codec's
+# zero-padding to 32 bytes is exercised by every demo.
 DEMO_ACCESS_KEY_ID: Final = "DIRECTFSDEMOACCESSKEY"
 # base64("directfs-demo-secret-key-00000"): public by design, printed with a warning whenever it is used
 DEMO_SECRET_ACCESS_KEY: Final = "ZGlyZWN0ZnMtZGVtby1zZWNyZXQta2V5LTAwMDAw"  # noqa: S105
@@ -35,6 +39,9 @@ CDC_MAX_BYTES: Final = CDC_AVERAGE_BYTES * 8
 DEFAULT_URL_TTL_SECONDS: Final = 86400
 # 30 s: a test or demo sees a change within half a minute; a rescan of an unchanged tree is only stat() calls.
 DEFAULT_RESCAN_INTERVAL_SECONDS: Final = 30.0
+# 0.5 s per rejected login: a person who mistyped a password barely notices it, and a guesser is held to two guesses a
+# second per connection. Each rejected request sleeps on its own (asyncio), so other clients are not slowed.
+DEFAULT_FAILED_AUTH_DELAY_SECONDS: Final = 0.5
 
 Chunking = Literal["fixed", "cdc"]
 EmptyFiles = Literal["empty-list", "zero-chunk"]
@@ -76,14 +83,41 @@ def default_state_dir(root: Path) -> Path:
     return base / "directfs" / f"portal-{digest}"
 
 
+def is_loopback_host(host: str) -> bool:
+    """True for ``localhost`` and loopback addresses (127/8, ::1): only this machine can reach such a listen.
+    Any other name is treated as reachable from the network (it may resolve to anything)."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
 @dataclass(frozen=True)
 class Credentials:
-    access_key_id: str
-    secret_access_key: str = field(repr=False)
-    username: str
-    password: str = field(repr=False)
-    token: str = field(repr=False)
-    demo_fields: tuple[str, ...] = ()  # which ones are the printed demo defaults
+    """One credential set. ``None`` means "not configured": that surface refuses every request, never defaults.
+
+    * ``username`` + ``password``: HTTP Basic for WebDAV and the Notification Service (both or neither);
+    * ``token``: ``Authorization: Bearer`` for the same surfaces;
+    * ``access_key_id`` + ``secret_access_key``: the Direct IO key pair (both or neither). Without it ``/directio``
+      is off and the file keys are wrapped with a random secret kept in the state dir (see ``server/main.py``).
+    """
+
+    access_key_id: str | None = field(default=None, repr=False)
+    secret_access_key: str | None = field(default=None, repr=False)
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    token: str | None = field(default=None, repr=False)
+    demo: bool = False  # the printed public demo set (only when nothing at all was configured)
+
+    @property
+    def basic(self) -> bool:
+        return self.username is not None and self.password is not None
+
+    @property
+    def direct_io(self) -> bool:
+        return self.access_key_id is not None and self.secret_access_key is not None
 
 
 @dataclass(frozen=True)
@@ -167,6 +201,7 @@ class ServeConfig:
     public_url: str | None = None  # base of block URLs when clients reach us under another name
     faults: FaultConfig = field(default_factory=FaultConfig)
     ingest_workers: int = field(default_factory=lambda: max(1, os.cpu_count() or 1))
+    failed_auth_delay_seconds: float = DEFAULT_FAILED_AUTH_DELAY_SECONDS
 
     @property
     def scheme(self) -> str:

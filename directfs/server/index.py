@@ -25,6 +25,15 @@ Concurrency
 in a ``ThreadPoolExecutor`` (codec work releases the GIL). It owns the write connection. The event loop reads
 events through a second connection (WAL mode lets it read while a scan writes) and reads everything else from the
 immutable :class:`Snapshot` that each scan publishes by replacing one attribute (an atomic store in CPython).
+
+Reading DIR (issue 13: H2, M7)
+------------------------------
+Everything in DIR is opened relative to one ``O_DIRECTORY`` descriptor of DIR taken at start, one path component at a
+time with ``O_NOFOLLOW`` (:func:`open_beneath`): a symlink anywhere on the path fails the open (``ELOOP`` or
+``ENOTDIR``) instead of leading out of DIR, whenever it was planted. (Python has no ``openat2``; the walk gives what
+``RESOLVE_BENEATH|RESOLVE_NO_SYMLINKS`` would.) Files are opened ``O_NONBLOCK`` (a FIFO swapped in does not wait for a
+writer), then ``fstat``-ed: only a regular file with the expected device and inode is read
+(:meth:`Index.open_file`), so neither the ingest nor a WebDAV GET ever reads another file's bytes.
 """
 
 from __future__ import annotations
@@ -33,9 +42,9 @@ import contextlib
 import datetime as dt
 import hashlib
 import hmac
+import io
 import json
 import logging
-import mmap
 import os
 import sqlite3
 import stat as stat_mod
@@ -48,10 +57,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-from ..errors import ConfigError
+from ..errors import ConfigError, EntryNotFoundError, StaleFileError
 from ..sources.ctera import codec
 from ..sources.ctera.codec import Compression
-from .chunking import cdc_spans, fixed_spans
+from .chunking import file_blocks
 from .config import EncodingRules
 from .store import BlockStore, object_key
 
@@ -84,7 +93,8 @@ CREATE TABLE IF NOT EXISTS nodes (
     compression TEXT NOT NULL,
     native INTEGER NOT NULL,
     non_direct INTEGER NOT NULL,
-    chunking TEXT NOT NULL
+    chunking TEXT NOT NULL,
+    dev INTEGER                     -- st_dev; NULL in an index written before it was recorded (filled by the next scan)
 );
 CREATE TABLE IF NOT EXISTS blocks (
     file_id INTEGER NOT NULL, seq INTEGER NOT NULL, length INTEGER NOT NULL, object TEXT NOT NULL,
@@ -116,6 +126,10 @@ class Node:
     is_dir: bool
     size: int
     mtime_ns: int
+    # Which file the scan read: a GET serves only a regular file with this device and inode (module docstring).
+    # dev is None for an index written before devices were recorded, until the next scan fills it in.
+    dev: int | None = None
+    ino: int = 0
     # files only
     wrapped_key: str | None = None
     compression: Compression = Compression.NONE
@@ -157,6 +171,43 @@ class _Stat:
     mtime_ns: int
     ctime_ns: int
     ino: int
+    dev: int
+
+    @classmethod
+    def of(cls, st: os.stat_result) -> _Stat:
+        is_dir = stat_mod.S_ISDIR(st.st_mode)
+        return cls(is_dir, 0 if is_dir else st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev)
+
+
+# Folders on the way to a file: never through a symlink (O_NOFOLLOW applies to the one component opened each time).
+_DIR_FLAGS: Final = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+# The file itself: O_NOFOLLOW refuses a symlink; O_NONBLOCK makes the open of a FIFO return at once (a blocking open
+# waits for a writer, forever: issue 13 M7) and is a no-op for reading regular files; O_NOCTTY keeps a terminal
+# device from becoming our controlling terminal. Non-regular files are refused right after, by fstat.
+_FILE_FLAGS: Final = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+
+
+def _components(relpath: str) -> list[str]:
+    parts = relpath.split("/") if relpath else []
+    if any(p in ("", ".", "..") for p in parts):
+        # Paths come from our own walk, which never yields these; refuse rather than resolve them.
+        raise EntryNotFoundError("not a path inside DIR", filename=relpath)
+    return parts
+
+
+def open_beneath(root_fd: int, relpath: str) -> int:
+    """An ``O_DIRECTORY`` descriptor of the folder ``relpath`` ('' = DIR itself), walked from ``root_fd`` one component
+    at a time without following symlinks. OSError (ELOOP/ENOTDIR for a symlink on the way, ENOENT) as ``os.open``."""
+    fd = os.open(".", _DIR_FLAGS, dir_fd=root_fd)  # a descriptor of our own, so every step below can close its parent
+    try:
+        for part in _components(relpath):
+            child = os.open(part, _DIR_FLAGS, dir_fd=fd)
+            os.close(fd)
+            fd = child
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 @dataclass
@@ -172,6 +223,24 @@ def _iso(ns: int) -> str:
 
 def _parent(path: str) -> str:
     return path.rsplit("/", 1)[0] if "/" in path else ""
+
+
+_KINDS: Final = {
+    stat_mod.S_IFLNK: "a symlink",
+    stat_mod.S_IFDIR: "a folder",
+    stat_mod.S_IFIFO: "a FIFO",
+    stat_mod.S_IFSOCK: "a socket",
+    stat_mod.S_IFCHR: "a character device",
+    stat_mod.S_IFBLK: "a block device",
+}
+
+
+def _not_the_file(path: str, st: os.stat_result) -> EntryNotFoundError:
+    """Log why the file at ``path`` is refused (a warning: this is what a swap attack looks like) and say so."""
+    kind = _KINDS.get(stat_mod.S_IFMT(st.st_mode))
+    what = f"now {kind}, not a regular file" if kind else f"another file (inode {st.st_ino}) than the one indexed"
+    log.warning("%r is %s: not the indexed file, refusing it", path, what)
+    return EntryNotFoundError("not the indexed file", filename=path)
 
 
 def _valid_name(name: str) -> bool:
@@ -198,6 +267,11 @@ class Index:
     ) -> None:
         self.root = root.resolve()
         self.state_dir = state_dir.resolve()
+        # Everything in DIR is opened relative to this descriptor (module docstring): if DIR itself is later renamed
+        # or replaced by a symlink, we go on reading the folder we were started on.
+        self._root_fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        state_st = os.stat(self.state_dir)
+        self._state_dir_id = (state_st.st_dev, state_st.st_ino)  # our own state dir inside DIR is never published
         self.store = store
         self.rules = rules
         self._secret = secret_access_key
@@ -209,6 +283,10 @@ class Index:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable except for the last commits on power loss
         self._db.executescript(_SCHEMA)
+        if "dev" not in {str(r[1]) for r in self._db.execute("PRAGMA table_info(nodes)")}:
+            # An index from before devices were recorded: the column is added (NULL), and the next scan fills it
+            # in without re-encoding anything (Index.scan).
+            self._db.execute("ALTER TABLE nodes ADD COLUMN dev INTEGER")
         self._reader = sqlite3.connect(db_path, check_same_thread=False, isolation_level=None)
         self._reader_lock = threading.Lock()
         self._check_meta()
@@ -217,6 +295,7 @@ class Index:
     def close(self) -> None:
         self._db.close()
         self._reader.close()
+        os.close(self._root_fd)
 
     # --- meta ------------------------------------------------------------------------------------------------
 
@@ -330,39 +409,106 @@ class Index:
     def _walk(self) -> tuple[dict[str, _Stat], int]:
         found: dict[str, _Stat] = {}
         skipped = 0
-        root_st = os.stat(self.root)
-        found[""] = _Stat(True, 0, root_st.st_mtime_ns, root_st.st_ctime_ns, root_st.st_ino)
-        stack = [("", self.root)]
+        found[""] = _Stat.of(os.fstat(self._root_fd))
+        stack = [""]
         while stack:
-            rel, directory = stack.pop()
+            rel = stack.pop()
+            # Each folder is opened from DIR's descriptor again (open_beneath), not kept open on the stack: a wide
+            # tree would otherwise hold a descriptor per pending folder. A folder swapped for a symlink since its
+            # parent was listed fails here (ELOOP/ENOTDIR) instead of being listed from outside DIR.
             try:
-                entries = list(os.scandir(directory))
+                fd = open_beneath(self._root_fd, rel)
             except OSError as exc:
                 log.warning("cannot list %r: %s", rel or ".", exc.strerror)
                 skipped += 1
                 continue
-            for entry in entries:
-                child_rel = f"{rel}/{entry.name}" if rel else entry.name
-                if not _valid_name(entry.name):
-                    log.warning("skipping %r: not a name WebDAV clients can receive", child_rel)
+            try:
+                try:
+                    with os.scandir(fd) as listing:
+                        entries = list(listing)
+                except OSError as exc:
+                    log.warning("cannot list %r: %s", rel or ".", exc.strerror)
                     skipped += 1
                     continue
-                try:
-                    st = entry.stat(follow_symlinks=False)
-                except OSError:
-                    continue  # vanished between listing and stat: the next scan sees the truth
-                if stat_mod.S_ISDIR(st.st_mode):
-                    if Path(entry.path).resolve() == self.state_dir:
-                        continue  # our own state dir inside DIR is never published
-                    found[child_rel] = _Stat(True, 0, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
-                    stack.append((child_rel, Path(entry.path)))
-                elif stat_mod.S_ISREG(st.st_mode):
-                    found[child_rel] = _Stat(False, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
-                else:
-                    # Symlinks are not followed (they could leave DIR or loop); devices, fifos, sockets have no bytes.
-                    log.info("skipping %r: not a regular file or folder", child_rel)
-                    skipped += 1
+                for entry in entries:
+                    child_rel = f"{rel}/{entry.name}" if rel else entry.name
+                    if not _valid_name(entry.name):
+                        log.warning("skipping %r: not a name WebDAV clients can receive", child_rel)
+                        skipped += 1
+                        continue
+                    try:
+                        st = entry.stat(follow_symlinks=False)  # fstatat on fd: must run before fd is closed
+                    except OSError:
+                        continue  # vanished between listing and stat: the next scan sees the truth
+                    if stat_mod.S_ISDIR(st.st_mode):
+                        if (st.st_dev, st.st_ino) == self._state_dir_id:
+                            continue  # our own state dir inside DIR is never published
+                        found[child_rel] = _Stat.of(st)
+                        stack.append(child_rel)
+                    elif stat_mod.S_ISREG(st.st_mode):
+                        found[child_rel] = _Stat.of(st)
+                    else:
+                        # Symlinks are not followed (they could leave DIR or loop); devices, fifos, sockets have no
+                        # bytes.
+                        log.info("skipping %r: not a regular file or folder", child_rel)
+                        skipped += 1
+            finally:
+                os.close(fd)
         return found, skipped
+
+    def open_file(self, path: str, *, dev: int | None, ino: int, size: int, mtime_ns: int) -> int:
+        """A read-only descriptor of the regular file at ``path`` in DIR, which must be the file the scan saw.
+
+        Opened beneath DIR without following any symlink, ``O_NONBLOCK`` (module docstring), then checked with
+        ``fstat``. Raises :class:`EntryNotFoundError` when the path no longer leads to that file (gone; a symlink, FIFO,
+        device or socket now; another inode: a rename over it, a planted hard link) and :class:`StaleFileError` when
+        it is that file but its size or mtime changed since. Suspicious cases are logged as warnings. ``dev`` None:
+        not recorded yet (an index from an older version), the inode is checked alone. Thread-safe."""
+        parts = _components(path)
+        if not parts:
+            raise EntryNotFoundError("DIR itself is not a file", filename=path)
+        try:
+            parent = open_beneath(self._root_fd, "/".join(parts[:-1]))
+        except FileNotFoundError:
+            raise EntryNotFoundError("gone from DIR since the last scan", filename=path) from None
+        except OSError as exc:
+            log.warning("%r: a folder on its path is not a folder any more (%s); not following it", path, exc.strerror)
+            raise EntryNotFoundError("not the indexed file", filename=path) from None
+        try:
+            # A look before opening, so a device or FIFO planted earlier is never opened at all (opening some devices
+            # has effects); the fstat below closes the race with a swap in between.
+            try:
+                pre = os.stat(parts[-1], dir_fd=parent, follow_symlinks=False)
+            except FileNotFoundError:
+                raise EntryNotFoundError("gone from DIR since the last scan", filename=path) from None
+            if not stat_mod.S_ISREG(pre.st_mode):
+                raise _not_the_file(path, pre)
+            try:
+                fd = os.open(parts[-1], _FILE_FLAGS, dir_fd=parent)
+            except FileNotFoundError:
+                raise EntryNotFoundError("gone from DIR since the last scan", filename=path) from None
+            except PermissionError:
+                raise
+            except OSError as exc:  # ELOOP: a symlink swapped in after the look; ENXIO: a socket
+                log.warning("%r is not the indexed file (%s); refusing it", path, exc.strerror)
+                raise EntryNotFoundError("not the indexed file", filename=path) from None
+        finally:
+            os.close(parent)
+        try:
+            st = os.fstat(fd)
+            if not stat_mod.S_ISREG(st.st_mode) or st.st_ino != ino or (dev is not None and st.st_dev != dev):
+                raise _not_the_file(path, st)
+            if (st.st_size, st.st_mtime_ns) != (size, mtime_ns):
+                log.info("%r changed since it was scanned; the next scan picks it up (with a new id)", path)
+                raise StaleFileError("changed since the last scan", filename=path)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def open_node(self, node: Node) -> io.FileIO:
+        """:meth:`open_file` for the indexed file ``node`` (a WebDAV GET), as an unbuffered binary file object."""
+        return io.FileIO(self.open_file(node.path, dev=node.dev, ino=node.ino, size=node.size, mtime_ns=node.mtime_ns))
 
     def _known_objects(self) -> set[str]:
         return {str(r[0]) for r in self._db.execute("SELECT key FROM objects")}
@@ -375,7 +521,7 @@ class Index:
             str(r[0]): r
             for r in self._db.execute(
                 "SELECT path, id, guid, is_dir, size, mtime_ns, ctime_ns, ino, wrapped_key, compression, native,"
-                " non_direct, chunking FROM nodes"
+                " non_direct, chunking, dev FROM nodes"
             )
         }
         ids = {p: int(r[1]) for p, r in rows.items()}
@@ -400,16 +546,23 @@ class Index:
                 st.ctime_ns,
                 st.ino,
             )
+            same_dev = row[13] is None or int(row[13]) == st.dev  # None: recorded by the scan below, no re-encode
             same_rules = (str(row[9]), bool(row[10]), bool(row[11]), str(row[12])) == want
-            return same_stat and same_rules
+            return same_stat and same_dev and same_rules
 
         deleted = [p for p in rows if p not in found or bool(rows[p][3]) != found[p].is_dir]
         todo = sorted(p for p, st in found.items() if not unchanged(p, st))
+        todo_set = set(todo)
         known_objects = self._known_objects()
         claimed: set[str] = set()
         claim_lock = threading.Lock()
 
         with self._transaction():
+            # An index from before devices were recorded: record them for what is unchanged.
+            self._db.executemany(
+                "UPDATE nodes SET dev=? WHERE path=? AND dev IS NULL",
+                [(found[p].dev, p) for p, r in rows.items() if r[13] is None and p in found and p not in todo_set],
+            )
             # Deletions first (children before parents, so parent ids still resolve for folder_id).
             for path in sorted(deleted, key=lambda p: p.count("/"), reverse=True):
                 row = rows[path]
@@ -437,8 +590,8 @@ class Index:
                 guid = guids.get(path) or str(uuid.uuid4())
                 guids[path], ids[path] = guid, new_id
                 self._db.execute(
-                    "INSERT OR REPLACE INTO nodes VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                    (path, new_id, guid, 1, 0, st.mtime_ns, st.ctime_ns, st.ino, None, "NONE", 0, 0, ""),
+                    "INSERT OR REPLACE INTO nodes VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                    (path, new_id, guid, 1, 0, st.mtime_ns, st.ctime_ns, st.ino, None, "NONE", 0, 0, "", st.dev),
                 )
                 if path:  # the root is not an item of the feed
                     self._event(
@@ -525,7 +678,7 @@ class Index:
             stats.added += 1
         guids[path], ids[path] = guid, new_id
         self._db.execute(
-            "INSERT OR REPLACE INTO nodes VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            "INSERT OR REPLACE INTO nodes VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (
                 path,
                 new_id,
@@ -540,6 +693,7 @@ class Index:
                 int(native),
                 int(non_direct),
                 chunking,
+                st.dev,
             ),
         )
         self._db.executemany(
@@ -585,54 +739,51 @@ class Index:
         key_tag = b"native" if file_key is None else hashlib.sha256(b"directfs-key-tag" + file_key).digest()
         blocks: list[tuple[int, str]] = []
         new_objects: dict[str, int] = {}
-        full = self.root / path
         try:
-            with open(full, "rb") as f:
-                st_now = os.fstat(f.fileno())
-                if (st_now.st_size, st_now.st_mtime_ns, st_now.st_ino) != (st.size, st.mtime_ns, st.ino):
-                    log.info("%r changed while scanning; it is picked up by the next scan", path)
-                    return None
-                data: mmap.mmap | bytes = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if st.size else b""
-                try:
-                    view = memoryview(data)
-                    try:
-                        if self.rules.chunking == "cdc":
-                            spans = cdc_spans(view)
-                        else:
-                            spans = fixed_spans(st.size, self.rules.block_size_bytes)
-                        # A 0-byte file still gets one (empty) object, so the server can answer either
-                        # "chunks": [] or one 0-length chunk (--empty-files) without re-encoding.
-                        spans = spans or [(0, 0)]
-                        for offset, length in spans:
-                            plain = bytes(view[offset : offset + length])
-                            digest = hashlib.sha256(
-                                OBJECT_FORMAT
-                                + b"\0"
-                                + key_tag
-                                + b"\0"
-                                + compression.value.encode()
-                                + b"\0"
-                                + hashlib.sha256(plain).digest()
-                            ).hexdigest()
-                            key = object_key(digest)
-                            blocks.append((length, key))
-                            with claim_lock:
-                                if key in known_objects or key in claimed:
-                                    continue
-                                claimed.add(key)
-                            obj = codec.encode_block(plain, key=file_key, compression=compression)
-                            self.store.put(key, obj)
-                            new_objects[key] = len(obj)
-                    finally:
-                        view.release()
-                finally:
-                    if isinstance(data, mmap.mmap):
-                        data.close()
-                if os.fstat(f.fileno()).st_mtime_ns != st.mtime_ns:
-                    log.info("%r changed while encoding; it is picked up by the next scan", path)
-                    return None
-        except FileNotFoundError:
+            fd = self.open_file(path, dev=st.dev, ino=st.ino, size=st.size, mtime_ns=st.mtime_ns)
+        except (EntryNotFoundError, StaleFileError):
+            return None  # logged by open_file; the next scan sees the truth
+        except OSError as exc:  # EACCES and the like: this file is skipped, the scan goes on
+            log.warning("skipping %r: %s", path, exc.strerror or exc)
             return None
+
+        def store(plain: bytes) -> None:
+            digest = hashlib.sha256(
+                OBJECT_FORMAT
+                + b"\0"
+                + key_tag
+                + b"\0"
+                + compression.value.encode()
+                + b"\0"
+                + hashlib.sha256(plain).digest()
+            ).hexdigest()
+            key = object_key(digest)
+            blocks.append((len(plain), key))
+            with claim_lock:
+                if key in known_objects or key in claimed:
+                    return
+                claimed.add(key)
+            obj = codec.encode_block(plain, key=file_key, compression=compression)
+            self.store.put(key, obj)
+            new_objects[key] = len(obj)
+
+        try:
+            # Read, never mapped (chunking module docstring: a truncation under a mapping is SIGBUS).
+            block_size = None if self.rules.chunking == "cdc" else self.rules.block_size_bytes
+            for _, plain in file_blocks(fd, st.size, block_size_bytes=block_size):
+                store(plain)
+            if not blocks:
+                # A 0-byte file still gets one (empty) object, so the server can answer either "chunks": [] or one
+                # 0-length chunk (--empty-files) without re-encoding.
+                store(b"")
+            if os.fstat(fd).st_mtime_ns != st.mtime_ns:
+                log.info("%r changed while encoding; it is picked up by the next scan", path)
+                return None
+        except StaleFileError:
+            log.info("%r shrank while encoding; it is picked up by the next scan", path)
+            return None
+        finally:
+            os.close(fd)
         wrapped = None if file_key is None else codec.wrap_file_key(file_key, self._secret)
         return _Encoded(blocks=blocks, new_objects=new_objects, wrapped_key=wrapped)
 
@@ -675,7 +826,8 @@ class Index:
             blocks.setdefault(int(file_id), []).append(Block(int(length), str(key)))
         nodes: dict[str, Node] = {}
         for r in self._db.execute(
-            "SELECT path, id, guid, is_dir, size, mtime_ns, wrapped_key, compression, native, non_direct FROM nodes"
+            "SELECT path, id, guid, is_dir, size, mtime_ns, wrapped_key, compression, native, non_direct, ino, dev"
+            " FROM nodes"
         ):
             path = str(r[0])
             nodes[path] = Node(
@@ -686,6 +838,8 @@ class Index:
                 is_dir=bool(r[3]),
                 size=int(r[4]),
                 mtime_ns=int(r[5]),
+                dev=None if r[11] is None else int(r[11]),
+                ino=int(r[10]),
                 wrapped_key=None if r[6] is None else str(r[6]),
                 compression=Compression(str(r[7])),
                 native=bool(r[8]),

@@ -5,7 +5,8 @@ to fetch any block's plaintext. CTERA gives the block map from Direct IO (variab
 stores give fixed-size ranges read with HTTP ``Range``. Nothing above this module knows which store it reads.
 
 Paths are relative, ``/``-separated, without leading or trailing slash; the root is ``""``. Names are never empty,
-``.``, ``..``, and never hold ``/`` or NUL: sources skip such entries with a warning (see ``valid_name``).
+``.``, ``..``, and never hold ``/``, control characters or bidi overrides: sources skip such entries with a warning
+(see ``valid_name``).
 
 Errors: sources raise only ``directfs.errors.DirectFSError`` subclasses (with the errno a caller should see).
 """
@@ -15,7 +16,7 @@ from __future__ import annotations
 import bisect
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Final, Protocol, runtime_checkable
 
 from ..errors import InvalidArgumentError
 from ..http import HTTPSettings
@@ -36,10 +37,31 @@ class Entry:
     xattrs: tuple[tuple[str, bytes], ...] = ()  # extra read-only extended attributes, e.g. ("user.etag", b"...")
 
 
+# Characters no name in the tree may hold (issue 13 L6): C0 controls (NUL, newline, ESC of terminal escapes...),
+# DEL, C1 controls (U+009B is a one-character CSI on many terminals), and the bidi embeddings, overrides and isolates
+# (U+202A-U+202E, U+2066-U+2069) that make ``evil\u202etxt.exe`` show as ``evilexe.txt``. A server cannot send them
+# through `directfs serve` either; from any other store they would reach shells, scripts and logs through a listing.
+_FORBIDDEN_IN_NAMES: Final = frozenset(
+    [chr(c) for c in range(0x20)]
+    + [chr(c) for c in range(0x7F, 0xA0)]
+    + [chr(c) for c in range(0x202A, 0x202F)]
+    + [chr(c) for c in range(0x2066, 0x206A)]
+)
+
+
 def valid_name(name: str) -> bool:
-    """Whether a server's name may become a directory entry (the others never do: docs/ctera-direct-io.md §14)."""
+    """Whether a server's name may become a directory entry (the others never do: docs/ctera-direct-io.md §14):
+    not empty, ``.`` or ``..``, no ``/``, valid UTF-8 of at most 255 bytes, none of ``_FORBIDDEN_IN_NAMES``."""
+    try:
+        encoded = name.encode()
+    except UnicodeEncodeError:  # lone surrogates: bytes that were not UTF-8 (os.fsdecode)
+        return False
     return (
-        bool(name) and name not in (".", "..") and "/" not in name and "\x00" not in name and len(name.encode()) <= 255
+        bool(name)
+        and name not in (".", "..")
+        and "/" not in name
+        and len(encoded) <= 255
+        and _FORBIDDEN_IN_NAMES.isdisjoint(name)
     )
 
 
@@ -162,7 +184,8 @@ class Source(Protocol):
 class Credentials:
     """Everything a store may need to authenticate. Secrets are never shown by ``repr`` (logs, tracebacks)."""
 
-    access_key_id: str | None = None  # CTERA Direct IO access key id (sent as Bearer to /directio)
+    # CTERA Direct IO access key id, sent as Bearer to /directio: alone it unlocks native files, so a secret too
+    access_key_id: str | None = field(default=None, repr=False)
     secret_access_key: str | None = field(default=None, repr=False)  # unwraps file keys; never sent anywhere
     username: str | None = None  # HTTP Basic (Portal WebDAV, webdav://)
     password: str | None = field(default=None, repr=False)
@@ -178,8 +201,14 @@ class SourceOptions:
 
     credentials: Credentials = field(default_factory=Credentials)
     verify_tls: bool = True  # on by default: an untrusted certificate is refused unless the user says otherwise
-    ca_file: str | None = None
+    ca_file: str | None = None  # trusted on top of the system roots (Portal and stores; storage too unless below)
     storage_verify_tls: bool | None = None  # object storage (presigned URLs) TLS; None = same as verify_tls
+    # Object storage behind presigned block URLs trusts the system roots plus this file instead of ca_file: a private
+    # CA of the Portal need not be trusted for storage. None = ca_file.
+    storage_ca_file: str | None = None
+    # Block URLs over plain http:// or to this machine from a Portal that is not on it: off, because CTERA blocks
+    # carry no MAC (a network attacker could change them) and a Portal should not aim us at local services.
+    allow_insecure_storage: bool = False
     connect_timeout_seconds: float = 5.0  # loopback/LAN connects take ms; 5 s tolerates a congested WAN
     read_timeout_seconds: float = 10.0  # per socket read: a 4 MiB block at >= 0.4 MB/s still makes progress
     # Plain stores only (CTERA blocks come from the Portal). Measured with s3:// against SeaweedFS on loopback (2 cores,
@@ -193,21 +222,26 @@ class SourceOptions:
     # a disk-cache recall on tape systems while a stuck read still ends; bigger recalls: `directfs stage` ahead.
     staging_deadline_seconds: float = 300.0
     allow_plain_http: bool = False  # ctera+http:// only for loopback unless this is set
+    # file:// only: symlinks leading out of the source folder are refused unless set (issue 13 M8): whoever can write
+    # into the tree could otherwise link to any file the daemon may read.
+    follow_symlinks: bool = False
 
     def http_settings(self, *, storage: bool = False) -> HTTPSettings:
         """The one translation of these options into an ``HTTPSettings``: the Portal's or a store's (TLS, CA, client
-        certificate, timeouts), or with ``storage`` object storage behind presigned URLs (its own TLS switch, no
-        client certificate: presigned URLs carry their own authorisation)."""
+        certificate, timeouts), or with ``storage`` object storage behind presigned URLs (its own TLS switch and CA
+        file, no client certificate: presigned URLs carry their own authorisation)."""
         if storage:
             verify = self.verify_tls if self.storage_verify_tls is None else self.storage_verify_tls
+            ca_file = self.ca_file if self.storage_ca_file is None else self.storage_ca_file
             client_cert = client_key = None
         else:
-            verify, client_cert, client_key = self.verify_tls, self.credentials.client_cert, self.credentials.client_key
+            verify, ca_file = self.verify_tls, self.ca_file
+            client_cert, client_key = self.credentials.client_cert, self.credentials.client_key
         return HTTPSettings(
             connect_timeout_seconds=self.connect_timeout_seconds,
             read_timeout_seconds=self.read_timeout_seconds,
             verify_tls=verify,
-            ca_file=self.ca_file,
+            ca_file=ca_file,
             client_cert=client_cert,
             client_key=client_key,
         )

@@ -36,6 +36,21 @@ PROPFIND_BODY = (
 
 # A hostile server must not make one listing allocate without bound. 512 MiB of XML is ~1 M entries.
 MAX_PROPFIND_BODY_BYTES = 512 * 1024 * 1024
+# One <response> is a dozen elements and an href of a few KiB. Without a bound a hostile one could hold any amount:
+# parsed, XML costs up to ~40 bytes per byte (one-letter nested elements), so one 512 MiB <response> would be 20 GB.
+MAX_RESPONSE_ITEMS = 10_000  # elements plus attributes in one <response>
+MAX_RESPONSE_TEXT_CHARS = 1024 * 1024  # characters of text in one <response>
+# No token of a real reply (a tag with its attributes, a comment) comes near 1 MiB. A longer one is refused: expat
+# before 2.6 re-parses a token that spans fed pieces from its start at every piece (CVE-2023-52425; 8 MiB of one
+# attribute fed in 64 KiB pieces took 2.8 s, and the time grows with the square), and a start tag's attributes cost
+# ~30 bytes per byte once parsed. feed() hands expat at most _FEED_PIECE_BYTES at a time so the bound is checked.
+MAX_TOKEN_BYTES = 1024 * 1024
+_FEED_PIECE_BYTES = 64 * 1024
+# st_size is a signed 64-bit off_t: a larger getcontentlength could never be shown (pyfuse3 raises OverflowError).
+MAX_SIZE_BYTES = 2**63 - 1
+# What the XML parser raises for a reply it cannot read: expat's errors, defusedxml's refusals (ValueError subclasses),
+# and LookupError for an XML declaration naming an encoding Python has no text codec for ("rot13", "hex", "nope").
+_XML_ERRORS = (ET.ParseError, ValueError, LookupError)
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,23 +82,29 @@ def href_path(href: str) -> str:
 
 
 def _parse_mtime_ns(text: str | None) -> int | None:
+    """The mtime of an HTTP date (or an ISO-8601 one), None when there is none we can read: absurd fields overflow
+    (``OverflowError``) and a date without a zone near year 1 has no local timestamp (``ValueError``)."""
     if not text:
         return None
     try:
         moment: datetime = parsedate_to_datetime(text.strip())
-    except (TypeError, ValueError, IndexError):
+    except (TypeError, ValueError, IndexError, OverflowError):
         try:  # some servers use ISO-8601 (creationdate style) here
             moment = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
         except ValueError:
             return None
-    return int(moment.timestamp()) * 1_000_000_000 + moment.microsecond * 1000
+    try:
+        return int(moment.timestamp()) * 1_000_000_000 + moment.microsecond * 1000
+    except (ValueError, OverflowError, OSError):
+        return None
 
 
 def _parse_size(text: str | None) -> int | None:
     if text is None or not text.strip():
         return None
     value = text.strip()
-    if not value.isdigit() or len(value) > 19:  # rejects "-1", "1e9", "0x10", absurd sizes
+    # ASCII digits only (str.isdigit() accepts "²", which int() refuses); rejects "-1", "1e9", "0x10", absurd sizes.
+    if not value.isascii() or not value.isdigit() or len(value) > 19 or int(value) > MAX_SIZE_BYTES:
         raise ValueError(f"invalid getcontentlength {value[:32]!r}")
     return int(value)
 
@@ -94,7 +115,8 @@ class MultistatusParser:
     keeps), not to the body: a folder of a million entries is never held as one XML tree.
 
     Parsing goes through defusedxml's expat parser (entity declarations and external references are refused); the
-    root must be ``DAV:multistatus``; more than ``MAX_PROPFIND_BODY_BYTES`` is refused. Every failure is
+    root must be ``DAV:multistatus``; more than ``MAX_PROPFIND_BODY_BYTES`` is refused, as is a ``<response>`` over
+    ``MAX_RESPONSE_ITEMS`` or ``MAX_RESPONSE_TEXT_CHARS`` and a token over ``MAX_TOKEN_BYTES``. Every failure is
     ``MalformedListingError``.
     """
 
@@ -102,21 +124,29 @@ class MultistatusParser:
         self._collector = _ResponseCollector()
         self._parser = SafeET.XMLParser(target=self._collector)
         self._fed_bytes = 0
+        self._quiet_bytes = 0  # fed since the parser last reported anything: the token it is inside is this long
 
-    def feed(self, data: bytes) -> list[DavResource]:
+    def feed(self, data: bytes | bytearray | memoryview) -> list[DavResource]:
         self._fed_bytes += len(data)
         if self._fed_bytes > MAX_PROPFIND_BODY_BYTES:
             raise MalformedListingError(f"PROPFIND reply exceeds the limit of {MAX_PROPFIND_BODY_BYTES} bytes")
+        view = memoryview(data)
         try:
-            self._parser.feed(data)
-        except (ET.ParseError, ValueError) as exc:  # defusedxml raises ValueError subclasses for entity attacks
+            for start in range(0, len(view), _FEED_PIECE_BYTES):
+                piece = view[start : start + _FEED_PIECE_BYTES]
+                events = self._collector.events
+                self._parser.feed(piece)
+                self._quiet_bytes = self._quiet_bytes + len(piece) if self._collector.events == events else 0
+                if self._quiet_bytes > MAX_TOKEN_BYTES:
+                    raise MalformedListingError(f"PROPFIND reply has a tag or comment over {MAX_TOKEN_BYTES} bytes")
+        except _XML_ERRORS as exc:
             raise MalformedListingError(f"PROPFIND reply is not valid XML: {exc}") from exc
         return self._collector.take()
 
     def close(self) -> list[DavResource]:
         try:
             self._parser.close()
-        except (ET.ParseError, ValueError) as exc:
+        except _XML_ERRORS as exc:
             raise MalformedListingError(f"PROPFIND reply is not valid XML: {exc}") from exc
         return self._collector.take()
 
@@ -128,21 +158,32 @@ class _ResponseCollector:
         self._depth = 0
         self._builder: ET.TreeBuilder | None = None
         self._done: list[DavResource] = []
+        self.events = 0  # callbacks so far (MultistatusParser.feed watches it for overlong tokens)
+        self._items = 0  # elements and attributes of the <response> being built
+        self._text_chars = 0  # and its characters of text
 
     def take(self) -> list[DavResource]:
         done, self._done = self._done, []
         return done
 
     def start(self, tag: str, attrib: dict[str, str]) -> None:
+        self.events += 1
         if self._depth == 0 and tag != _tag(DAV, "multistatus"):
             raise MalformedListingError(f"PROPFIND reply is not a multistatus (root {tag[:64]!r})")
         if self._depth == 1 and tag == _tag(DAV, "response"):
             self._builder = ET.TreeBuilder()
+            self._items = self._text_chars = 0
         if self._builder is not None:
+            self._items += 1 + len(attrib)
+            if self._items > MAX_RESPONSE_ITEMS:
+                raise MalformedListingError(
+                    f"PROPFIND reply has a response of over {MAX_RESPONSE_ITEMS} elements and attributes"
+                )
             self._builder.start(tag, attrib)
         self._depth += 1
 
     def end(self, tag: str) -> None:
+        self.events += 1
         self._depth -= 1
         if self._builder is None:
             return
@@ -154,7 +195,13 @@ class _ResponseCollector:
                 self._done.append(resource)
 
     def data(self, text: str) -> None:
+        self.events += 1
         if self._builder is not None:
+            self._text_chars += len(text)
+            if self._text_chars > MAX_RESPONSE_TEXT_CHARS:
+                raise MalformedListingError(
+                    f"PROPFIND reply has a response of over {MAX_RESPONSE_TEXT_CHARS} characters"
+                )
             self._builder.data(text)
 
     def close(self) -> None:
@@ -176,8 +223,8 @@ def _resource_of(response: ET.Element) -> DavResource | None:
         return None
     try:
         path = href_path(href)
-    except UnicodeDecodeError:
-        log.warning("PROPFIND: skipping an href that is not valid UTF-8 once unquoted")
+    except ValueError:  # urlsplit's (an unclosed "[", a netloc NFKC changes), or UnicodeDecodeError from unquote
+        log.warning("PROPFIND: skipping an href that is not a URL, or not valid UTF-8 once unquoted")
         return None
     props: dict[str, ET.Element] = {}
     for propstat in response.iterfind(_tag(DAV, "propstat")):

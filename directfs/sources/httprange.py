@@ -33,8 +33,17 @@ from ..errors import (
     PermissionDeniedError,
     StaleFileError,
 )
-from ..http import RetryPolicy, redact_url, send_with_retries, transport_error
-from ..transfer import BlockingGetter, BodyTooLarge
+from ..http import (
+    BadBody,
+    BodyTooLarge,
+    RetryPolicy,
+    open_stream,
+    read_body,
+    redact_url,
+    send_with_retries,
+    transport_error,
+)
+from ..transfer import BlockingGetter
 from ..workers import run_job
 from .base import BlockLayout
 from .nearline import ERROR_BODY_BYTES, StagingPolicy, StagingWait, not_online_hint
@@ -145,6 +154,8 @@ class RangeFile:
     async def _get(self, start: int, length: int, info: BlockInfo) -> _Body:
         getter = self._getter
         deadline = trio.current_time() + self._policy.total_budget_seconds
+        # A 200 is the whole object: its body is wanted only when the whole object was asked for.
+        wanted_statuses = _RANGE_STATUSES if start == 0 and length == self._layout.size else _PART_STATUSES
 
         async def attempt() -> _Body:
             headers = dict(await self._headers()) if self._headers is not None else {}
@@ -156,24 +167,17 @@ class RangeFile:
                 # One job in a worker thread; its own deadline is what is left of the operation's budget. The body
                 # limit is the range: a server that ignores Range is refused from its Content-Length, unread.
                 remaining = max(0.001, deadline - trio.current_time())
-                return await run_job(functools.partial(_threaded_get, getter, self._url, headers, length, remaining))
-            async with self._client.stream("GET", self._url, headers=headers) as response:
-                if response.status_code not in (200, 206):
-                    # A small prefix of an error body: enough to recognise S3's InvalidObjectState (nearline).
-                    error_body = bytearray()
-                    async for piece in response.aiter_raw():
-                        error_body += piece
-                        if len(error_body) >= ERROR_BODY_BYTES:
-                            break
-                    return _Body(response.status_code, response.headers, bytes(error_body[:ERROR_BODY_BYTES]))
-                body = bytearray()
-                async for piece in response.aiter_raw():
-                    body += piece
-                    if len(body) > length and response.status_code == 206:
-                        break  # overlong: reported by the length check, without reading a hostile body to its end
-                    if len(body) > self._layout.size:
-                        break
-                return _Body(response.status_code, response.headers, body)
+                get = functools.partial(_threaded_get, getter, self._url, headers, length, remaining, wanted_statuses)
+                return await run_job(get)
+            async with open_stream(self._client, "GET", self._url, headers=headers) as response:
+                status = response.status_code
+                if status not in wanted_statuses:
+                    # Decided from the status line (issue 13 M2): a 200 for a part of the object is refused by
+                    # ``_fetch`` without its body being read; of an error body a small prefix is enough to
+                    # recognise S3's InvalidObjectState (nearline).
+                    error_body = await read_body(response, ERROR_BODY_BYTES, prefix=True) if status != 200 else b""
+                    return _Body(status, response.headers, bytes(error_body))
+                return _Body(status, response.headers, await read_body(response, length))
 
         try:
             return await send_with_retries(attempt, policy=self._policy, what=f"GET {redact_url(self._url)}")
@@ -181,23 +185,33 @@ class RangeFile:
             raise DownloadError(
                 f"the server sent {exc.size}+ bytes for a range of {length} (it ignored the Range header?)", block=info
             ) from None
+        except BadBody as exc:
+            raise DownloadError(f"unreadable reply ({exc})", block=info) from None
         except httpx.HTTPError as exc:
             raise transport_error(exc, subject="block", what=f"GET {redact_url(self._url)}", block=info) from exc
 
 
 _RANGE_STATUSES: Final = frozenset({200, 206})
+_PART_STATUSES: Final = frozenset({206})
 
 
-def _threaded_get(getter: BlockingGetter, url: str, headers: dict[str, str], length: int, timeout: float) -> _Body:
-    """One ranged GET in a worker thread: the body of a 200/206 (at most ``length`` bytes, else ``BodyTooLarge``),
-    or a small prefix of an error body (enough to recognise S3's InvalidObjectState)."""
+def _threaded_get(
+    getter: BlockingGetter,
+    url: str,
+    headers: dict[str, str],
+    length: int,
+    timeout: float,
+    wanted_statuses: frozenset[int],
+) -> _Body:
+    """One ranged GET in a worker thread: the body of a wanted status (at most ``length`` bytes, else
+    ``BodyTooLarge``), or a small prefix of any other body (enough to recognise S3's InvalidObjectState)."""
     reply = getter.get(
         url,
         limit_bytes=length,
         timeout_seconds=timeout,
         headers=headers,
-        body_statuses=_RANGE_STATUSES,
+        body_statuses=wanted_statuses,
         error_body_bytes=ERROR_BODY_BYTES,
     )
-    content = reply.body if reply.status_code in _RANGE_STATUSES else bytes(reply.body)
+    content = reply.body if reply.status_code in wanted_statuses else bytes(reply.body)
     return _Body(reply.status_code, reply.headers, content)

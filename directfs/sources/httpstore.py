@@ -32,11 +32,15 @@ from ..errors import (
     MalformedListingError,
 )
 from ..http import (
+    BadBody,
+    BodyTooLarge,
     HTTPSettings,
     RetryPolicy,
     build_client,
     is_loopback_host,
     namespace_status_error,
+    open_stream,
+    read_body,
     redact_url,
     send_with_retries,
     transport_error,
@@ -188,13 +192,17 @@ async def request(
 
     async def attempt() -> Reply:
         all_headers = {**(await auth.headers()), **(headers or {})}
-        async with client.stream(method, url, headers=all_headers, content=content) as response:
+        async with open_stream(client, method, url, headers=all_headers, content=content) as response:
             body = bytearray()
             if read_body_if(response.status_code):
-                async for piece in response.aiter_bytes():
-                    body += piece
-                    if len(body) > max_body_bytes:
-                        raise MalformedListingError(f"{what}: reply larger than {max_body_bytes} bytes", filename=path)
+                try:
+                    body = await read_body(response, max_body_bytes)
+                except BodyTooLarge:
+                    raise MalformedListingError(
+                        f"{what}: reply larger than {max_body_bytes} bytes", filename=path
+                    ) from None
+                except BadBody as exc:
+                    raise MalformedListingError(f"{what}: {exc}", filename=path) from None
             return Reply(response.status_code, response.headers, bytes(body))
 
     async def once() -> Reply:
@@ -301,7 +309,7 @@ def plain_file(
     block_size_bytes: int,
     policy: RetryPolicy,
     auth: HTTPAuth | None,
-    staging: StagingPolicy,
+    staging: StagingPolicy | None,
     headers: Callable[[], Awaitable[dict[str, str]]] | None = None,
     getter: BlockingGetter | None = None,
 ) -> RangeFile:

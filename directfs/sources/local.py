@@ -15,6 +15,15 @@ without a server, and it is the oracle the mount tests compare against.
 - Listing: ``os.scandir`` in a thread, delivered in pages of ``LIST_PAGE_ENTRIES``. Symlinks are followed (like
   ``cp -L``); entries that are neither files nor folders (sockets, fifos, devices) and dangling links are skipped;
   names a listing may not hold (``valid_name``, or bytes that are not UTF-8) are skipped with a warning.
+- Symlinks stay inside the root (issue 13 M8): a link whose target resolves outside the source folder is not part of
+  the tree. Listings skip it with a warning, a lookup answers ENOENT (the same as the listing: the name is not
+  there), so a user who can write into the tree cannot plant ``x -> /etc/shadow`` and read it through a mount run by
+  root. ENOENT rather than EACCES: EACCES would say the entry exists, and ``ls`` would list a name it cannot show.
+  Links inside the root (``latest -> v2``) are followed as before; ``SourceOptions.follow_symlinks``
+  (``--follow-symlinks``) follows every link, for trees whose links point at other disks on purpose. Paths are
+  checked with ``realpath`` against the root's own real path; a file read is checked again on the opened fd
+  (``/proc/self/fd``), so a link swapped in between the check and the open still cannot be read. A swap between the
+  check and a ``stat`` or a listing may show one outside entry's size and times or names, never its bytes.
 
 Concurrency: the source holds no mutable state; every OpenFile owns one fd, closed exactly once by ``aclose``.
 """
@@ -140,12 +149,16 @@ class LocalOpenFile:
 
 
 class LocalSource:
-    """A local directory tree. ``root`` is absolute; paths below it are relative and ``/``-separated."""
+    """A local directory tree. ``root`` is absolute; paths below it are relative and ``/``-separated.
+    ``follow_symlinks``: also follow links that leave the root (module docstring)."""
 
-    def __init__(self, root: str, *, block_size_bytes: int) -> None:
+    def __init__(self, root: str, *, block_size_bytes: int, follow_symlinks: bool = False) -> None:
         if block_size_bytes <= 0:
             raise ConfigError(f"block size must be positive, not {block_size_bytes}")
         self._root = os.path.abspath(root)
+        # The root may itself be a link (/srv/data -> /disks/1/data): "inside" means inside what it resolves to.
+        self._real_root = os.path.realpath(self._root)
+        self._follow_symlinks = follow_symlinks
         self.block_size_bytes = block_size_bytes
 
     @property
@@ -155,9 +168,25 @@ class LocalSource:
     def _abs(self, path: str) -> str:
         return os.path.join(self._root, path) if path else self._root
 
+    def _inside(self, real: str) -> bool:
+        return real == self._real_root or real.startswith(self._real_root.rstrip("/") + "/")
+
+    def _check_beneath(self, path: str) -> None:
+        """ENOENT (with a warning) when ``path`` resolves outside the root and links may not lead out."""
+        if self._follow_symlinks or self._inside(os.path.realpath(self._abs(path))):
+            return
+        log.warning("refusing %r: a symlink leads out of %s (--follow-symlinks allows it)", path or "/", self._root)
+        raise EntryNotFoundError("symlink leads out of the source folder", filename=path or "/")
+
+    def _stat_sync(self, path: str) -> os.stat_result:
+        self._check_beneath(path)
+        return os.stat(self._abs(path))
+
     async def stat(self, path: str) -> Entry:
         try:
-            st = await trio.to_thread.run_sync(os.stat, self._abs(path))
+            st = await trio.to_thread.run_sync(self._stat_sync, path)
+        except NamespaceError:
+            raise
         except OSError as exc:
             raise _os_error(exc, path) from exc
         entry = _entry(path.rpartition("/")[2], st)
@@ -166,12 +195,21 @@ class LocalSource:
         return entry
 
     def _scan_sync(self, path: str) -> list[list[Entry]]:
+        self._check_beneath(path)
         pages: list[list[Entry]] = [[]]
         with os.scandir(self._abs(path)) as it:
             for dirent in it:
                 name = dirent.name
                 if not _usable_name(name):
                     log.warning("skipping an entry with an invalid name in %r: %s", path or "/", _printable(name))
+                    continue
+                checked = not self._follow_symlinks and dirent.is_symlink()
+                if checked and not self._inside(os.path.realpath(dirent.path)):
+                    log.warning(
+                        "skipping %r: a symlink that leads out of %s (--follow-symlinks allows it)",
+                        join(path, name),
+                        self._root,
+                    )
                     continue
                 try:
                     st = dirent.stat(follow_symlinks=True)
@@ -191,6 +229,8 @@ class LocalSource:
         # between checkpoints. A remote source streams its pages instead.
         try:
             pages = await trio.to_thread.run_sync(self._scan_sync, path)
+        except NamespaceError:
+            raise
         except OSError as exc:
             raise _os_error(exc, path) from exc
         for page in pages:
@@ -198,9 +238,22 @@ class LocalSource:
                 yield entry
             await trio.lowlevel.checkpoint()
 
+    def _opened_inside(self, fd: int) -> bool:
+        """Whether the file behind ``fd`` lies inside the root now that it is open (what was read is what is
+        checked: a link swapped in after ``_check_beneath`` is caught here)."""
+        try:
+            real = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:  # no /proc: the path check before the open is all there is
+            return True
+        return self._inside(real)
+
     def _open_sync(self, path: str, entry: Entry) -> LocalOpenFile:
+        self._check_beneath(path)
         fd = os.open(self._abs(path), os.O_RDONLY | os.O_CLOEXEC)
         try:
+            if not self._follow_symlinks and not self._opened_inside(fd):
+                log.warning("refusing %r: it was swapped for a symlink leading out of %s", path, self._root)
+                raise EntryNotFoundError("symlink leads out of the source folder", filename=path)
             st = os.fstat(fd)
             if stat_mod.S_ISDIR(st.st_mode):
                 raise IsADirectory(filename=path)
@@ -243,4 +296,4 @@ def create(url: str, options: SourceOptions) -> Source:
             raise ConfigError(f"block_size_bytes must be an integer, not {values[-1]!r}") from None
     if not os.path.isdir(root):
         raise ConfigError(f"not a folder: {root}")
-    return LocalSource(root, block_size_bytes=block_size_bytes)
+    return LocalSource(root, block_size_bytes=block_size_bytes, follow_symlinks=options.follow_symlinks)

@@ -49,6 +49,7 @@ from ..errors import (
     PermissionDeniedError,
 )
 from ..http import RetryPolicy, is_loopback_host, namespace_status_error, redact_url
+from ..values import parse_decimal
 from .base import Credentials, Entry, OpenFile, SourceOptions, valid_name
 from .httpstore import HTTPAuth, Reply, StoreClients, http_mtime_ns, plain_file, request
 from .nearline import StagingPolicy
@@ -60,6 +61,8 @@ S3_NS: Final = "{http://s3.amazonaws.com/doc/2006-03-01/}"
 LIST_PAGE_KEYS: Final = 1000
 # One listing page of 1000 keys of 1 KiB names is ~1.5 MB of XML; 32 MiB bounds a hostile or broken server.
 MAX_LIST_BODY_BYTES: Final = 32 * 1024 * 1024
+# st_size is a signed 64-bit off_t: a larger object size could never be shown (pyfuse3 raises OverflowError).
+MAX_SIZE_BYTES: Final = 2**63 - 1
 _BUCKET = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{1,254}$")
 _DNS_BUCKET = re.compile(r"^[a-z0-9][a-z0-9-]{1,61}[a-z0-9]$")
 
@@ -91,7 +94,9 @@ def parse_list_page(body: bytes, *, url_encoded: bool) -> _Page:
     """One ``ListBucketResult`` (ListObjectsV2). Raises ``MalformedListingError`` for anything else."""
     try:
         root = SafeET.fromstring(body)
-    except (ET.ParseError, ValueError) as exc:
+    # ValueError: defusedxml's refusals (entities, external references). LookupError: an XML declaration naming an
+    # encoding Python has no text codec for ("rot13", "hex", "nope").
+    except (ET.ParseError, ValueError, LookupError) as exc:
         raise MalformedListingError(f"ListObjectsV2 reply is not valid XML: {exc}") from exc
     if root.tag != f"{S3_NS}ListBucketResult":
         raise MalformedListingError(f"ListObjectsV2 reply has root {root.tag[:64]!r}")
@@ -103,7 +108,8 @@ def parse_list_page(body: bytes, *, url_encoded: bool) -> _Page:
     files: list[tuple[str, int, int, str]] = []
     for item in root.iterfind(f"{S3_NS}Contents"):
         key, size = text(item, "Key"), (text(item, "Size") or "").strip()
-        if key is None or not size.isdigit():
+        # ASCII digits only: str.isdigit() accepts "²", and 5000 digits, which int() refuses.
+        if key is None or not size.isascii() or not size.isdigit() or len(size) > 19 or int(size) > MAX_SIZE_BYTES:
             raise MalformedListingError("ListObjectsV2 entry without a key or a valid size")
         etag = (text(item, "ETag") or "").strip()
         files.append((decode(key), int(size), _iso_mtime_ns(text(item, "LastModified")), etag))
@@ -318,11 +324,11 @@ class S3Source(StoreClients):
         name = path.rpartition("/")[2]
         reply = await self._head(path)
         if reply.status_code == 200:
-            length = reply.headers.get("content-length", "")
-            if not length.isdigit():
+            length = parse_decimal(reply.headers.get("content-length", ""))
+            if length is None:
                 raise MalformedListingError("HEAD without a valid Content-Length", filename=path)
             return self._file_entry(
-                name, int(length), http_mtime_ns(reply.headers.get("last-modified")), reply.headers.get("etag", "")
+                name, length, http_mtime_ns(reply.headers.get("last-modified")), reply.headers.get("etag", "")
             )
         if reply.status_code not in (403, 404):
             self._raise(reply, f"HEAD {redact_url(self._object_url(self._key(path)))}", path)

@@ -34,6 +34,7 @@ import trio
 from ..errors import (
     ConfigError,
     EntryNotFoundError,
+    MalformedListingError,
     NamespaceError,
     NotADirectory,
     PermissionDeniedError,
@@ -41,6 +42,7 @@ from ..errors import (
 from ..http import (
     redact_url,
 )
+from ..values import parse_decimal
 from .base import Entry, SourceOptions, valid_name
 from .httpstore import PlainHTTPStore, Reply, check_url, http_mtime_ns, raise_for_status, request
 
@@ -51,6 +53,11 @@ MAX_INDEX_BYTES: Final = 64 * 1024 * 1024
 # HEADs of one listing in flight: enough to hide a WAN round trip per file, below the client's 16 connections so
 # block reads of other files still find a free connection.
 HEAD_CONCURRENCY: Final = 8
+# A link in an index page is a few hundred bytes. Pages are fed to HTMLParser in pieces, and one construct (a tag, a
+# comment, a script) still open after this many characters is refused: the parser re-reads an open construct at every
+# piece, and its start-tag regex holds ~265 bytes per character of the tag it matches (a 64 MiB tag: 17 GB).
+MAX_INDEX_CONSTRUCT_CHARS: Final = 64 * 1024
+_INDEX_PIECE_CHARS: Final = 64 * 1024
 
 _CONTENT_RANGE_TOTAL = re.compile(r"^\s*bytes\s+(?:\d+-\d+|\*)/(\d+)\s*$", re.IGNORECASE)
 
@@ -72,10 +79,22 @@ class _Links(html.parser.HTMLParser):
 
 def index_links(page_url: str, html_text: str) -> list[tuple[str, bool]]:
     """(name, is_dir) of the links of an index page that point directly below ``page_url`` (which ends in ``/``).
-    Skipped: other hosts, query or fragment links, parents, deeper paths, invalid names, duplicates."""
+    Skipped: other hosts, query or fragment links, parents, deeper paths, unparseable hrefs, invalid names,
+    duplicates. Markup the HTML parser cannot read is ``MalformedListingError``."""
     parser = _Links()
-    parser.feed(html_text)
-    parser.close()
+    try:
+        for start in range(0, len(html_text), _INDEX_PIECE_CHARS):
+            parser.feed(html_text[start : start + _INDEX_PIECE_CHARS])
+            if len(parser.rawdata) > MAX_INDEX_CONSTRUCT_CHARS:  # what the parser holds back: the open construct
+                raise MalformedListingError(
+                    f"index of {redact_url(page_url)} has a tag or comment over {MAX_INDEX_CONSTRUCT_CHARS} characters"
+                )
+    except AssertionError as exc:  # what _markupbase raises for "<![" and other bad declarations
+        raise MalformedListingError(f"index of {redact_url(page_url)} is not HTML we can read: {exc}") from None
+    # No parser.close(): before Python 3.11.13 its end-of-data pass re-scans the rest of the page from every
+    # unterminated tag or comment (CVE-2025-6069), quadratic: 40 KB of "<a b" took 15 s. feed() has handed over every
+    # complete tag up to the first unterminated construct; fixed Pythons let that construct run to the end of the
+    # page as well, so what is left unparsed here is what they ignore.
     base = urlsplit(page_url)
     folder = base.path
     seen: set[str] = set()
@@ -83,7 +102,11 @@ def index_links(page_url: str, html_text: str) -> list[tuple[str, bool]]:
     for href in parser.hrefs:
         if "?" in href or href.startswith("#"):
             continue  # Apache's ?C=N;O=D sort links, anchors: not entries
-        target = urlsplit(urljoin(page_url, href))
+        try:
+            target = urlsplit(urljoin(page_url, href))
+        except ValueError:  # an unclosed "[" (IPv6 literal), a netloc that NFKC normalisation changes
+            log.warning("index of %s: skipping a link that is not a URL", redact_url(page_url))
+            continue
         if (target.scheme, target.netloc) != (base.scheme, base.netloc) or target.query:
             continue
         path = target.path
@@ -144,11 +167,8 @@ class HTTPSource(PlainHTTPStore):
         reply = await self._head(url, path)
         if reply.status_code != 200:
             raise_for_status(reply, f"HEAD {redact_url(url)}", path)
-        length = reply.headers.get("content-length")
-        if length is not None and length.strip().isdigit():
-            size = int(length)
-        else:
-            size = await self._size_from_range(url, path)
+        length = parse_decimal(reply.headers.get("content-length", ""))
+        size = length if length is not None else await self._size_from_range(url, path)
         etag = reply.headers.get("etag")
         mtime_ns = http_mtime_ns(reply.headers.get("last-modified"))
         return Entry(

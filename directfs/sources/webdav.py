@@ -24,6 +24,7 @@ from urllib.parse import quote
 
 from ..errors import EntryNotFoundError, MalformedListingError, NotADirectory
 from ..http import redact_url
+from ..values import parse_decimal
 from . import davxml
 from .base import Entry, SourceOptions
 from .httpstore import PlainHTTPStore, Reply, check_url, http_mtime_ns, raise_for_status, request
@@ -86,12 +87,12 @@ class WebDAVSource(PlainHTTPStore):
         if size is None:  # a server that omits getcontentlength: ask HEAD rather than guess
             url = self._url(path)
             reply = await request(self._http(), "HEAD", url, auth=self._auth, policy=self._retry, path=path)
-            length = reply.headers.get("content-length", "")
+            length = parse_decimal(reply.headers.get("content-length", ""))
             if reply.status_code != 200:
                 raise_for_status(reply, f"HEAD {redact_url(url)}", path)
-            if not length.isdigit():
+            if length is None:
                 raise MalformedListingError("the server gives no size for the file", filename=path)
-            size = int(length)
+            size = length
             etag = etag or reply.headers.get("etag")
             mtime_ns = mtime_ns or http_mtime_ns(reply.headers.get("last-modified"))
         return Entry(

@@ -81,14 +81,6 @@ async def test_stream_exposes_its_span(server: BlockServer) -> None:
         assert stream.position == SIZE
 
 
-def test_byte_range_validation() -> None:
-    for bad in [(-1, None), (5, 4), (True, None), (0, 1.5), ("0", None)]:
-        with pytest.raises(ConfigError):
-            ByteRange(*bad)  # type: ignore[arg-type]
-    assert ByteRange(3, 3).clamp(10) == (3, 4)
-    assert ByteRange(3).clamp(3) is None
-
-
 @pytest.mark.parametrize("failing_block", [1, 3, 6])
 async def test_resume_after_block_failure_reproduces_exact_bytes(server: BlockServer, failing_block: int) -> None:
     server.block_faults[("1", failing_block)] = [Fault(status=404)]  # not retried: the stream must stop

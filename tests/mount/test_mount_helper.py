@@ -1,5 +1,6 @@
-"""`mount.directfs` run the way mount(8) runs it: fstab-style options, standard ones ignored, secrets refused,
-returning only once the mount is live. The real runs mount a file:// source named in a config file."""
+"""`mount.directfs` run the way mount(8) runs it from an fstab line: a file:// source named in a config file, standard
+options ignored, secrets nowhere, returning only once the mount is live. Its argv rules without mounting:
+tests/unit/test_mount_helper_argv.py; a failed mount: tests/component/test_mount_failures.py."""
 
 from __future__ import annotations
 
@@ -13,71 +14,12 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from directfs.commands import mount_helper
 from directfs.mount import mount_device
+from tests.support.mountd import STANDARD_MOUNT_OPTIONS as STANDARD
 from tests.support.mountd import directfs_command, fuse_available, teardown
 
 SECRET = "helper-s3cret-never-in-ps"
 HELPER = str(Path(sys.executable).parent / "mount.directfs")
-STANDARD = "_netdev,nofail,noauto,auto,defaults,rw,ro,user,users,nosuid,nodev,x-systemd.automount,x-systemd.requires=a"
-
-
-def test_standard_options_are_ignored_and_known_ones_mapped() -> None:
-    inv = mount_helper.parse_argv(
-        ["projects", "/mnt/p", "-n", "-o", f"{STANDARD},comment=x,config=/etc/d.toml,allow_other,cache_size=64M"]
-    )
-    assert mount_helper.mount_command(inv) == [
-        "mount",
-        "projects",
-        "/mnt/p",
-        "--config",
-        "/etc/d.toml",
-        "-o",
-        "allow_other,cache_size=64M",
-    ]
-
-
-def test_flags_switches_and_glued_options() -> None:
-    inv = mount_helper.parse_argv(["-sv", "file:///d", "/m", "-ometrics_allow_remote,no_verify_tls,bogus=1"])
-    assert inv.sloppy and inv.verbose
-    assert mount_helper.mount_command(inv) == [
-        "mount",
-        "file:///d",
-        "/m",
-        "--metrics-allow-remote",
-        "--no-verify-tls",
-        "--log-level",
-        "debug",
-    ]
-
-
-@pytest.mark.parametrize(
-    ("argv", "message"),
-    [
-        (["only-one"], "usage: mount.directfs SOURCE MOUNTPOINT"),
-        (["a", "/m", "-o"], "-o needs a value"),
-        (["a", "/m", "-q"], "unknown flag -q"),
-        (["a", "/m", "-o", "colour=blue"], "unknown option 'colour' (use -s"),
-        (["a", "/m", "-o", f"password={SECRET}"], "option password= would put a secret in fstab and in ps"),
-        (["a", "/m", "-o", "config"], "option config needs a value"),
-        (["a", "/m", "-o", "no_verify_tls=1"], "option no_verify_tls takes no value"),
-    ],
-)
-def test_bad_invocations_exit_1_with_a_reason(
-    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
-) -> None:
-    assert mount_helper.main(argv) == mount_helper.EXIT_USAGE
-    err = capsys.readouterr().err
-    assert message in err
-    assert SECRET not in err
-
-
-def test_fake_mode_prints_and_does_nothing(capsys: pytest.CaptureFixture[str]) -> None:
-    assert mount_helper.main(["-f", "projects", "/mnt/p", "-o", "_netdev,allow_other"]) == 0
-    assert "directfs.cli mount projects /mnt/p -o allow_other" in capsys.readouterr().err
-
-
-# --- real mounts ----------------------------------------------------------------------------------------------------
 
 needs_fuse = pytest.mark.skipif(not fuse_available(), reason="needs /dev/fuse, fusermount3 and root")
 
@@ -153,13 +95,3 @@ def test_fstab_line_mounts_a_named_source_and_returns_when_live(tmp_path: Path) 
     finally:
         teardown(mnt, None)
     assert mount_device(str(mnt)) is None
-
-
-@pytest.mark.mount
-@needs_fuse
-def test_helper_reports_a_failed_mount_with_status_32(tmp_path: Path) -> None:
-    cfg = tmp_path / "directfs.toml"
-    cfg.write_text(f'[source.gone]\nurl = "file://{tmp_path / "missing"}"\nmountpoint = "{tmp_path}"\n')
-    done = subprocess.run([HELPER, "gone", str(tmp_path), "-o", f"config={cfg}"], capture_output=True, text=True)
-    assert done.returncode == mount_helper.EXIT_FAILURE
-    assert "directfs mount:" in done.stderr

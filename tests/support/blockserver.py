@@ -30,6 +30,7 @@ from aiohttp import web
 
 from directfs.api import DirectIO, DirectIOSettings
 from directfs.http import RetryPolicy
+from directfs.sources.base import OpenFile
 from directfs.sources.ctera import codec
 
 
@@ -313,6 +314,15 @@ def payload(size: int, seed: int = 0) -> bytes:
 
 def client(server: BlockServer, settings: DirectIOSettings | None = None) -> DirectIO:
     return DirectIO(server.url, server.access_key_id, SECRET, settings=settings or DirectIOSettings(retry=FAST_RETRY))
+
+
+async def read_all(dio: DirectIO, file_id: str, **kwargs: Any) -> bytes:
+    """Every block of ``file_id``, fetched one after another through ``dio.open``, joined."""
+    opened = await dio.open(file_id, **kwargs)
+    assert isinstance(opened, OpenFile)
+    parts = [await opened.fetch_block(i) for i in range(opened.layout.block_count)]
+    await opened.aclose()
+    return b"".join(parts)
 
 
 Handler = Callable[[httpx.Request], Awaitable[httpx.Response]]

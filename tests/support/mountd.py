@@ -24,6 +24,11 @@ from pathlib import Path
 
 from directfs.mount import _unescape_mountinfo, mount_device
 
+# What mount(8) and fstab put in ``-o`` that ``mount.directfs`` must ignore (standard and systemd options).
+STANDARD_MOUNT_OPTIONS = (
+    "_netdev,nofail,noauto,auto,defaults,rw,ro,user,users,nosuid,nodev,x-systemd.automount,x-systemd.requires=a"
+)
+
 # Start-up on a loaded 2-core CI box: interpreter + imports ~1 s, the root stat, the mount itself.
 START_TIMEOUT_SECONDS = 30.0
 STOP_TIMEOUT_SECONDS = 15.0

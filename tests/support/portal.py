@@ -171,6 +171,9 @@ def start_portal(
             str(state),
             "--rescan-interval",
             "0",
+            # Rejected logins are answered at once here: tests of the delay pass their own (the last flag wins).
+            "--failed-auth-delay",
+            "0",
             *extra_args,
         ]
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=stderr_file, env=full_env)

@@ -1,19 +1,23 @@
 """A tree of awkward files for the store-kind tests (http, s3, WebDAV, the CLI): build it, check it through a
-``Source``, check it through a mount."""
+``Source``, check it through a mount; and that tree in a bucket of a real S3 server (``s3_bucket``)."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import random
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from directfs.sources.base import Entry, OpenFile, Source, SourceOptions
 
 from .mountd import fuse_available
+from .seaweed import SeaweedFS, start_seaweed
 
 BLOCK = 64 * 1024  # small blocks: every file of the tree crosses block edges
 SIZES = {"empty": 0, "one": 1, "block-1": BLOCK - 1, "block": BLOCK, "block+1": BLOCK + 1, "many.bin": 5 * BLOCK + 7}
@@ -112,3 +116,38 @@ def check_mounted_tree(mnt: Path, files: dict[str, bytes]) -> None:
     finally:
         for fd in fds.values():
             os.close(fd)
+
+
+S3_PAGING_KEYS = 25
+
+
+@contextlib.contextmanager
+def s3_bucket(workdir: Path, bucket: str) -> Iterator[tuple[SeaweedFS, dict[str, bytes]]]:
+    """SeaweedFS with ``make_tree`` under ``data/`` (plus a key with '+' and ' ', and a console-made folder marker
+    ``data/sub dir/``), and ``S3_PAGING_KEYS`` keys and three sub-prefixes under ``paging/``. Yields the server and
+    the files of ``data/`` (path -> content)."""
+    with start_seaweed(workdir, buckets=(bucket,)) as s3:
+        client: Any = s3.client()
+        files = make_tree(workdir / "tree")
+        files["plus+and space.txt"] = b"S3 url-encodes keys in listings: '+' and ' ' must survive\n"
+        for rel, data in files.items():
+            client.put_object(Bucket=bucket, Key=f"data/{rel}", Body=data)
+        client.put_object(Bucket=bucket, Key="data/sub dir/", Body=b"")  # a console-made folder marker
+        for i in range(S3_PAGING_KEYS):
+            client.put_object(Bucket=bucket, Key=f"paging/key-{i:03d}", Body=b"%d" % i)
+        for i in range(3):
+            client.put_object(Bucket=bucket, Key=f"paging/sub-{i}/x", Body=b"x")
+        yield s3, files
+
+
+def isolate_aws_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, s3: SeaweedFS) -> SeaweedFS:
+    """Only the variables under test, for this process and the daemons it starts: ``s3``'s keys, no ~/.aws files,
+    no instance metadata lookups."""
+    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-credentials"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    for key, value in s3.env().items():
+        monkeypatch.setenv(key, value)
+    return s3

@@ -311,3 +311,123 @@ def test_example_config_is_valid() -> None:
     example = Path(__file__).parents[2] / "examples" / "directfs.toml"
     cfg = config.parse_config(example.read_text(), path=str(example))
     assert cfg.sources, "the example should show at least one named source"
+
+
+# --- permissions of the config file and of secret files (issue 13 L5) -------------------------------------------
+
+PLAIN = '[source.p]\nurl = "file:///d"\nmountpoint = "/m"\n'
+
+
+def strict_args(source: str, *argv: str) -> argparse.Namespace:
+    """`directfs mount SOURCE --strict-permissions ARGV...` as its parser makes it."""
+    return cli.build_parser().parse_args(["mount", source, "--strict-permissions", *argv])
+
+
+def secret_at(tmp_path: Path, mode: int, name: str = "key") -> str:
+    path = tmp_path / name
+    path.write_text(SECRET + "\n")
+    path.chmod(mode)
+    return str(path)
+
+
+@pytest.mark.parametrize("mode", [0o664, 0o646, 0o666])
+def test_a_config_others_may_write_draws_a_warning(tmp_path: Path, mode: int, caplog: pytest.LogCaptureFixture) -> None:
+    path = write(tmp_path, PLAIN, mode=mode)
+    with caplog.at_level(logging.WARNING, logger="directfs.config"):
+        assert config.load_config(path).sources["p"].url == "file:///d"  # still mounts: a warning, not a refusal
+    assert f"config file {path!r} is writable by group or others (mode {mode:03o}): chmod go-w" in caplog.text
+
+
+def test_strict_permissions_refuses_a_config_others_may_write(tmp_path: Path) -> None:
+    path = write(tmp_path, PLAIN, mode=0o664)
+    with pytest.raises(ConfigError, match=r"writable by group or others \(mode 664\).*--strict-permissions"):
+        config.load_config(path, strict_permissions=True)
+    # The flag, or its environment twin, is known before the file is read: the file cannot switch it off.
+    with pytest.raises(ConfigError, match="refused: --strict-permissions"):
+        config.mount_settings(strict_args("p"), {"DIRECTFS_CONFIG": path})
+    with pytest.raises(ConfigError, match="refused: --strict-permissions"):
+        config.mount_settings(mount_args("p"), {"DIRECTFS_CONFIG": path, "DIRECTFS_STRICT_PERMISSIONS": "1"})
+    # 0644 and 0600, owned by root or by us, pass in strict mode too.
+    for mode in (0o644, 0o600):
+        assert config.load_config(write(tmp_path, PLAIN, mode=mode), strict_permissions=True).sources
+
+
+def test_a_config_owned_by_another_user_draws_a_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("chown to another user needs root")
+    path = write(tmp_path, PLAIN, mode=0o644)
+    os.chown(path, 4242, 4242)
+    with caplog.at_level(logging.WARNING, logger="directfs.config"):
+        config.load_config(path)
+    assert "is owned by uid 4242" in caplog.text
+    with pytest.raises(ConfigError, match="owned by uid 4242"):
+        config.load_config(path, strict_permissions=True)
+
+
+@pytest.mark.parametrize("mode", [0o640, 0o604, 0o644, 0o620])
+def test_a_secret_file_others_may_read_draws_a_warning_or_a_refusal(
+    tmp_path: Path, mode: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    from directfs.commands import common
+
+    path = secret_at(tmp_path, mode)
+    with caplog.at_level(logging.WARNING, logger="directfs.config"):
+        assert common.read_secret_file(path) == SECRET
+    assert f"secret file {path!r} is open to group or others (mode {mode:03o}): chmod 600" in caplog.text
+    assert SECRET not in caplog.text
+    with pytest.raises(ConfigError, match="refused: --strict-permissions") as info:
+        common.read_secret_file(path, strict_permissions=True)
+    assert SECRET not in str(info.value)
+
+
+def test_private_secret_files_and_the_flag_through_the_credential_resolver(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from directfs.commands import common
+
+    private = secret_at(tmp_path, 0o600, "private")
+    readable = secret_at(tmp_path, 0o644, "readable")
+    path = write(tmp_path, f'[source.p]\nurl = "ctera+https://h"\nmountpoint = "/m"\npassword_file = "{private}"\n')
+    with caplog.at_level(logging.WARNING, logger="directfs.config"):
+        settings = config.mount_settings(strict_args("p"), {"DIRECTFS_CONFIG": path})
+        assert common.resolve_credentials(settings, {}).password == SECRET
+    assert caplog.text == ""
+    settings = config.mount_settings(strict_args("p", "--secret-access-key-file", readable), {"DIRECTFS_CONFIG": path})
+    with pytest.raises(ConfigError, match=f"secret file {readable!r} is open to group or others"):
+        common.resolve_credentials(settings, {})
+    # A token file is re-read by the store; its permissions are judged once, when the credentials are built.
+    settings = config.mount_settings(strict_args("p", "--token-file", readable), {"DIRECTFS_CONFIG": path})
+    with pytest.raises(ConfigError, match="is open to group or others"):
+        common.resolve_credentials(settings, {})
+
+
+def test_the_access_key_id_is_a_secret(tmp_path: Path) -> None:
+    from directfs.commands import common
+    from directfs.options import O_KEYS, OPTIONS, parse_o
+    from directfs.sources.base import Credentials
+
+    key_id = "AKID-" + SECRET
+    assert key_id not in repr(Credentials(access_key_id=key_id, secret_access_key="x"))
+    assert OPTIONS["access_key_id"].secret and OPTIONS["access_key_id"].shown(key_id) == "<hidden>"
+    # fstab / -o and a readable config cannot carry it; a file or a systemd credential can.
+    assert "access_key_id" not in O_KEYS and "access_key_id_file" in O_KEYS
+    with pytest.raises(ConfigError) as refused:
+        parse_o([f"access_key_id={key_id}"])
+    assert key_id not in str(refused.value)
+    inline = f'[source.p]\nurl = "ctera+https://h"\nmountpoint = "/m"\naccess_key_id = "{key_id}"\n'
+    with pytest.raises(ConfigError, match=r"access_key_id = <hidden>: the file holds a secret") as readable:
+        config.load_config(write(tmp_path, inline, mode=0o644))
+    assert key_id not in str(readable.value)
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    (creds / "ctera-key-id").write_text(key_id + "\n")
+    (creds / "ctera-key-id").chmod(0o400)
+    path = write(
+        tmp_path, '[source.p]\nurl = "ctera+https://h"\nmountpoint = "/m"\naccess_key_id_credential = "ctera-key-id"\n'
+    )
+    settings = config.mount_settings(mount_args("p"), {"DIRECTFS_CONFIG": path, "CREDENTIALS_DIRECTORY": str(creds)})
+    assert key_id not in repr(settings) and "access_key_id" not in settings  # only its file's path is kept
+    assert common.resolve_credentials(settings, {}).access_key_id == key_id
+    # From the environment it is read when the credentials are built, never copied into the settings.
+    settings = config.mount_settings(mount_args("p"), {"DIRECTFS_CONFIG": path, "DIRECTFS_ACCESS_KEY_ID": key_id})
+    assert key_id not in repr(settings.values)

@@ -11,7 +11,9 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
+import pytest
 import yaml
 
 from directfs import config
@@ -109,8 +111,8 @@ def test_installed_package_provides_both_commands_and_the_metrics_dependency() -
     assert done.returncode == 0, done.stderr
 
 
-def load_pod() -> tuple[dict[str, object], list[dict[str, object]]]:
-    documents = list(yaml.safe_load_all((ROOT / "deploy" / "kubernetes" / "sidecar.yaml").read_text()))
+def load_pod(name: str = "sidecar.yaml") -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    documents = list(yaml.safe_load_all((ROOT / "deploy" / "kubernetes" / name).read_text()))
     pod = next(d for d in documents if d["kind"] == "Pod")
     return pod, documents
 
@@ -125,7 +127,7 @@ def test_kubernetes_sidecar_shares_the_mount_and_drains_within_the_grace_period(
     side_mount = next(m for m in sidecar["volumeMounts"] if m["name"] == shared)
     app_mount = next(m for m in app["volumeMounts"] if m["name"] == shared)
     assert side_mount["mountPropagation"] == "Bidirectional"
-    assert sidecar["securityContext"]["privileged"] is True  # Kubernetes requires it for Bidirectional
+    assert sidecar["securityContext"]["privileged"] is True  # Kubernetes requires it for Bidirectional: see pod.yaml
     assert app_mount["mountPropagation"] == "HostToContainer"
     assert "directfs" in " ".join(sidecar["readinessProbe"]["exec"]["command"])
     # the sidecar's preStop outlives the app's, and both plus the daemon's drain fit in the grace period
@@ -142,3 +144,116 @@ def test_kubernetes_sidecar_shares_the_mount_and_drains_within_the_grace_period(
     cfg = config.parse_config(config_map["data"]["directfs.toml"], path="configmap")
     source = cfg.source(sidecar["args"][0])
     assert source.mountpoint == side_mount["mountPath"]
+
+
+# --- least privilege and pinned dependencies (issue 13 M8, L5) ---------------------------------------------------
+
+LOCK = ROOT / "docker" / "requirements.lock"
+BUILD_LOCK = ROOT / "docker" / "build-requirements.lock"
+
+
+def locked(path: Path) -> dict[str, tuple[str, list[str]]]:
+    """name -> (version, sha256 hashes) of a pip-compile --generate-hashes lock."""
+    pins: dict[str, tuple[str, list[str]]] = {}
+    for requirement in path.read_text().replace("\\\n", " ").splitlines():
+        if not requirement.strip() or requirement.lstrip().startswith("#"):
+            continue
+        spec, *options = requirement.split()
+        name, _, version = spec.partition("==")
+        assert version, f"{path.name}: {spec} is not pinned with =="
+        hashes = [o.removeprefix("--hash=sha256:") for o in options if o.startswith("--hash=sha256:")]
+        assert hashes and all(len(h) == 64 for h in hashes), f"{path.name}: {spec} has no sha256"
+        pins[name.lower().replace("_", "-")] = (version, hashes)
+    return pins
+
+
+def runtime_closure() -> dict[str, str]:
+    """directfs's runtime dependencies, transitively, as installed here (what the tests ran with)."""
+    from packaging.requirements import Requirement
+
+    seen: dict[str, str] = {}
+
+    def walk(name: str) -> None:
+        dist = importlib.metadata.distribution(name)
+        key = dist.metadata["Name"].lower().replace("_", "-").replace(".", "-")
+        if key in seen:
+            return
+        seen[key] = dist.version
+        for text in dist.requires or []:
+            req = Requirement(text)
+            if req.marker is None or req.marker.evaluate({"extra": ""}):
+                walk(req.name)
+
+    walk("directfs")
+    del seen["directfs"]
+    return seen
+
+
+def test_the_image_installs_only_hash_checked_pins_of_what_the_tests_ran_with() -> None:
+    pins = locked(LOCK)
+    assert {name: version for name, (version, _) in pins.items()} == runtime_closure()
+    build = locked(BUILD_LOCK)
+    # pyproject's build-system (setuptools, wheel) and pyfuse3's (setuptools-scm, Cython): no sdist is built with a
+    # requirement fetched unpinned.
+    assert {"setuptools", "wheel", "setuptools-scm", "cython"} <= set(build)
+    text = (ROOT / "Dockerfile").read_text()
+    build_stage, runtime = text.split("AS runtime")
+    assert "pip install --no-cache-dir --require-hashes --no-deps -r docker/build-requirements.lock" in build_stage
+    assert "--require-hashes --no-deps --no-build-isolation --wheel-dir /wheels" in build_stage
+    assert "-r docker/requirements.lock" in build_stage
+    assert "pip install --no-cache-dir --no-index --no-deps /wheels/*.whl" in runtime
+    # No pip command may reach an index without the lock.
+    for line in text.replace("\\\n", " ").splitlines():
+        if "pip install" in line or "pip wheel" in line:
+            assert "--require-hashes" in line or "--no-index" in line or line.rstrip().endswith("."), line
+
+
+def test_the_image_runs_as_an_unprivileged_user_by_default() -> None:
+    text = (ROOT / "Dockerfile").read_text()
+    runtime = text.split("AS runtime")[1]
+    users = [line.split()[1] for line in runtime.splitlines() if line.startswith("USER ")]
+    assert users == ["10001:10001"], "numeric, so runAsNonRoot can check it"
+    assert "useradd --system --uid 10001" in runtime
+    assert "user_allow_other" in runtime  # fusermount3 grants allow_other to non-root users only with it
+    assert runtime.index("USER ") > runtime.index("RUN groupadd")  # everything root does happens before
+    assert "--user root" in text  # the opt-in, with its reasons
+
+
+def test_kubernetes_example_without_privileged_has_one_capability_and_fuse_from_a_device_plugin() -> None:
+    pod, documents = load_pod("pod.yaml")
+    spec = pod["spec"]
+    (container,) = spec["containers"]
+    context = container["securityContext"]
+    assert "privileged" not in context
+    assert context["capabilities"] == {"drop": ["ALL"], "add": ["SYS_ADMIN"]}
+    assert context["allowPrivilegeEscalation"] is False and context["readOnlyRootFilesystem"] is True
+    assert context["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert spec["automountServiceAccountToken"] is False
+    assert [name for name in container["resources"]["limits"] if name.endswith("/fuse")], "the device plugin's"
+    assert all("mountPropagation" not in mount for mount in container["volumeMounts"])
+    assert not [v for v in spec["volumes"] if v.get("hostPath")], "a hostPath /dev/fuse is refused by the cgroup"
+    config_map = next(d for d in documents if d["kind"] == "ConfigMap")
+    cfg = config.parse_config(config_map["data"]["directfs.toml"], path="configmap")
+    assert cfg.source("projects").mountpoint in {m["mountPath"] for m in container["volumeMounts"]}
+    assert "projects" in " ".join(container["args"])
+
+
+@pytest.mark.parametrize("name", ["pod.yaml", "sidecar.yaml"])
+def test_kubernetes_examples_keep_metrics_local_and_the_key_id_secret(name: str) -> None:
+    pod, documents = load_pod(name)
+    config_map = next(d for d in documents if d["kind"] == "ConfigMap")
+    secret = next(d for d in documents if d["kind"] == "Secret")
+    cfg = config.parse_config(config_map["data"]["directfs.toml"], path="configmap")
+    assert cfg.mount.get("metrics_address") is None or cfg.mount["metrics_address"].is_loopback
+    assert "metrics_allow_remote" not in cfg.mount
+    for container in pod["spec"]["containers"]:
+        assert "ports" not in container  # nothing published
+    source = cfg.source("projects").values
+    assert "access_key_id" not in source and source["access_key_id_file"].startswith("/etc/directfs/secret/")
+    assert {"access_key_id", "secret_access_key"} <= set(secret["stringData"])
+    assert next(v for v in pod["spec"]["volumes"] if "secret" in v)["secret"]["defaultMode"] == 0o400
+    # Only what Bidirectional propagation forces is privileged (Kubernetes' rule), and only there.
+    for container in pod["spec"]["containers"]:
+        privileged = container.get("securityContext", {}).get("privileged", False)
+        bidirectional = any(m.get("mountPropagation") == "Bidirectional" for m in container.get("volumeMounts", []))
+        assert privileged == bidirectional, container["name"]

@@ -8,12 +8,14 @@ import xml.etree.ElementTree as ET
 import pytest
 
 from directfs.errors import ConfigError
+from directfs.server.app import MAX_LONGPOLL_MS, log_safe, longpoll_seconds
 from directfs.server.chunking import cdc_spans, fixed_spans
 from directfs.server.config import (
     CDC_MAX_BYTES,
     CDC_MIN_BYTES,
     DEMO_SECRET_ACCESS_KEY,
     EncodingRules,
+    is_loopback_host,
     parse_compression_rule,
 )
 from directfs.server.index import Node
@@ -111,3 +113,36 @@ def test_propfind_parsing_and_rendering() -> None:
     assert root.findtext("D:response/D:propstat/D:prop/c:fileid", namespaces=ns) == "1234"
     statuses = [s.text for s in root.iterfind("D:response/D:propstat/D:status", namespaces=ns)]
     assert statuses == ["HTTP/1.1 200 OK", "HTTP/1.1 404 Not Found"]
+
+
+# --- issue 13: pure parts of the serve hardening (the server-level tests are tests/component/test_serve_security.py)
+
+
+def test_longpoll_timeout_is_a_finite_number_clamped_to_the_cap() -> None:
+    assert longpoll_seconds(10000) == 10.0
+    assert longpoll_seconds(0) == 0.0
+    assert longpoll_seconds(250.5) == 0.2505
+    assert longpoll_seconds(MAX_LONGPOLL_MS * 10) == MAX_LONGPOLL_MS / 1000  # clamped, not refused
+    assert longpoll_seconds(10**5000) == MAX_LONGPOLL_MS / 1000  # no OverflowError from float()
+    assert longpoll_seconds(1e308) == MAX_LONGPOLL_MS / 1000
+    for bad in (float("nan"), float("inf"), float("-inf"), -1, -0.5, True, False, None, "10", [10], {"ms": 1}):
+        assert longpoll_seconds(bad) is None, bad
+
+
+def test_log_safe_escapes_what_could_forge_or_recolour_a_line() -> None:
+    assert log_safe("/ServicesPortal/webdav/Zürich 東京 ☃.bin") == "/ServicesPortal/webdav/Zürich 東京 ☃.bin"
+    assert log_safe('a\r\nb "c" \\d') == 'a\\x0d\\x0ab \\"c\\" \\\\d'
+    assert log_safe("\x1b[31m\x7f\x85") == "\\x1b[31m\\x7f\\x85"
+    assert log_safe("\u202eevil\u2028\u2029\u200b") == "\\u202eevil\\u2028\\u2029\\u200b"
+    assert log_safe("\udcff") == "\\udcff"  # a lone surrogate (undecodable bytes)
+    assert log_safe(None) == "None"
+    for text in ("x\ny", "\x00", "\u2066", "\U000e0001"):
+        escaped = log_safe(text)
+        assert escaped.isprintable() and "\n" not in escaped, text
+
+
+def test_loopback_hosts() -> None:
+    for host in ("127.0.0.1", "127.1.2.3", "::1", "[::1]", "localhost", "LOCALHOST"):
+        assert is_loopback_host(host), host
+    for host in ("0.0.0.0", "::", "192.168.1.10", "10.0.0.1", "example.org", "localhost.example.org", ""):
+        assert not is_loopback_host(host), host

@@ -7,6 +7,7 @@ import configparser
 import io
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -21,6 +22,8 @@ from directfs import logs
 
 ROOT = Path(__file__).parents[2]
 UNIT = ROOT / "systemd" / "directfs@.service"
+USER_UNIT = ROOT / "systemd" / "directfs-user@.service"  # the variant without root (issue 13 M8)
+UNITS = (UNIT, USER_UNIT)
 
 
 def unit_sections() -> configparser.ConfigParser:
@@ -30,13 +33,28 @@ def unit_sections() -> configparser.ConfigParser:
     return parser
 
 
-def test_systemd_analyze_verify_is_clean(tmp_path: Path) -> None:
+def unit_values(unit: Path) -> dict[str, dict[str, list[str]]]:
+    """Section -> key -> every value given, in order (configparser keeps only the last of a repeated key, and
+    LoadCredential= and SystemCallFilter= are lists)."""
+    sections: dict[str, dict[str, list[str]]] = {}
+    current: dict[str, list[str]] = {}
+    for line in unit.read_text().splitlines():
+        if line.startswith("[") and line.endswith("]"):
+            current = sections.setdefault(line[1:-1], {})
+        elif line and not line.startswith("#") and "=" in line:
+            key, _, value = line.partition("=")
+            current.setdefault(key, []).append(value)
+    return sections
+
+
+@pytest.mark.parametrize("unit", UNITS, ids=lambda unit: unit.name)
+def test_systemd_analyze_verify_is_clean(tmp_path: Path, unit: Path) -> None:
     assert shutil.which("systemd-analyze"), "systemd-analyze missing: `make test` installs it (Debian package systemd)"
     # The unit names /usr/local/bin/directfs (where `pip install` puts it); point it at this environment's command so
     # verify can check the executable exists. Verify an instance: a template alone is not loadable.
     directfs_bin = Path(sys.executable).parent / "directfs"
-    text = UNIT.read_text().replace("/usr/local/bin/directfs", str(directfs_bin))
-    instance = tmp_path / "directfs@projects.service"
+    text = unit.read_text().replace("/usr/local/bin/directfs", str(directfs_bin))
+    instance = tmp_path / unit.name.replace("@.", "@projects.")
     instance.write_text(text)
     done = subprocess.run(
         ["systemd-analyze", "verify", "--man=no", str(instance)], capture_output=True, text=True, timeout=60
@@ -56,10 +74,118 @@ def test_unit_is_a_notify_template_with_cleanup_and_hardening() -> None:
     assert service["DeviceAllow"] == "/dev/fuse rw"
     assert "CAP_SYS_ADMIN" in service["CapabilityBoundingSet"]
     assert "PrivateDevices" not in service
-    assert service["LoadCredential"].startswith("ctera-secret:")
     assert "network-online.target" in unit["Unit"]["After"]
     # systemd's stop timeout is longer than the daemon's drain, so a stop never ends in SIGKILL
     assert int(service["TimeoutStopSec"].removesuffix("s")) >= 10
+
+
+# --- least privilege (issue 13 M8) --------------------------------------------------------------------------------
+
+# Settings that give the service a mount namespace of its own (systemd's exec_needs_mount_namespace()). systemd makes
+# it a slave of the host's first, so the FUSE mount made inside would never reach the host: none may appear.
+MOUNT_NAMESPACE_SETTINGS = (
+    "ProtectSystem",
+    "ProtectHome",
+    "PrivateTmp",
+    "PrivateDevices",
+    "PrivateMounts",
+    "PrivateIPC",
+    "ProtectKernelTunables",
+    "ProtectKernelModules",
+    "ProtectKernelLogs",
+    "ProtectControlGroups",
+    "ProtectProc",
+    "ProcSubset",
+    "ReadWritePaths",
+    "ReadOnlyPaths",
+    "InaccessiblePaths",
+    "ExecPaths",
+    "NoExecPaths",
+    "BindPaths",
+    "BindReadOnlyPaths",
+    "TemporaryFileSystem",
+    "RootDirectory",
+    "RootImage",
+    "MountFlags",
+    "PrivateUsers",
+    "DynamicUser",
+)
+# Settings that, for a service whose user lacks CAP_SYS_ADMIN, imply NoNewPrivileges=yes before systemd 255
+# (systemd.exec(5)): the non-root unit would lose fusermount3's setuid bit, and with it the mount.
+SECCOMP_SETTINGS = (
+    "SystemCallFilter",
+    "SystemCallArchitectures",
+    "SystemCallLog",
+    "RestrictAddressFamilies",
+    "RestrictNamespaces",
+    "RestrictRealtime",
+    "RestrictSUIDSGID",
+    "LockPersonality",
+    "MemoryDenyWriteExecute",
+    "ProtectClock",
+    "ProtectHostname",
+)
+
+
+def exposure(unit: Path, tmp_path: Path) -> float:
+    """The overall exposure `systemd-analyze security --offline=yes` gives an instance of ``unit``."""
+    assert shutil.which("systemd-analyze"), "systemd-analyze missing: `make test` installs it (Debian package systemd)"
+    instance = tmp_path / unit.name.replace("@.", "@projects.")
+    instance.write_text(unit.read_text())
+    done = subprocess.run(
+        ["systemd-analyze", "security", "--offline=yes", "--no-pager", instance.name],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
+    found = re.search(r"Overall exposure level for \S+: (\d+\.\d)", done.stdout)
+    assert found, done.stdout + done.stderr
+    return float(found.group(1))
+
+
+def test_root_unit_exposure_is_below_4(tmp_path: Path) -> None:
+    assert exposure(UNIT, tmp_path) < 4.0
+
+
+@pytest.mark.parametrize("unit", UNITS, ids=lambda unit: unit.name)
+def test_the_readme_prints_each_units_exposure(tmp_path: Path, unit: Path) -> None:
+    security = (ROOT / "README.md").read_text().split("\n## Security\n", 1)[1].split("\n## ", 1)[0]
+    assert f"`{unit.name}` | {exposure(unit, tmp_path):.1f} |" in security
+
+
+@pytest.mark.parametrize("unit", UNITS, ids=lambda unit: unit.name)
+def test_the_mount_stays_visible_to_the_host(unit: Path) -> None:
+    service = unit_values(unit)["Service"]
+    assert [key for key in MOUNT_NAMESPACE_SETTINGS if key in service] == []
+    assert service["DeviceAllow"] == ["/dev/fuse rw"] and service["DevicePolicy"] == ["closed"]
+    assert service["CapabilityBoundingSet"] == ["CAP_SYS_ADMIN"], "CAP_DAC_READ_SEARCH and friends are not needed"
+    assert service["AmbientCapabilities"] == [""]
+    # The key id is a secret too (issue 13 L5): both come as systemd credentials, never in the unit or argv.
+    assert [value.split(":")[0] for value in service["LoadCredential"]] == ["ctera-key-id", "ctera-secret"]
+    assert "--access-key-id" not in " ".join(service["ExecStart"])
+
+
+def test_root_unit_filters_system_calls_and_gains_no_privileges() -> None:
+    service = unit_values(UNIT)["Service"]
+    assert "User" not in service  # root: the bdi read-ahead needs uid 0
+    assert service["NoNewPrivileges"] == ["yes"]
+    assert service["SystemCallFilter"] == ["@system-service @mount", "~@privileged @resources"]
+    assert service["SystemCallErrorNumber"] == ["EPERM"]  # an unforeseen call fails, the mount does not die
+    assert service["RestrictAddressFamilies"] == ["AF_UNIX AF_INET AF_INET6"]
+    assert [key for key in SECCOMP_SETTINGS if key not in service] == ["SystemCallLog"]  # logging only
+
+
+def test_user_unit_runs_without_root_and_keeps_fusermount3_setuid() -> None:
+    service = unit_values(USER_UNIT)["Service"]
+    assert service["User"] == ["directfs"] and service["Group"] == ["directfs"]
+    assert service["NoNewPrivileges"] == ["no"]  # fusermount3's setuid bit makes the mount
+    assert [key for key in SECCOMP_SETTINGS if key in service] == [], "each implies NoNewPrivileges=yes (< 255)"
+    # Its control socket lives where the stats command is told to look, in a folder of its own user.
+    assert "DIRECTFS_RUNTIME_DIR=/run/directfs-user" in service["Environment"]
+    assert service["RuntimeDirectory"] == ["directfs-user"]
+    assert "ConditionPathExists" in unit_values(USER_UNIT)["Unit"]
+    assert service["ExecStart"] == unit_values(UNIT)["Service"]["ExecStart"]
 
 
 def test_unit_print_mountpoint_command_works(tmp_path: Path) -> None:

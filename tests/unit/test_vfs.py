@@ -1,9 +1,12 @@
-"""The filesystem object directly (no FUSE): inodes, lookup counts, caches and TTLs, readdir, open/read, xattrs."""
+"""The filesystem object directly (no FUSE), what only it shows: inodes and lookup counts, readdir offsets, caches and
+TTLs on a mock clock, single-flight, versions and invalidation, xattrs from the store, the FUSE error boundary.
+
+What a program sees (listing, stat, bytes, errnos) is the behaviour suite (tests/support/behaviour.py), run over
+``FileSystem`` by tests/unit/test_behaviour_vfs.py and through a real mount by tests/mount/test_behaviour_mount.py."""
 
 from __future__ import annotations
 
 import errno
-import hashlib
 import logging
 import os
 from collections.abc import AsyncIterator, Hashable
@@ -177,93 +180,6 @@ def local(tree: Path) -> LocalSource:
     source = create_local(f"file://{tree}?block_size_bytes={BLOCK}", SourceOptions())
     assert isinstance(source, LocalSource)
     return source
-
-
-async def read_all(fs: FileSystem, inode: int, size: int) -> bytes:
-    fh, _ = await fs.open(inode, os.O_RDONLY)
-    try:
-        out = bytearray()
-        while True:
-            chunk = await fs.read(fh, len(out), 3 * BLOCK + 5)
-            if not chunk:
-                return bytes(out)
-            out += chunk
-            assert len(out) <= size
-    finally:
-        await fs.release(fh)
-
-
-async def test_local_tree_lists_and_reads_like_the_source(tree: Path) -> None:
-    fs = await make_fs(local(tree))
-    fh = await fs.opendir(ROOT_INODE)
-    listed = {name: attrs for name, attrs, _ in collect(fs, fh)}
-    fs.releasedir(fh)
-    assert set(listed) == set(os.listdir(tree))
-    for name, attrs in listed.items():
-        st = (tree / name).stat()
-        assert attrs.is_dir == (tree / name).is_dir()
-        assert attrs.mtime_ns == st.st_mtime_ns
-        assert attrs.blksize == BLKSIZE_BYTES
-        if not attrs.is_dir:
-            assert attrs.size == st.st_size
-            assert attrs.mode == 0o100444
-            assert attrs.blocks == (st.st_size + 511) // 512
-            data = await read_all(fs, attrs.inode, attrs.size)
-            assert hashlib.sha256(data).digest() == hashlib.sha256((tree / name).read_bytes()).digest()
-        else:
-            assert attrs.mode == 0o040555
-    sub = await fs.lookup(ROOT_INODE, "sub dir")
-    odd = await fs.lookup(sub.inode, "ünï %#.txt")
-    assert await read_all(fs, odd.inode, odd.size) == b"hello\n"
-
-
-async def test_reads_past_eof_and_across_blocks(tree: Path) -> None:
-    fs = await make_fs(local(tree))
-    attrs = await fs.lookup(ROOT_INODE, f"f{5 * BLOCK + 7}.bin")
-    want = (tree / f"f{5 * BLOCK + 7}.bin").read_bytes()
-    fh, keep_cache = await fs.open(attrs.inode, os.O_RDONLY)
-    assert keep_cache
-    for offset, size in [(BLOCK - 3, 10), (0, 5 * BLOCK + 7), (5 * BLOCK, 100), (5 * BLOCK + 7, 10), (10**9, 4)]:
-        assert bytes(await fs.read(fh, offset, size)) == want[offset : offset + size]
-    await fs.release(fh)
-
-
-async def test_errnos(tree: Path) -> None:
-    fs = await make_fs(local(tree))
-    with pytest.raises(DirectFSError) as missing:
-        await fs.lookup(ROOT_INODE, "nope")
-    assert missing.value.errno == errno.ENOENT
-    file_attrs = await fs.lookup(ROOT_INODE, "f1.bin")
-    with pytest.raises(DirectFSError) as notdir:
-        await fs.lookup(file_attrs.inode, "x")
-    assert notdir.value.errno == errno.ENOTDIR
-    with pytest.raises(DirectFSError) as notdir2:
-        await fs.opendir(file_attrs.inode)
-    assert notdir2.value.errno == errno.ENOTDIR
-    dir_attrs = await fs.lookup(ROOT_INODE, "sub dir")
-    with pytest.raises(DirectFSError) as isdir:
-        await fs.open(dir_attrs.inode, os.O_RDONLY)
-    assert isdir.value.errno == errno.EISDIR
-    for flags in (os.O_WRONLY, os.O_RDWR, os.O_RDONLY | os.O_TRUNC, os.O_RDONLY | os.O_APPEND):
-        with pytest.raises(DirectFSError) as rofs:
-            await fs.open(file_attrs.inode, flags)
-        assert rofs.value.errno == errno.EROFS
-    with pytest.raises(DirectFSError) as rofs2:
-        fs.refuse_write()
-    assert rofs2.value.errno == errno.EROFS
-
-
-async def test_file_changed_after_open_is_estale_and_reopen_sees_new_version(tree: Path) -> None:
-    fs = await make_fs(local(tree), metadata_ttl_seconds=0)
-    path = tree / f"f{BLOCK + 1}.bin"
-    attrs = await fs.lookup(ROOT_INODE, path.name)
-    fh, _ = await fs.open(attrs.inode, os.O_RDONLY)
-    path.write_bytes(b"new content")
-    with pytest.raises(DirectFSError) as stale:
-        await fs.read(fh, 0, 10)
-    assert stale.value.errno == errno.ESTALE
-    await fs.release(fh)
-    assert await read_all(fs, attrs.inode, 11) == b"new content"
 
 
 async def test_local_listing_skips_undecodable_names(tree: Path, caplog: pytest.LogCaptureFixture) -> None:

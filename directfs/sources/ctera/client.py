@@ -29,13 +29,15 @@ import base64
 import binascii
 import contextlib
 import hashlib
+import ipaddress
 import json
 import logging
+import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Final, TypeGuard, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 import cachetools
 import httpx
@@ -59,16 +61,20 @@ from ...errors import (
     raise_single,
 )
 from ...http import (
+    BadBody,
+    BodyTooLarge,
     HTTPSettings,
     RetryPolicy,
     StatusReply,
     build_client,
     is_loopback_host,
+    open_stream,
+    read_body,
     redact_url,
     send_with_retries,
     transport_error,
 )
-from ...transfer import BlockingGetter, BodyTooLarge
+from ...transfer import BlockingGetter
 from ...workers import run_codec, run_job
 from ..base import BlockLayout, SourceOptions
 from . import codec
@@ -97,7 +103,16 @@ class DirectIOSettings:
     max_block_bytes: int = 64 * MiB
     # The Portal may return partial block lists (docs/ctera-direct-io.md §2.4); bounded so a loop cannot hang us.
     max_metadata_pages: int = 10_000
+    # All pages of one block list together (max_chunks and this are running totals, checked page by page): max_chunks
+    # at ~500 bytes of JSON per chunk (a presigned URL with its query), so the largest file we accept still fits, while
+    # a Portal that pages forever stops at the first page past it instead of after max_metadata_pages.
+    max_metadata_total_bytes: int = 2048 * MiB
     allow_plain_http: bool = False  # a Bearer key over plain HTTP only to loopback, unless the user insists
+    # Block URLs are https:// to a host that is not this machine unless the Portal itself is a loopback http:// one
+    # (tests, `directfs serve` demos): blocks carry no MAC, and a Portal should not point us at local services.
+    # True accepts http:// and loopback block URLs from any Portal. Link-local and cloud metadata hosts are refused
+    # whatever this says (``BlockURLPolicy``).
+    allow_insecure_storage: bool = False
     # CTERA blocks carry no MAC: with AES-CBC a flipped bit inside a snappy literal decodes to wrong bytes of the
     # right length. Where the storage sends an MD5 of the object (Content-MD5, x-goog-hash md5, or the ETag of an S3
     # single-part object) we check it before decoding; ~700 MB/s per core, run through the codec threads. On by
@@ -134,6 +149,7 @@ class DirectIOSettings:
             storage=options.http_settings(storage=True),
             retry=retry or RetryPolicy(),
             allow_plain_http=options.allow_plain_http,
+            allow_insecure_storage=options.allow_insecure_storage,
         )
 
 
@@ -179,6 +195,104 @@ def _file_id_text(file_id: int | str) -> str:
     return text
 
 
+# --- which block URLs we fetch ----------------------------------------------------------------------------------
+
+# Cloud metadata services hand out instance credentials to whoever asks from the machine: a block URL must never make
+# us ask (an answer would only fail to decode, but the request alone may be the attack: IMDSv1 needs no token).
+# AWS, GCP, Azure, OCI, DigitalOcean: 169.254.169.254 (inside link-local, refused anyway); AWS over IPv6:
+# fd00:ec2::254; Alibaba: 100.100.100.200; Azure's WireServer: 168.63.129.16.
+_METADATA_ADDRESSES: Final = frozenset(
+    ipaddress.ip_address(a) for a in ("169.254.169.254", "fd00:ec2::254", "100.100.100.200", "168.63.129.16")
+)
+_METADATA_NAMES: Final = frozenset(
+    {"metadata", "metadata.google.internal", "metadata.goog", "instance-data", "instance-data.ec2.internal"}
+)
+_NAT64: Final = ipaddress.ip_network("64:ff9b::/96")  # well-known NAT64 prefix: the low 32 bits are an IPv4 address
+_NUMERIC_HOST: Final = frozenset("0123456789abcdefxABCDEFX.")
+_BROADCAST: Final = ipaddress.ip_address("255.255.255.255")
+
+
+def _literal_address(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The IP address a URL's host names literally, as the resolver would read it, or None for a DNS name.
+
+    Besides dotted quads and IPv6 literals (a zone id allowed), the numeric forms of ``inet_aton`` that getaddrinfo
+    and libcurl accept: ``2852039166``, ``0xa9fea9fe``, ``0251.0376.0251.0376``, ``169.254.43518``. An IPv4-mapped or
+    NAT64 IPv6 address counts as the IPv4 address inside it."""
+    text = host.strip("[]").rstrip(".")
+    address: ipaddress.IPv4Address | ipaddress.IPv6Address | None
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        address = None
+        if text and set(text) <= _NUMERIC_HOST and any(c.isdigit() for c in text):
+            with contextlib.suppress(OSError):
+                address = ipaddress.IPv4Address(socket.inet_aton(text))
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return address.ipv4_mapped
+        if address in _NAT64:
+            return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+        if address.scope_id:
+            return ipaddress.IPv6Address(text.partition("%")[0])
+    return address
+
+
+@dataclass(frozen=True, slots=True)
+class BlockURLPolicy:
+    """Which block URLs of a block list we fetch (issue 13 M3). Decided on the URL's literal host, never by resolving
+    it: a DNS name that resolves to a link-local or metadata address is *not* caught here (that needs a check at
+    connect time; see the README's Security section).
+
+    Always refused: link-local hosts (169.254.0.0/16, fe80::/10), cloud metadata services (``_METADATA_ADDRESSES``,
+    ``_METADATA_NAMES``), multicast and broadcast addresses, and URLs with userinfo or a backslash in the authority
+    (parsers disagree on where such a host ends). ``plain_http``: http:// accepted; ``loopback``: this machine
+    (127.0.0.0/8, ::1, 0.0.0.0, ``localhost``, ``*.localhost``) accepted. Both hold only for a Portal that is itself
+    on loopback (``plain_http`` only over http://), or with ``allow_insecure_storage``."""
+
+    plain_http: bool = False
+    loopback: bool = False
+
+    @classmethod
+    def for_portal(cls, portal_url: str | httpx.URL, *, allow_insecure_storage: bool) -> BlockURLPolicy:
+        url = httpx.URL(portal_url)
+        local = is_loopback_host(url.host)
+        return cls(
+            plain_http=allow_insecure_storage or (local and url.scheme == "http"),
+            loopback=allow_insecure_storage or local,
+        )
+
+    def refusal(self, parts: SplitResult) -> str | None:
+        """Why the URL split into ``parts`` may not be fetched, naming its host (never its query); None if it may."""
+        host = (parts.hostname or "").rstrip(".")
+        shown = repr(host[:100])
+        if parts.username is not None or parts.password is not None or "\\" in parts.netloc:
+            return f"block URL to {shown} has userinfo or a backslash in its authority"
+        address = _literal_address(host)
+        if host in _METADATA_NAMES or address in _METADATA_ADDRESSES:
+            return f"block URL to {shown} refused: a cloud metadata service"
+        if address is not None and address.is_link_local:
+            return f"block URL to {shown} refused: a link-local address"
+        if address is not None and (address.is_multicast or address == _BROADCAST):
+            return f"block URL to {shown} refused: not a unicast address"
+        local = host in ("localhost", "localhost.localdomain") or host.endswith(".localhost")
+        if address is not None:
+            local = address.is_loopback or address.is_unspecified
+        if local and not self.loopback:
+            return (
+                f"block URL to {shown} refused: this machine, named by a Portal that is not on it "
+                "(--allow-insecure-storage accepts it)"
+            )
+        if parts.scheme.lower() == "http" and not self.plain_http:
+            return (
+                f"block URL to {shown} refused: plain http:// (blocks carry no MAC: the storage must use https, "
+                "or pass --allow-insecure-storage)"
+            )
+        return None
+
+
+STRICT_BLOCK_URLS: Final = BlockURLPolicy()  # a Portal that is not on this machine, no --allow-insecure-storage
+
+
 # --- metadata parsing -----------------------------------------------------------------------------------------
 
 
@@ -199,7 +313,21 @@ def _malformed(file_id: str, why: str) -> MalformedMetadataError:
     return MalformedMetadataError(f"Malformed Direct IO metadata: {why}", filename=file_id)
 
 
-def _parse_page(file_id: str, body: Any, settings: DirectIOSettings) -> _Page:
+def parse_metadata_page(
+    file_id: str, body: bytes | bytearray, settings: DirectIOSettings, *, block_urls: BlockURLPolicy = STRICT_BLOCK_URLS
+) -> _Page:
+    """One 200 reply of ``GET /directio/{file_id}`` (the raw body) as a page of the block list, or
+    ``MalformedMetadataError``. Pure: the fuzz target of tests/unit/test_fuzz_replies.py calls it on hostile bytes."""
+    try:
+        document = json.loads(body, parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError and bad UTF-8 are ValueErrors
+        raise _malformed(file_id, "the reply is not valid JSON") from exc
+    return _parse_page(file_id, document, settings, block_urls=block_urls)
+
+
+def _parse_page(
+    file_id: str, body: Any, settings: DirectIOSettings, *, block_urls: BlockURLPolicy = STRICT_BLOCK_URLS
+) -> _Page:
     if not isinstance(body, dict):
         raise _malformed(file_id, "the reply is not a JSON object")
     info = body.get("encrypt_info")
@@ -242,6 +370,9 @@ def _parse_page(file_id: str, body: Any, settings: DirectIOSettings) -> _Page:
             raise _malformed(file_id, f"chunk {position} has an unparseable url") from exc
         if parts.scheme.lower() not in ("https", "http") or not host:
             raise _malformed(file_id, f"chunk {position} has no absolute http(s) url")
+        refused = block_urls.refusal(parts)
+        if refused is not None:
+            raise _malformed(file_id, f"chunk {position}: {refused}")
         azure = azure or host.endswith(AZURE_HOST_SUFFIX)
         lengths.append(length)
         urls.append(url)
@@ -258,7 +389,8 @@ def _parse_page(file_id: str, body: Any, settings: DirectIOSettings) -> _Page:
             if not isinstance(text, str):
                 raise _malformed(file_id, "actual_blocks_range.range is not a string")
             start_text, sep, end_text = text.strip().partition("-")
-            if not sep or not start_text.isdigit() or not end_text.isdigit():
+            # ASCII digits of an int64 only: str.isdigit() accepts "²" and 5000 digits, which int() refuses.
+            if not sep or not all(t.isascii() and t.isdigit() and len(t) <= 18 for t in (start_text, end_text)):
                 raise _malformed(file_id, "actual_blocks_range.range is not START-END")
             range_start, range_end = int(start_text), int(end_text)
     return _Page(
@@ -309,6 +441,7 @@ class DirectIOClient:
             raise ConfigError("Direct IO needs an access key id and a secret access key")
         # /directio sits at the host root, whatever path the user gave (docs/ctera-direct-io.md §2.1).
         self.portal_url = str(url.copy_with(path="/", query=None, fragment=None, username=None, password=None))
+        self._block_urls = BlockURLPolicy.for_portal(url, allow_insecure_storage=self.settings.allow_insecure_storage)
         self._access_key_id = access_key_id
         self._secret_access_key = secret_access_key
         self._transports = (portal_transport, storage_transport)
@@ -387,14 +520,25 @@ class DirectIOClient:
         return await self._metadata(_file_id_text(file_id), empty_ok=False)
 
     async def _metadata(self, file_id: str, *, empty_ok: bool) -> FileMetadata:
-        first = await self._metadata_page(file_id, None)
+        # Chunks and reply bytes are running totals over the pages (issue 13 M5): a Portal that pages a block list
+        # past max_chunks or max_metadata_total_bytes is stopped at the first page over, not after the last.
+        first, spent_bytes = await self._metadata_page(file_id, None, spent_bytes=0)
         pages = [first]
+        chunk_count = len(first.lengths)
         if first.file_size and first.range_start is not None:
             covered = self._check_page(file_id, first, 0)
             while covered < first.file_size:
                 if len(pages) >= self.settings.max_metadata_pages:
                     raise _malformed(file_id, f"block list not complete after {len(pages)} pages")
-                page = await self._metadata_page(file_id, (covered, first.file_size - 1))
+                page, page_bytes = await self._metadata_page(
+                    file_id, (covered, first.file_size - 1), spent_bytes=spent_bytes
+                )
+                spent_bytes += page_bytes
+                chunk_count += len(page.lengths)
+                if chunk_count > self.settings.max_chunks:
+                    raise _malformed(
+                        file_id, f"more than {self.settings.max_chunks} chunks after {len(pages) + 1} pages"
+                    )
                 if (page.encrypted, page.wrapped_key, page.compression, page.file_size) != (
                     first.encrypted,
                     first.wrapped_key,
@@ -408,8 +552,6 @@ class DirectIOClient:
                 raise _malformed(file_id, f"block list covers {covered} bytes of a {first.file_size}-byte file")
         lengths = [n for page in pages for n in page.lengths]
         urls = [u for page in pages for u in page.urls]
-        if len(lengths) > self.settings.max_chunks:
-            raise _malformed(file_id, f"more than {self.settings.max_chunks} chunks")
         size = sum(lengths)
         if first.file_size is not None and first.file_size != size:
             raise _malformed(file_id, f"chunks sum to {size} bytes, file_size says {first.file_size}")
@@ -457,24 +599,33 @@ class DirectIOClient:
             raise _malformed(file_id, "block list runs past file_size")
         return covered + page_bytes
 
-    async def _metadata_page(self, file_id: str, byte_range: tuple[int, int] | None) -> _Page:
+    async def _metadata_page(
+        self, file_id: str, byte_range: tuple[int, int] | None, *, spent_bytes: int
+    ) -> tuple[_Page, int]:
+        """One page of the block list and the size of its reply; ``spent_bytes`` were read for earlier pages (the
+        reply may have what is left of ``max_metadata_total_bytes``, at most ``max_metadata_bytes``)."""
         portal, _ = self._clients()
         url = httpx.URL(self.portal_url).join(f"/directio/{file_id}")
         if byte_range is not None:
             url = url.copy_merge_params({"rangeStart": str(byte_range[0]), "rangeEnd": str(byte_range[1])})
         what = f"GET {redact_url(url)}"
-        limit = self.settings.max_metadata_bytes
+        total = self.settings.max_metadata_total_bytes
+        limit = max(0, min(self.settings.max_metadata_bytes, total - spent_bytes))
 
         async def attempt() -> _Reply:
-            async with portal.stream("GET", url) as response:
+            async with open_stream(portal, "GET", url) as response:
                 # Error bodies are never read: only the status matters, and a hostile body costs nothing.
-                body = await _read_limited(response, limit) if response.status_code == 200 else bytearray()
+                body = await read_body(response, limit) if response.status_code == 200 else bytearray()
                 return _Reply(response.status_code, response.headers, body)
 
         try:
             reply = await send_with_retries(attempt, policy=self.settings.retry, what=what)
-        except _Overlong:
+        except BodyTooLarge:
+            if limit < self.settings.max_metadata_bytes:
+                raise _malformed(file_id, f"block list larger than {total} bytes over all its pages") from None
             raise _malformed(file_id, f"reply larger than {limit} bytes") from None
+        except BadBody as exc:
+            raise _malformed(file_id, str(exc)) from None
         except httpx.HTTPError as exc:
             raise transport_error(exc, subject="block list", what=what, filename=file_id) from exc
         status = reply.status_code
@@ -487,11 +638,7 @@ class DirectIOClient:
             if status == 422:
                 raise UnsupportedStorageError(filename=file_id)
             raise InvalidRequest(f"Portal answered HTTP {status} for the block list", filename=file_id)
-        try:
-            body = json.loads(reply.body, parse_constant=_reject_constant)
-        except (ValueError, RecursionError) as exc:  # JSONDecodeError and bad UTF-8 are ValueErrors
-            raise _malformed(file_id, "the reply is not valid JSON") from exc
-        return _parse_page(file_id, body, self.settings)
+        return parse_metadata_page(file_id, reply.body, self.settings, block_urls=self._block_urls), len(reply.body)
 
     # --- files ---
 
@@ -593,8 +740,10 @@ class DirectIOClient:
         mapped to the block errors of the tree."""
         try:
             reply = await send_with_retries(attempt, policy=self.settings.retry, what=what)
-        except (_Overlong, BodyTooLarge) as exc:
+        except BodyTooLarge as exc:
             raise DownloadError(f"object of {exc.size}+ bytes is too large for this block", block=info) from None
+        except BadBody as exc:
+            raise DownloadError(f"unreadable object ({exc})", block=info) from None
         except httpx.HTTPError as exc:
             raise transport_error(exc, subject="block", what=what, block=info) from exc
         if reply.status_code in (400, 403):
@@ -610,10 +759,10 @@ class DirectIOClient:
         limit = _object_limit(chunk)
 
         async def attempt() -> _Reply:
-            async with storage.stream("GET", chunk.url) as response:
+            async with open_stream(storage, "GET", chunk.url) as response:
                 if response.status_code != 200:
                     return _Reply(response.status_code, response.headers, bytearray())
-                return _Reply(200, response.headers, await _read_limited(response, limit))
+                return _Reply(200, response.headers, await read_body(response, limit))
 
         return await self._storage_reply(attempt, info, what)
 
@@ -659,12 +808,6 @@ def _block_job(
     if expected is not None and _md5(reply.body) != expected[0]:
         return _JobResult(200, reply.headers, digest_source=expected[1])
     return _JobResult(200, reply.headers, decode(reply.body))
-
-
-class _Overlong(Exception):
-    def __init__(self, size: int) -> None:
-        super().__init__(size)
-        self.size = size
 
 
 def _md5(data: bytes | bytearray) -> bytes:
@@ -736,34 +879,6 @@ def _b64_md5(value: str) -> bytes | None:
 
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
-
-
-async def _read_limited(response: httpx.Response, limit: int) -> bytearray:
-    """The body in one buffer (raw: no content decoding, so no inflation bomb; one copy of each piece), or
-    ``_Overlong`` past ``limit`` bytes. A declared Content-Length over the limit is refused before reading.
-    A response already read (``httpx.MockTransport`` replies) is taken as it is."""
-    try:
-        content = response.content
-    except httpx.ResponseNotRead:
-        pass
-    else:
-        if len(content) > limit:
-            raise _Overlong(len(content))
-        return bytearray(content)
-    declared = response.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise _Overlong(int(declared))
-    body = bytearray()
-    async for piece in response.aiter_raw():
-        body += piece
-        if len(body) > limit:
-            # A chunked body past the limit: stop reading (the caller's ``async with client.stream`` closes the
-            # connection). httpx's inner async generators are left to trio's GC hook, which finalises them and
-            # warns (ResourceWarning); that only happens for hostile bodies, and reading on would be worse.
-            break
-    else:
-        return body
-    raise _Overlong(len(body))
 
 
 class DirectIOFile:

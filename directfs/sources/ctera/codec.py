@@ -115,8 +115,8 @@ def unwrap_file_key(wrapped_key: str, secret_access_key: str) -> bytes:
         if not isinstance(literal, str):
             raise DecryptKeyError()
         key = base64.b64decode(literal, validate=True)
-    except (UnicodeDecodeError, json.JSONDecodeError, binascii.Error, ValueError) as exc:
-        raise DecryptKeyError() from exc
+    except (UnicodeDecodeError, json.JSONDecodeError, binascii.Error, ValueError, RecursionError) as exc:
+        raise DecryptKeyError() from exc  # RecursionError: a deeply nested JSON plaintext
     if len(key) not in (16, 24, 32):
         raise DecryptKeyError("the unwrapped file key has an invalid length")
     return key

@@ -5,17 +5,18 @@ The mount root is ``/ServicesPortal/webdav/`` or the named sub-folder; a URL tha
 ``/ServicesPortal/webdav/...`` means the same.
 
 * Listing: ``PROPFIND`` Depth 1 (folders) and Depth 0 (one entry) with the standard DAV properties and
-  ``ctera:fileid``; HTTP Basic (``username``/``password``) or Bearer (``token``) auth.
+  ``ctera:fileid``; HTTP Basic (``username``/``password``) or Bearer (``token``, or a rotating ``token_file``)
+  auth, the plain stores' ``HTTPAuth``.
 * Data: every regular file's ``fileid`` is its Direct IO id (``.client``). A file whose blocks are not on a
   Direct-mode storage node (Portal 422), or that has no ``fileid`` in the listing, is read with ranged WebDAV GETs
-  instead, as Cyberduck does; a warning says so once per file.
+  instead, as Cyberduck does (the plain stores' ``plain_file``, in worker threads); a warning says so once per
+  file. The WebDAV connections are the plain stores' ``StoreClients``, built on first use.
 * Versions: ``fileid``, size, mtime and ETag together are the version token; a change of any of them is a new
   version, so cached blocks of the old one are never served for it.
 """
 
 from __future__ import annotations
 
-import base64
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -31,17 +32,20 @@ from ...errors import (
     UnsupportedStorageError,
 )
 from ...http import (
+    BadBody,
     RetryPolicy,
-    build_client,
     is_loopback_host,
     namespace_status_error,
+    open_stream,
+    read_body,
     redact_url,
     send_with_retries,
     transport_error,
 )
 from .. import davxml
-from ..base import BlockLayout, Entry, OpenFile, SourceOptions
+from ..base import Entry, OpenFile, SourceOptions
 from ..httprange import RangeFile
+from ..httpstore import HTTPAuth, StoreClients, plain_file
 from .client import DirectIOClient, DirectIOSettings
 
 log = logging.getLogger(__name__)
@@ -49,6 +53,7 @@ log = logging.getLogger(__name__)
 WEBDAV_ROOT = "/ServicesPortal/webdav"
 # Block size of the WebDAV-GET fallback: 4 MiB is CTERA's fixed-block default, so read-ahead behaves the same.
 FALLBACK_BLOCK_SIZE_BYTES = 4 * 1024 * 1024
+XML_CONTENT_TYPE = "application/xml; charset=utf-8"
 
 
 @dataclass(frozen=True)
@@ -66,7 +71,7 @@ def _entry_version(resource: davxml.DavResource, size: int, mtime_ns: int) -> st
     return f"ctera:{resource.file_id or '-'}:{size}:{mtime_ns}:{resource.etag or '-'}"
 
 
-class CteraSource:
+class CteraSource(StoreClients):
     """A CTERA Portal's global namespace. Create with :func:`create`; ``aclose`` releases connections."""
 
     def __init__(self, url: str, options: SourceOptions) -> None:
@@ -88,27 +93,15 @@ class CteraSource:
             sub = sub[len(WEBDAV_ROOT.strip("/")) :].strip("/")
         self._root = f"{WEBDAV_ROOT}/{sub}" if sub else WEBDAV_ROOT
         self._options = options
-        credentials = options.credentials
-        self._auth_header: dict[str, str] = {}
-        if credentials.token:
-            self._auth_header["Authorization"] = f"Bearer {credentials.token}"
-        elif credentials.username is not None and credentials.password is not None:
-            pair = f"{credentials.username}:{credentials.password}".encode()
-            self._auth_header["Authorization"] = "Basic " + base64.b64encode(pair).decode("ascii")
-        self._http = options.http_settings()
+        self._auth = HTTPAuth(options.credentials)
+        super().__init__(options.http_settings())
         self._retry = RetryPolicy()
-        self._dav: httpx.AsyncClient | None = None
         self._dio: DirectIOClient | None = None
         self._dio_lock = trio.Lock()
         self._warned_fallback: set[str] = set()
         self.display_url = f"ctera+{self._origin}{quote(self._root)}"
 
     # --- plumbing ---
-
-    def _client(self) -> httpx.AsyncClient:
-        if self._dav is None:
-            self._dav = build_client(self._http, headers=self._auth_header)
-        return self._dav
 
     async def _direct_io(self) -> DirectIOClient:
         async with self._dio_lock:
@@ -137,9 +130,7 @@ class CteraSource:
         return self._origin + quote(full, safe="/")
 
     async def aclose(self) -> None:
-        if self._dav is not None:
-            await self._dav.aclose()
-            self._dav = None
+        await super().aclose()
         if self._dio is not None:
             await self._dio.aclose()
             self._dio = None
@@ -151,23 +142,34 @@ class CteraSource:
         what = f"PROPFIND {redact_url(url)}"
 
         async def attempt() -> _DavReply:
-            headers = {"Depth": str(depth), "Content-Type": "application/xml; charset=utf-8"}
-            async with self._client().stream(
-                "PROPFIND", url, headers=headers, content=davxml.PROPFIND_BODY
+            headers = {**(await self._auth.headers()), "Depth": str(depth), "Content-Type": XML_CONTENT_TYPE}
+            async with open_stream(
+                self._http(), "PROPFIND", url, headers=headers, content=davxml.PROPFIND_BODY
             ) as response:
                 # Parsed as it arrives: a huge folder is never held as one body or one XML tree.
                 resources: list[davxml.DavResource] = []
                 if response.status_code == 207:
                     parser = davxml.MultistatusParser()
-                    async for piece in response.aiter_bytes():
-                        resources += parser.feed(piece)
+                    try:
+                        await read_body(
+                            response,
+                            davxml.MAX_PROPFIND_BODY_BYTES,
+                            feed=lambda piece: resources.extend(parser.feed(piece)),
+                        )
+                    except BadBody as exc:
+                        raise MalformedListingError(f"{what}: {exc}", filename=path or "/") from None
                     resources += parser.close()
                 return _DavReply(response.status_code, response.headers, resources)
 
-        try:
-            response = await send_with_retries(attempt, policy=self._retry, what=what)
-        except httpx.HTTPError as exc:
-            raise transport_error(exc, subject="namespace", what=what, filename=path or "/") from exc
+        async def once() -> _DavReply:
+            try:
+                return await send_with_retries(attempt, policy=self._retry, what=what)
+            except httpx.HTTPError as exc:
+                raise transport_error(exc, subject="namespace", what=what, filename=path or "/") from exc
+
+        response = await once()
+        if response.status_code in (401, 403) and await self._auth.refresh():
+            response = await once()  # a rotated token file was re-read
         status = response.status_code
         if status == 207:
             return response.resources
@@ -213,7 +215,7 @@ class CteraSource:
             if entry.size and path not in self._warned_fallback:
                 self._warned_fallback.add(path)
                 log.warning("%s has no Direct IO file id: reading it over WebDAV", path)
-            return self._webdav_file(path, entry)
+            return await self._webdav_file(path, entry)
         dio = await self._direct_io()
         try:
             return await dio.open(entry.file_id, version=entry.version, expected_size=entry.size)
@@ -221,15 +223,17 @@ class CteraSource:
             if path not in self._warned_fallback:
                 self._warned_fallback.add(path)
                 log.warning("%s is not on a Direct-mode storage node (Portal 422): reading it over WebDAV", path)
-            return self._webdav_file(path, entry)
+            return await self._webdav_file(path, entry)
 
-    def _webdav_file(self, path: str, entry: Entry) -> RangeFile:
-        etag = dict(entry.xattrs).get("user.etag")
-        return RangeFile(
-            self._client(),
+    async def _webdav_file(self, path: str, entry: Entry) -> RangeFile:
+        return plain_file(
+            self._http(),
             self._url(path),
-            BlockLayout.fixed(entry.version, entry.size, FALLBACK_BLOCK_SIZE_BYTES),
-            name=path,
-            etag=etag.decode() if etag else None,
+            entry,
+            path=path,
+            block_size_bytes=FALLBACK_BLOCK_SIZE_BYTES,
             policy=self._retry,
+            auth=self._auth,
+            staging=None,
+            getter=await self._data_getter(),
         )

@@ -1,81 +1,27 @@
 """Metrics: exposition text parsed with prometheus_client's own parser, counters moving as files are read through
-the real filesystem object and read engine over a file:// source; the HTTP endpoint, the control socket, and the
-`directfs stats` summary of it."""
+the real filesystem object and read engine over a file:// source; the control socket, and the `directfs stats`
+summary of it. The HTTP endpoint on 127.0.0.1: tests/component/test_metrics_endpoint.py."""
 
 from __future__ import annotations
 
 import argparse
 import os
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import pytest
 import trio
-from prometheus_client.parser import text_string_to_metric_families
 
 from directfs import metrics
 from directfs.commands import stats
-from directfs.engine.reader import ReadEngine, ReadSettings
 from directfs.errors import ConfigError
-from directfs.sources.base import SourceOptions
-from directfs.sources.registry import create_source
-from directfs.vfs import ROOT_INODE, FileSystem
-
-BLOCK = 4096
-
-
-def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    """(sample name, sorted labels) -> value, from exposition text (fails on invalid text)."""
-    out = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
-    return out
-
-
-@dataclass
-class Mounted:
-    fs: FileSystem
-    engine: ReadEngine
-    ops: metrics.OpStats
-    registry: object
+from tests.support.metricsfs import BLOCK, Mounted, metered_fs, read_whole, samples, value
 
 
 @pytest.fixture
 async def mounted(tmp_path: Path) -> AsyncIterator[Mounted]:
-    data = tmp_path / "data"
-    data.mkdir()
-    (data / "a.bin").write_bytes(os.urandom(10 * BLOCK + 7))
-    (data / "b.bin").write_bytes(os.urandom(3 * BLOCK))
-    source = create_source(f"file://{data}?block_size_bytes={BLOCK}", SourceOptions())
-    async with trio.open_nursery() as nursery:
-        engine = ReadEngine(ReadSettings(), nursery)
-        fs = FileSystem(source, engine)
-        await fs.start()
-        ops = metrics.OpStats()
-        registry = metrics.build_registry(
-            metrics.Sources(read_statistics=engine.statistics, vfs_statistics=fs.statistics, op_stats=ops)
-        )
-        yield Mounted(fs, engine, ops, registry)
-        await fs.aclose()
-        nursery.cancel_scope.cancel()
-    await source.aclose()
-
-
-async def read_whole(fs: FileSystem, name: str) -> int:
-    attrs = await fs.lookup(ROOT_INODE, name)
-    fh, _ = await fs.open(attrs.inode, os.O_RDONLY)
-    total = 0
-    while chunk := await fs.read(fh, total, 5000):
-        total += len(chunk)
-    await fs.release(fh)
-    return total
-
-
-def value(text: str, name: str, **labels: str) -> float:
-    return samples(text)[(name, tuple(sorted(labels.items())))]
+    async with metered_fs(tmp_path) as it:
+        yield it
 
 
 async def test_counters_move_when_files_are_read(mounted: Mounted) -> None:
@@ -135,39 +81,10 @@ def test_http_attempts_retries_and_give_ups_are_exported() -> None:
     assert value(text, "directfs_http_gave_up_total") == 2
 
 
-async def test_http_endpoint_serves_valid_exposition(mounted: Mounted) -> None:
-    server = metrics.start_metrics_server("127.0.0.1", 0, mounted.registry, allow_remote=False)  # type: ignore[arg-type]
-    try:
-        url = f"http://127.0.0.1:{server.port}/metrics"
-
-        def scrape() -> str:
-            reply = httpx.get(url, timeout=5)
-            reply.raise_for_status()
-            return reply.text
-
-        first = await trio.to_thread.run_sync(scrape)
-        await read_whole(mounted.fs, "b.bin")
-        second = await trio.to_thread.run_sync(scrape)
-    finally:
-        server.close()
-    assert value(first, "directfs_read_bytes_served_total") == 0
-    assert value(second, "directfs_read_bytes_served_total") == 3 * BLOCK
-
-
 def test_remote_metrics_address_needs_explicit_permission() -> None:
     registry = metrics.build_registry(metrics.Sources())
     with pytest.raises(ConfigError, match=r"--metrics-address 0.0.0.0:9567: not a loopback address.*allow-remote"):
         metrics.start_metrics_server("0.0.0.0", 9567, registry, allow_remote=False)
-
-
-def test_busy_port_is_a_config_error() -> None:
-    registry = metrics.build_registry(metrics.Sources())
-    server = metrics.start_metrics_server("127.0.0.1", 0, registry, allow_remote=False)
-    try:
-        with pytest.raises(ConfigError, match=rf"127.0.0.1:{server.port}: cannot listen"):
-            metrics.start_metrics_server("127.0.0.1", server.port, registry, allow_remote=False)
-    finally:
-        server.close()
 
 
 def test_control_socket_path_is_per_mountpoint(tmp_path: Path) -> None:

@@ -1,15 +1,13 @@
 """sd_notify datagrams to a socket the test owns (path and abstract names); readiness only once the mount is live.
 
-The full sequence against a real mount (READY=1 only after stat answers, STOPPING=1 on SIGTERM) is in
-the last test here, which runs the daemon as a subprocess.
+The full sequence against a real mount (READY=1 only after stat answers, STOPPING=1 on SIGTERM) runs the daemon as a
+subprocess: tests/mount/test_notify_daemon.py.
 """
 
 from __future__ import annotations
 
 import os
-import signal
 import socket
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,17 +16,13 @@ import trio
 
 from directfs import notify
 from directfs.errors import DirectFSError
-from directfs.mount import mount_device
-from tests.support.mountd import directfs_command, fuse_available, teardown
+from tests.support.notifysock import notify_listener
 
 
 @pytest.fixture
 def listener(tmp_path: Path) -> Iterator[tuple[socket.socket, str]]:
     path = str(tmp_path / "notify.sock")
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    sock.bind(path)
-    sock.settimeout(5)
-    with sock:
+    with notify_listener(path) as sock:
         yield sock, path
 
 
@@ -89,36 +83,3 @@ async def test_ready_once_a_real_mount_answers(listener: tuple[socket.socket, st
 async def test_stat_errors_are_retried_until_the_deadline(tmp_path: Path) -> None:
     with pytest.raises(DirectFSError, match="No such file or directory"):
         await notify.wait_until_live(str(tmp_path / "missing"), deadline_seconds=0.2)
-
-
-@pytest.mark.mount
-@pytest.mark.skipif(not fuse_available(), reason="needs /dev/fuse, fusermount3 and root")
-def test_daemon_sends_ready_only_when_live_then_stopping_on_sigterm(
-    tmp_path: Path, listener: tuple[socket.socket, str]
-) -> None:
-    sock, path = listener
-    data = tmp_path / "data"
-    data.mkdir()
-    (data / "hello.txt").write_text("hello\n")
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    with open(tmp_path / "stderr", "wb") as err:
-        proc = subprocess.Popen(
-            directfs_command("mount", "-f", f"file://{data}", str(mnt)),
-            stdout=err,
-            stderr=err,
-            env={**os.environ, "NOTIFY_SOCKET": path},
-        )
-    try:
-        message = sock.recv(4096).decode()
-        # the moment READY arrives, the mount already answers
-        assert mount_device(str(mnt)) is not None
-        assert (mnt / "hello.txt").read_text() == "hello\n"
-        lines = message.split("\n")
-        assert lines[0] == "READY=1" and f"MAINPID={proc.pid}" in lines
-        assert any(line.startswith("STATUS=serving file://") for line in lines)
-        proc.send_signal(signal.SIGTERM)
-        assert sock.recv(4096).decode().split("\n")[0] == "STOPPING=1"
-        assert proc.wait(timeout=30) == 0
-    finally:
-        teardown(mnt, proc)

@@ -2,10 +2,10 @@
 
 CTERA blocks have no MAC (docs/ctera-direct-io.md §4.3): the codec catches damage only where the format allows (padding,
 compressed structure, length). The fetch layer closes the rest where the storage vouches for the object with an MD5
-(Content-MD5, x-goog-hash, an S3 single-part ETag). These tests pin both layers, through scripted storage
-(``httpx.MockTransport``), through the reference portal (whose ``--fault-corrupt-blocks-rate`` damages bytes on the
-wire only, under the object's true ETag) and against a real S3 server (SeaweedFS: its presigned GETs carry MD5
-ETags).
+(Content-MD5, x-goog-hash, an S3 single-part ETag). These tests pin both layers through scripted storage
+(``httpx.MockTransport``); the reference portal (whose ``--fault-corrupt-blocks-rate`` damages bytes on the wire only,
+under the object's true ETag) and a real S3 server (SeaweedFS: its presigned GETs carry MD5 ETags) are in
+tests/component/test_integrity_servers.py.
 
 What no client can detect (README "Guarantees"): a store that serves another valid object of the same length with
 its own valid digest (a swapped block of the same size from the same file key) decodes to wrong bytes.
@@ -18,7 +18,6 @@ import errno
 import hashlib
 from collections import Counter
 from collections.abc import Callable
-from pathlib import Path
 
 import httpx
 import pytest
@@ -31,8 +30,6 @@ from directfs.errors import BlockDigestError, BlockError, BlockValidationError, 
 from directfs.sources.ctera import codec
 from directfs.sources.ctera.client import storage_md5
 from tests.support.blockserver import FAST_RETRY, SECRET, json_response, mock_file, payload
-from tests.support.portal import start_portal
-from tests.support.seaweed import start_seaweed
 
 PORTAL = "https://portal.test"
 BLOCK = 64 * 1024
@@ -245,47 +242,3 @@ async def test_a_failed_block_is_never_cached(nursery: trio.Nursery, autojump_cl
         assert bytes(await reader.read(0, BLOCK)) == plain[:BLOCK]
         assert storage.gets["/blocks/1"] > gets_after_failure
         await reader.aclose()
-
-
-# --- the reference portal and a real S3 server ------------------------------------------------------------------
-
-
-@pytest.mark.expected_logs(r"object does not match its")
-def test_portal_block_etag_is_the_md5_and_wire_corruption_is_caught(tmp_path: Path) -> None:
-    tree = tmp_path / "tree"
-    tree.mkdir()
-    (tree / "native.bin").write_bytes(payload(2 * BLOCK, seed=5))
-    args = ["--block-size", "64K", "--native", "*.bin"]
-    with start_portal(tree, extra_args=args) as portal:
-        fid = portal.file_id("native.bin")
-
-        async def block_urls() -> list[str]:
-            async with DirectIO(portal.url, portal.access_key_id, portal.secret_access_key) as dio:
-                return [chunk.url for chunk in (await dio.metadata(fid)).chunks]
-
-        for url in trio.run(block_urls):
-            reply = httpx.get(url)
-            assert reply.headers["ETag"] == f'"{hashlib.md5(reply.content).hexdigest()}"'
-
-    with start_portal(tree, extra_args=[*args, "--fault-corrupt-blocks-rate", "1", "--fault-seed", "3"]) as portal:
-
-        async def read_corrupted() -> None:
-            settings = DirectIOSettings(retry=FAST_RETRY)
-            async with DirectIO(portal.url, portal.access_key_id, portal.secret_access_key, settings=settings) as dio:
-                opened = await dio.open(portal.file_id("native.bin"))
-                with pytest.raises(BlockDigestError):
-                    await opened.fetch_block(0)
-
-        trio.run(read_corrupted)
-        assert portal.stderr_text().count("fault: corrupted byte") >= 2  # damaged on the wire, twice
-
-
-def test_seaweedfs_presigned_gets_carry_md5_etags(tmp_path: Path) -> None:
-    with start_seaweed(tmp_path / "weed", buckets=("etags",)) as s3:
-        client = s3.client()
-        obj = payload(300_000, seed=9)
-        client.put_object(Bucket="etags", Key="blocks/aa/object", Body=obj)
-        url = client.generate_presigned_url("get_object", Params={"Bucket": "etags", "Key": "blocks/aa/object"})
-        reply = httpx.get(url)
-        assert reply.status_code == 200
-        assert storage_md5(reply.headers) == (md5(obj), "ETag")

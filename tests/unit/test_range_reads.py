@@ -2,15 +2,13 @@
 
 Reader level with a fake ``RangeReadable`` file that counts every byte it hands out (exact bytes, bounded
 amplification, single-flight, never mixing ranges with blocks); ``fetch_range`` strictness of ``RangeFile`` (scripted
-replies via ``httpx.MockTransport``) and of the local source; and one real mount over the HTTP file server, read
-through the kernel, checked with the daemon's own ``directfs_read_bytes_fetched_total``.
+replies via ``httpx.MockTransport``) and of the local source. Against the real HTTP file server:
+tests/component/test_range_reads_http.py; through a real mount: tests/mount/test_range_reads_mount.py.
 """
 
 from __future__ import annotations
 
-import os
 import random
-import subprocess
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -18,7 +16,6 @@ from pathlib import Path
 import httpx
 import pytest
 import trio
-from prometheus_client.parser import text_string_to_metric_families
 
 from directfs.engine.cache import BlockKey
 from directfs.engine.reader import MAX_RANGES_PER_READ, ReadEngine, ReadSettings
@@ -32,8 +29,6 @@ from directfs.http import RetryPolicy
 from directfs.sources.base import BlockLayout, RangeReadable, SourceOptions
 from directfs.sources.httprange import RangeFile
 from directfs.sources.registry import create_source
-from tests.support.httpfiles import serve_files
-from tests.support.mountd import directfs_command, fuse_available, mounted
 
 KiB = 1024
 BLOCK = 64 * KiB
@@ -340,50 +335,3 @@ async def test_local_fetch_range_exact_and_stale(tmp_path: Path) -> None:
     finally:
         await file.aclose()
         await source.aclose()
-
-
-async def test_http_source_fetch_range_against_the_file_server(tmp_path: Path) -> None:
-    (tmp_path / "f.bin").write_bytes(DATA)
-    with serve_files(tmp_path) as files:
-        source = create_source(files.url, SourceOptions())
-        try:
-            file = await source.open("f.bin", await source.stat("f.bin"))
-            assert isinstance(file, RangeReadable)
-            assert await file.fetch_range(99_000, 1000) == DATA[99_000:]
-            await file.aclose()
-        finally:
-            await source.aclose()
-
-
-# --- through a real mount ----------------------------------------------------------------------------------------
-
-
-def fetched_bytes(mountpoint: Path) -> float:
-    text = subprocess.run(
-        directfs_command("stats", "--raw", str(mountpoint)), check=True, capture_output=True, text=True, timeout=30
-    ).stdout
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == "directfs_read_bytes_fetched_total":
-                return sample.value
-    raise AssertionError("directfs_read_bytes_fetched_total missing from the daemon's metrics")
-
-
-@pytest.mark.mount
-@pytest.mark.skipif(not fuse_available(), reason="needs /dev/fuse, fusermount3 and root")
-def test_mount_random_4k_read_fetches_far_less_than_a_block(tmp_path: Path) -> None:
-    size = 24 * 1024 * KiB  # three 8 MiB blocks (the default plain-store block size)
-    data = random.Random(11).randbytes(size)
-    (tmp_path / "big.bin").write_bytes(data)
-    with serve_files(tmp_path) as files, mounted(files.url) as mount:
-        before = fetched_bytes(mount.mountpoint)
-        fd = os.open(mount.mountpoint / "big.bin", os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)  # no kernel read-ahead: one 4 KiB READ per pread
-            offsets = [13 * 1024 * KiB + 12_288, 5 * 1024 * KiB + 4096, 20 * 1024 * KiB]
-            for offset in offsets:
-                assert os.pread(fd, 4096, offset) == data[offset : offset + 4096]
-        finally:
-            os.close(fd)
-        fetched = fetched_bytes(mount.mountpoint) - before
-    assert 0 < fetched <= len(offsets) * 256 * KiB  # one default range per read, not an 8 MiB block each

@@ -1,4 +1,5 @@
-"""webdav:// and webdavs:// sources against a real nginx with the WebDAV modules on 127.0.0.1."""
+"""webdav:// and webdavs:// sources against a real nginx with the WebDAV modules on 127.0.0.1. Through a real mount:
+tests/mount/test_source_webdav_mount.py."""
 
 from __future__ import annotations
 
@@ -18,9 +19,8 @@ from directfs.errors import (
 from directfs.sources.base import Credentials
 from directfs.sources.webdav import create
 from directfs.transfer import BlockingGetter
-from tests.support.mountd import mounted
 from tests.support.nginx import NginxDav, start_nginx
-from tests.support.sourcetree import BLOCK, check_mounted_tree, check_tree, make_tree, needs_fuse, options, read_all
+from tests.support.sourcetree import BLOCK, check_tree, make_tree, options, read_all
 
 
 @pytest.fixture
@@ -141,26 +141,3 @@ async def test_webdavs_ca_and_client_certificate(
         assert await read_all(handle) == tree[1]["block"]
     finally:
         await source.aclose()
-
-
-@needs_fuse
-@pytest.mark.mount
-def test_mount_with_rotating_token_file(nginx: NginxDav, tree: tuple[Path, dict[str, bytes]], tmp_path: Path) -> None:
-    token_file = tmp_path / "oidc-token"
-    token_file.write_text("initial-token\n")
-    files = tree[1]
-    url = f"webdav://{nginx.host}/bearer/"
-    with mounted(url, extra_args=["--token-file", str(token_file)], env={"DIRECTFS_TOKEN": ""}) as m:
-        assert (m.mountpoint / "many.bin").read_bytes() == files["many.bin"]
-        (tmp_path / "t.new").write_text("rotated-token-2\n")
-        os.replace(tmp_path / "t.new", token_file)
-        nginx.set_tokens(["rotated-token-2"])  # the old token now gets 401
-        check_mounted_tree(m.mountpoint, files)  # files and folders not read before: new requests, new token
-
-
-@needs_fuse
-@pytest.mark.mount
-def test_mount_basic_auth(nginx: NginxDav, tree: tuple[Path, dict[str, bytes]]) -> None:
-    env = {"DIRECTFS_USERNAME": nginx.user, "DIRECTFS_PASSWORD": nginx.password}
-    with mounted(f"webdav://{nginx.host}/basic/", env=env) as m:
-        check_mounted_tree(m.mountpoint, tree[1])

@@ -1,4 +1,6 @@
-"""http:// and https:// sources against a real HTTP server on 127.0.0.1 (tests/support/httpfiles.py)."""
+"""http:// and https:// sources against a real HTTP server on 127.0.0.1 (tests/support/httpfiles.py). Index-page
+parsing and URL rules without a server: tests/unit/test_source_http_urls.py; through a real mount:
+tests/mount/test_source_http_mount.py."""
 
 from __future__ import annotations
 
@@ -12,7 +14,6 @@ import trio
 import trio.testing
 
 from directfs.errors import (
-    ConfigError,
     DataNotOnlineError,
     EntryNotFoundError,
     NamespaceConnectionError,
@@ -20,16 +21,13 @@ from directfs.errors import (
     PermissionDeniedError,
 )
 from directfs.sources.base import Credentials
-from directfs.sources.web import create, index_links
+from directfs.sources.web import create
 from tests.support.httpfiles import HTTPFiles, serve_files
-from tests.support.mountd import mounted
 from tests.support.sourcetree import (
     BLOCK,
     SIZES,
-    check_mounted_tree,
     check_tree,
     make_tree,
-    needs_fuse,
     options,
     read_all,
 )
@@ -89,17 +87,6 @@ async def test_sizes_from_content_range_when_head_has_no_length(
         assert (await source.stat("one")).size == 1
     finally:
         await source.aclose()
-
-
-@pytest.mark.expected_logs(r"^index of .*: skipping")
-def test_index_links_keep_only_children() -> None:
-    page = """
-      <a href="?C=N;O=D">sort</a> <a href="../">up</a> <a href="/">root</a> <a href="#x">anchor</a>
-      <a href="http://other.example/d/a">other host</a> <a href="https://h/d/a">other scheme</a>
-      <a href="a">a</a> <a href="/d/a">a again</a> <a href="http://h/d/b%20c/">b c</a> <a href="e/f">deeper</a>
-      <a href="g?download=1">query</a> <a href="%2e%2e">dotdot</a> <a href="x%2Fy">slash</a> <a href="%ff">bad</a>
-    """
-    assert index_links("http://h/d/", page) == [("a", False), ("b c", True)]
 
 
 async def test_tls_needs_the_ca(tree: tuple[Path, dict[str, bytes]], tmp_path: Path) -> None:
@@ -202,37 +189,3 @@ async def test_staging_past_the_deadline_is_etimedout(
         assert 90 <= trio.current_time() - start <= 100  # waited 3 x 30 s, then gave up before passing 100 s
     finally:
         await source.aclose()
-
-
-def test_plain_http_credentials_only_to_loopback() -> None:
-    with pytest.raises(ConfigError, match="clear text"):
-        create("http://files.example.org/x/", options(credentials=Credentials(token="t")))
-    create("http://files.example.org/x/", options())  # anonymous plain HTTP is fine
-    with pytest.raises(ConfigError):
-        create("https://user:pw@files.example.org/x/", options())
-
-
-# --- through a real mount -----------------------------------------------------------------------------------------
-
-
-@needs_fuse
-@pytest.mark.mount
-def test_mount_http_folder_with_staging(tree: tuple[Path, dict[str, bytes]]) -> None:
-    with serve_files(tree[0]) as server:
-        # Real seconds here (the daemon is another process): two 503 + Retry-After: 1 answers, then the data.
-        server.staging["many.bin"] = 2
-        with mounted(server.url, extra_args=["--log-level", "debug"]) as m:
-            check_mounted_tree(m.mountpoint, tree[1])
-            assert server.staging["many.bin"] == 0
-            assert (m.mountpoint / "sub dir" / "na me #1%.txt").read_bytes() == tree[1]["sub dir/na me #1%.txt"]
-
-
-@needs_fuse
-@pytest.mark.mount
-def test_mount_https_single_file_with_ca(tree: tuple[Path, dict[str, bytes]], tmp_path: Path) -> None:
-    with serve_files(tree[0], tls=True) as server:
-        ca_file = tmp_path / "ca.pem"
-        ca_file.write_bytes(server.ca_pem)
-        with mounted(server.url + "many.bin", extra_args=["--ca-file", str(ca_file)]) as m:
-            assert os.listdir(m.mountpoint) == ["many.bin"]
-            check_mounted_tree(m.mountpoint, {"many.bin": tree[1]["many.bin"]})
