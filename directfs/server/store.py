@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Final, Protocol
 
 from ..errors import ConfigError
+from ..values import parse_decimal
 from .config import StoreConfig
 
 SIGNING_SECRET_FILE: Final = "url-signing.key"  # noqa: S105 - a file name
@@ -74,10 +75,11 @@ class UrlSigner:
 
     def check(self, path: str, expires_text: str, sig: str, *, now: float | None = None) -> str | None:
         """None when valid, else the reason (for the server log; the client only sees 403)."""
-        if not expires_text.isdigit() or not sig:
+        # ASCII only (the caller validates too): str.isdigit() accepts "²", and compare_digest refuses non-ASCII str.
+        expires = parse_decimal(expires_text)
+        if expires is None or not sig or not sig.isascii():
             return "missing or malformed expires/sig"
-        expires = int(expires_text)
-        if not hmac.compare_digest(self.signature(path, expires), sig):
+        if not hmac.compare_digest(self.signature(path, expires).encode(), sig.encode()):
             return "bad signature"
         if expires < (time.time() if now is None else now):
             return "expired"

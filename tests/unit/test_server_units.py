@@ -88,6 +88,17 @@ def test_url_signer_refuses_tampering_and_expiry() -> None:
     assert UrlSigner(b"j" * 32).check(path, params["expires"], params["sig"], now=1000) == "bad signature"
 
 
+def test_url_signer_refuses_non_ascii_queries_without_raising() -> None:
+    # str.isdigit() took "²" (int() then raised) and hmac.compare_digest raises TypeError for non-ASCII str.
+    signer = UrlSigner(b"k" * 32)
+    url = signer.sign("/blocks/ab/cd", 60, now=1000)
+    path, _, query = url.partition("?")
+    params = dict(p.split("=") for p in query.split("&"))
+    assert signer.check(path, "²", params["sig"], now=1000) == "missing or malformed expires/sig"
+    assert signer.check(path, "9" * 5000, params["sig"], now=1000) == "missing or malformed expires/sig"
+    assert signer.check(path, params["expires"], "é" * 64, now=1000) == "missing or malformed expires/sig"
+
+
 def _node(path: str, *, is_dir: bool = False) -> Node:
     return Node(path=path, name=path.rsplit("/", 1)[-1], id=1234, guid="g", is_dir=is_dir, size=5, mtime_ns=10**18)
 
