@@ -46,6 +46,7 @@ from ..http import (
     transport_error,
 )
 from ..transfer import BlockingGetter
+from . import davxml
 from .base import BlockLayout, Credentials, Entry, OpenFile, SourceOptions
 from .httprange import RangeFile
 from .nearline import StagingPolicy
@@ -185,9 +186,11 @@ async def request(
     content: bytes | None = None,
     read_body_if: Callable[[int], bool] = lambda status: False,
     max_body_bytes: int = 0,
+    sink: Callable[[], Callable[[bytes], object]] | None = None,
 ) -> Reply:
     """One metadata request with retries, auth per attempt and one re-read of a rotated token after 401/403.
-    Transport failures become namespace errors naming ``path``; statuses are the caller's to map."""
+    Transport failures become namespace errors naming ``path``; statuses are the caller's to map. With ``sink``, a
+    body that is read goes to a fresh ``sink()`` per attempt as it arrives (a streaming parser), not into ``body``."""
     what = f"{method} {redact_url(url)}"
 
     async def attempt() -> Reply:
@@ -196,7 +199,7 @@ async def request(
             body = bytearray()
             if read_body_if(response.status_code):
                 try:
-                    body = await read_body(response, max_body_bytes)
+                    body = await read_body(response, max_body_bytes, feed=sink() if sink is not None else None)
                 except BodyTooLarge:
                     raise MalformedListingError(
                         f"{what}: reply larger than {max_body_bytes} bytes", filename=path
@@ -215,6 +218,49 @@ async def request(
     if reply.status_code in (401, 403) and await auth.refresh():
         reply = await once()
     return reply
+
+
+class _Multistatus:
+    """One attempt's PROPFIND reply, parsed as it arrives: a huge folder is never one body or one XML tree."""
+
+    def __init__(self) -> None:
+        self._parser = davxml.MultistatusParser()
+        self.resources: list[davxml.DavResource] = []
+
+    def feed(self, piece: bytes) -> None:
+        self.resources += self._parser.feed(piece)
+
+    def close(self) -> list[davxml.DavResource]:
+        self.resources += self._parser.close()
+        return self.resources
+
+
+async def propfind(
+    client: httpx.AsyncClient, url: str, *, depth: int, auth: HTTPAuth, policy: RetryPolicy, path: str
+) -> tuple[Reply, list[davxml.DavResource]]:
+    """A ``PROPFIND`` with our property list (``request``: retries, auth, one token re-read) and, for a 207, its
+    resources, streamed through ``davxml.MultistatusParser`` within ``MAX_PROPFIND_BODY_BYTES``. Other statuses
+    come back without resources, for the caller to map."""
+    attempts: list[_Multistatus] = []
+
+    def sink() -> Callable[[bytes], object]:
+        attempts.append(_Multistatus())
+        return attempts[-1].feed
+
+    reply = await request(
+        client,
+        "PROPFIND",
+        url,
+        auth=auth,
+        policy=policy,
+        path=path,
+        headers={"Depth": str(depth), "Content-Type": "application/xml; charset=utf-8"},
+        content=davxml.PROPFIND_BODY,
+        read_body_if=lambda status: status == 207,
+        max_body_bytes=davxml.MAX_PROPFIND_BODY_BYTES,
+        sink=sink,
+    )
+    return reply, attempts[-1].close() if reply.status_code == 207 else []
 
 
 def raise_for_status(reply: Reply, what: str, path: str) -> None:

@@ -27,7 +27,7 @@ from ..http import redact_url
 from ..values import parse_decimal
 from . import davxml
 from .base import Entry, SourceOptions
-from .httpstore import PlainHTTPStore, Reply, check_url, http_mtime_ns, raise_for_status, request
+from .httpstore import PlainHTTPStore, Reply, check_url, http_mtime_ns, propfind, raise_for_status, request
 
 
 class WebDAVSource(PlainHTTPStore):
@@ -56,27 +56,17 @@ class WebDAVSource(PlainHTTPStore):
         # Folders are asked with their trailing slash (the root always is: a server may only know "/root/"); one
         # entry of unknown kind without, following a redirect to the slashed form (a folder, as Apache answers).
         collection = depth == 1 or not path
-        reply = await self._propfind_once(path, depth, collection)
+        reply, resources = await self._propfind_once(path, depth, collection)
         if reply.status_code in (301, 302, 307, 308) and not collection:
             collection = True
-            reply = await self._propfind_once(path, depth, collection)
+            reply, resources = await self._propfind_once(path, depth, collection)
         if reply.status_code != 207:
             raise_for_status(reply, f"PROPFIND {redact_url(self._url(path, collection=collection))}", path or "/")
-        return list(davxml.parse_multistatus(reply.body))
+        return resources
 
-    async def _propfind_once(self, path: str, depth: int, collection: bool) -> Reply:
-        return await request(
-            self._http(),
-            "PROPFIND",
-            self._url(path, collection=collection),
-            auth=self._auth,
-            policy=self._retry,
-            path=path or "/",
-            headers={"Depth": str(depth), "Content-Type": "application/xml; charset=utf-8"},
-            content=davxml.PROPFIND_BODY,
-            read_body_if=lambda status: status == 207,
-            max_body_bytes=davxml.MAX_PROPFIND_BODY_BYTES,
-        )
+    async def _propfind_once(self, path: str, depth: int, collection: bool) -> tuple[Reply, list[davxml.DavResource]]:
+        url = self._url(path, collection=collection)
+        return await propfind(self._http(), url, depth=depth, auth=self._auth, policy=self._retry, path=path or "/")
 
     async def _entry(self, path: str, name: str, resource: davxml.DavResource) -> Entry:
         mtime_ns = resource.mtime_ns or 0
@@ -105,7 +95,7 @@ class WebDAVSource(PlainHTTPStore):
         )
 
     async def stat(self, path: str) -> Entry:
-        wanted = davxml.normalize_path(self._abs(path))  # unquoted, as parse_multistatus gives resource paths
+        wanted = davxml.normalize_path(self._abs(path))  # unquoted, as davxml gives resource paths
         for resource in await self._propfind(path, 0):
             if resource.path == wanted:
                 return await self._entry(path, path.rpartition("/")[2], resource)

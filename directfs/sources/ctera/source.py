@@ -19,10 +19,8 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from urllib.parse import quote, unquote, urlsplit
 
-import httpx
 import trio
 
 from ...errors import (
@@ -32,20 +30,15 @@ from ...errors import (
     UnsupportedStorageError,
 )
 from ...http import (
-    BadBody,
     RetryPolicy,
     is_loopback_host,
     namespace_status_error,
-    open_stream,
-    read_body,
     redact_url,
-    send_with_retries,
-    transport_error,
 )
 from .. import davxml
 from ..base import Entry, OpenFile, SourceOptions
 from ..httprange import RangeFile
-from ..httpstore import HTTPAuth, StoreClients, plain_file
+from ..httpstore import HTTPAuth, StoreClients, plain_file, propfind
 from .client import DirectIOClient, DirectIOSettings
 
 log = logging.getLogger(__name__)
@@ -53,14 +46,6 @@ log = logging.getLogger(__name__)
 WEBDAV_ROOT = "/ServicesPortal/webdav"
 # Block size of the WebDAV-GET fallback: 4 MiB is CTERA's fixed-block default, so read-ahead behaves the same.
 FALLBACK_BLOCK_SIZE_BYTES = 4 * 1024 * 1024
-XML_CONTENT_TYPE = "application/xml; charset=utf-8"
-
-
-@dataclass(frozen=True)
-class _DavReply:
-    status_code: int
-    headers: httpx.Headers
-    resources: list[davxml.DavResource]
 
 
 def create(url: str, options: SourceOptions) -> CteraSource:
@@ -139,41 +124,15 @@ class CteraSource(StoreClients):
 
     async def _propfind(self, path: str, depth: int) -> list[davxml.DavResource]:
         url = self._url(path, collection=depth == 1)
+        reply, resources = await propfind(
+            self._http(), url, depth=depth, auth=self._auth, policy=self._retry, path=path or "/"
+        )
+        if reply.status_code == 207:
+            return resources
         what = f"PROPFIND {redact_url(url)}"
-
-        async def attempt() -> _DavReply:
-            headers = {**(await self._auth.headers()), "Depth": str(depth), "Content-Type": XML_CONTENT_TYPE}
-            async with open_stream(
-                self._http(), "PROPFIND", url, headers=headers, content=davxml.PROPFIND_BODY
-            ) as response:
-                # Parsed as it arrives: a huge folder is never held as one body or one XML tree.
-                resources: list[davxml.DavResource] = []
-                if response.status_code == 207:
-                    parser = davxml.MultistatusParser()
-                    try:
-                        await read_body(
-                            response,
-                            davxml.MAX_PROPFIND_BODY_BYTES,
-                            feed=lambda piece: resources.extend(parser.feed(piece)),
-                        )
-                    except BadBody as exc:
-                        raise MalformedListingError(f"{what}: {exc}", filename=path or "/") from None
-                    resources += parser.close()
-                return _DavReply(response.status_code, response.headers, resources)
-
-        async def once() -> _DavReply:
-            try:
-                return await send_with_retries(attempt, policy=self._retry, what=what)
-            except httpx.HTTPError as exc:
-                raise transport_error(exc, subject="namespace", what=what, filename=path or "/") from exc
-
-        response = await once()
-        if response.status_code in (401, 403) and await self._auth.refresh():
-            response = await once()  # a rotated token file was re-read
-        status = response.status_code
-        if status == 207:
-            return response.resources
-        raise namespace_status_error(status, what=what, filename=path or "/", hint="check the Portal credentials")
+        raise namespace_status_error(
+            reply.status_code, what=what, filename=path or "/", hint="check the Portal credentials"
+        )
 
     def _entry(self, name: str, resource: davxml.DavResource) -> Entry:
         mtime_ns = resource.mtime_ns or 0
