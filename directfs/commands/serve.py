@@ -286,9 +286,10 @@ def _demo_credentials(host: str, *, insecure_demo: bool) -> Credentials:
     """The whole public demo set, printed. Off loopback anyone on the network could use it: refused there unless
     ``--insecure-demo`` says the user means it."""
     from ..errors import ConfigError
+    from ..http import is_loopback_host
     from ..server import config as cfg
 
-    if not cfg.is_loopback_host(host) and not insecure_demo:
+    if not is_loopback_host(host) and not insecure_demo:
         raise ConfigError(
             f"refusing to serve the public demo credentials on {host}, which the network can reach: configure "
             "credentials (see --help), listen on 127.0.0.1, or pass --insecure-demo"
@@ -311,7 +312,7 @@ def _demo_credentials(host: str, *, insecure_demo: bool) -> Credentials:
         ("DIRECTFS_TOKEN", cfg.DEMO_TOKEN),
     ):
         print(f"  {env}={value}", file=sys.stderr)
-    if not cfg.is_loopback_host(host):
+    if not is_loopback_host(host):
         print(f"directfs serve: WARNING: --insecure-demo: anyone who can reach {host} can read DIR", file=sys.stderr)
     return creds
 

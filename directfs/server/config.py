@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
-import ipaddress
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,17 +80,6 @@ def default_state_dir(root: Path) -> Path:
     base = Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state")
     digest = hashlib.sha256(os.fsencode(root.resolve())).hexdigest()[:16]
     return base / "directfs" / f"portal-{digest}"
-
-
-def is_loopback_host(host: str) -> bool:
-    """True for ``localhost`` and loopback addresses (127/8, ::1): only this machine can reach such a listen.
-    Any other name is treated as reachable from the network (it may resolve to anything)."""
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 @dataclass(frozen=True)

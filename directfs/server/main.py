@@ -30,9 +30,10 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from ..errors import ConfigError
+from ..http import is_loopback_host
 from ..sources.ctera.codec import wrap_file_key
 from .app import Portal, RedactingAccessLogger, log_safe, make_app
-from .config import ServeConfig, is_loopback_host
+from .config import ServeConfig
 from .index import Index
 from .store import BlockStore, LocalBlockStore, S3BlockStore, UrlSigner
 

@@ -8,6 +8,7 @@ import xml.etree.ElementTree as ET
 import pytest
 
 from directfs.errors import ConfigError
+from directfs.http import is_loopback_host
 from directfs.server.app import MAX_LONGPOLL_MS, log_safe, longpoll_seconds
 from directfs.server.chunking import cdc_spans, fixed_spans
 from directfs.server.config import (
@@ -15,7 +16,6 @@ from directfs.server.config import (
     CDC_MIN_BYTES,
     DEMO_SECRET_ACCESS_KEY,
     EncodingRules,
-    is_loopback_host,
     parse_compression_rule,
 )
 from directfs.server.index import Node
