@@ -58,7 +58,17 @@ credentials, the secret, configuration).
         ├── NoSuchAttributeError                           ENODATA   DEBUG    getxattr of an absent attribute
         ├── NamespaceTimeout (TimeoutError)                ETIMEDOUT WARNING
         ├── NamespaceConnectionError (ConnectionError)     ENETRESET WARNING
-        └── MalformedListingError                          EIO       ERROR    a listing reply we cannot parse
+        ├── MalformedListingError                          EIO       ERROR    a listing reply we cannot parse
+        └── WriteError                                     EIO       WARNING  a change of the store failed (--rw)
+            ├── UploadError                                EIO       WARNING  5xx, a cut body, a refused PUT
+            ├── NoSpaceError                               ENOSPC    ERROR    the store is full (507)
+            ├── QuotaExceededError                         EDQUOT    ERROR    over the owner's quota
+            ├── WriteAccessError (PermissionError)         EACCES    ERROR    credentials refused for a write
+            ├── UploadTimeout (TimeoutError)               ETIMEDOUT WARNING
+            ├── CrossDeviceError                           EXDEV     INFO     a rename the store cannot do
+            ├── DirectoryNotEmptyError                     ENOTEMPTY INFO     rmdir of a folder with entries
+            ├── EntryExistsError (FileExistsError)         EEXIST    INFO     mkdir/create of an existing name
+            └── WriteNotSupportedError                     ENOTSUP   INFO     (= EOPNOTSUPP) an update above the limit
 
 Secrets never enter these messages: callers pass file ids, paths and redacted URLs only.
 """
@@ -313,6 +323,68 @@ class NamespaceConnectionError(NamespaceError, ConnectionError):
 class MalformedListingError(NamespaceError):
     default_message = "Malformed listing reply"
     log_level = logging.ERROR
+
+
+class WriteError(NamespaceError):
+    """A change of the store failed (``--rw``): an upload, a folder, a rename, a delete. Uploads that end in one of
+    these keep their bytes under the spool's ``failed/`` folder (directfs.writeback)."""
+
+    default_message = "Write to the store failed"
+
+
+class UploadError(WriteError):
+    default_message = "Upload failed"
+
+
+class NoSpaceError(WriteError):
+    default_errno = _errno.ENOSPC
+    default_message = "No space left on the store"
+    log_level = logging.ERROR
+
+
+class QuotaExceededError(WriteError):
+    default_errno = _errno.EDQUOT
+    default_message = "Quota exceeded on the store"
+    log_level = logging.ERROR
+
+
+class WriteAccessError(WriteError, PermissionError):
+    default_errno = _errno.EACCES
+    default_message = "The store refused the credentials for this write"
+    log_level = logging.ERROR
+
+
+class UploadTimeout(WriteError, TimeoutError):
+    default_errno = _errno.ETIMEDOUT
+    default_message = "Timed out uploading"
+
+
+class CrossDeviceError(WriteError):
+    """A rename the store has no move for (a folder on S3): ``mv`` falls back to copying on EXDEV."""
+
+    default_errno = _errno.EXDEV
+    default_message = "The store cannot rename this entry"
+    log_level = logging.INFO
+
+
+class DirectoryNotEmptyError(WriteError):
+    default_errno = _errno.ENOTEMPTY
+    default_message = "Directory not empty"
+    log_level = logging.INFO
+
+
+class EntryExistsError(WriteError, FileExistsError):
+    default_errno = _errno.EEXIST
+    default_message = "File exists"
+    log_level = logging.INFO
+
+
+class WriteNotSupportedError(WriteError):
+    """EOPNOTSUPP (the same number as ENOTSUP on Linux): an in-place update of a file above ``--write-max-size``."""
+
+    default_errno = _errno.EOPNOTSUPP
+    default_message = "Operation not supported on this store"
+    log_level = logging.INFO
 
 
 def errno_of(exc: BaseException) -> int:

@@ -39,12 +39,18 @@ from .errors import (
     DownloadConnectionError,
     DownloadError,
     DownloadTimeout,
+    EntryExistsError,
     EntryNotFoundError,
     InvalidRequest,
     NamespaceConnectionError,
     NamespaceError,
     NamespaceTimeout,
+    NoSpaceError,
     PermissionDeniedError,
+    QuotaExceededError,
+    UploadError,
+    UploadTimeout,
+    WriteAccessError,
 )
 from .values import parse_decimal
 
@@ -302,11 +308,13 @@ def describe_transport_error(exc: BaseException) -> str:
 
 # The one table from httpx's exceptions to the error tree, by what was being fetched: (timeout, connection failure,
 # anything else httpx raises). Every source maps transport failures through ``transport_error``.
-Subject = Literal["namespace", "block list", "block"]
+Subject = Literal["namespace", "block list", "block", "write"]
 _TRANSPORT_ERRORS: Final[dict[str, tuple[type[DirectFSError], type[DirectFSError], type[DirectFSError]]]] = {
     "namespace": (NamespaceTimeout, NamespaceConnectionError, NamespaceError),
     "block list": (BlockListTimeout, BlockListConnectionError, InvalidRequest),
     "block": (DownloadTimeout, DownloadConnectionError, DownloadError),
+    # a write whose connection broke may or may not have landed: EIO (the caller's close() sees it), not ENETRESET
+    "write": (UploadTimeout, UploadError, UploadError),
 }
 
 
@@ -340,6 +348,28 @@ def namespace_status_error(
     if status in (401, 403):
         return PermissionDeniedError(f"{detail} ({hint})", filename=filename)
     return NamespaceError(detail, filename=filename)
+
+
+def write_status_error(
+    status: int, *, what: str, filename: str, hint: str = "check the credentials", code: str | None = None
+) -> DirectFSError:
+    """The one status table of writes (PUT, MKCOL, DELETE, MOVE, PROPPATCH, S3 uploads): what a writer's ``close()``
+    or ``mkdir`` sees. 401/403 EACCES with ``hint``; 507 and S3's ``EntityTooLarge`` ENOSPC (WebDAV's "insufficient
+    storage", as dCache and Nextcloud answer a full pool or quota); quota codes EDQUOT; 404 and 409 (the parent
+    folder is missing, RFC 4918 §9.7.1) ENOENT; 412 (a name that exists where it must not) EEXIST; anything else EIO.
+    ``code`` is the store's own error code (S3), shown after the status."""
+    detail = f"{what}: HTTP {status}" + (f" {code}" if code else "")
+    if status in (401, 403):
+        return WriteAccessError(f"{detail} ({hint})", filename=filename)
+    if code in ("QuotaExceeded", "QuotaExceededException", "XMinioAdminBucketQuotaExceeded"):
+        return QuotaExceededError(detail, filename=filename)
+    if status == 507 or code == "EntityTooLarge":
+        return NoSpaceError(detail, filename=filename)
+    if status in (404, 409) or code in ("NoSuchBucket", "NoSuchKey"):
+        return EntryNotFoundError(detail, filename=filename)
+    if status == 412:
+        return EntryExistsError(detail, filename=filename)
+    return UploadError(detail, filename=filename)
 
 
 class StatusReply(Protocol):

@@ -180,6 +180,83 @@ class Source(Protocol):
     async def aclose(self) -> None: ...
 
 
+@dataclass(frozen=True, slots=True)
+class WriteFeatures:
+    """What a writable store keeps, so the filesystem answers honestly (``--rw``; README "Writing")."""
+
+    # A real move of folders (WebDAV MOVE, the Portal, file://). False: renaming a folder is EXDEV and ``mv`` copies.
+    folder_rename: bool
+    # ``set_mtime`` is stored by the store itself (file://, WebDAV PROPPATCH where accepted). False: a file's mtime
+    # is the upload time.
+    keeps_mtime: bool
+    # Folders exist without entries (S3 only has them as a ``name/`` marker object, which this store writes).
+    empty_folders: bool = True
+
+
+@runtime_checkable
+class Upload(Protocol):
+    """One upload of a new version of a file, begun by ``Writable.begin_upload`` and owned by the write-back layer
+    (directfs.writeback): any number of ``part_ready`` calls while a sequential writer passes part boundaries, then
+    exactly one of ``commit`` or ``abort``. The spool is a local file the caller keeps open and unchanged below every
+    ``end`` it has announced; ``spool_fd`` is read with ``os.pread`` (in worker threads), never moved or closed."""
+
+    async def part_ready(self, spool_fd: int, end: int) -> None:
+        """Bytes ``[0, end)`` of the spool are final. A store with multipart uploads may send the complete parts in
+        that range now (S3); the others do nothing. Errors are raised here or at ``commit``."""
+        ...
+
+    async def commit(self, spool_fd: int, size: int, *, mtime_ns: int | None = None) -> Entry:
+        """Send what is not sent yet and make the ``size`` bytes the file's content, replacing any file of that name;
+        a reader sees the old or the new content, never a mix, and no partial object is left behind on failure.
+        Retries within the store's budget happen inside. Returns the new entry (a new ``version``). ``mtime_ns`` is
+        stored where the store keeps times (``WriteFeatures.keeps_mtime``). Raises a ``WriteError`` subclass (or
+        ``EntryNotFoundError`` when the parent folder is gone)."""
+        ...
+
+    async def abort(self) -> None:
+        """Drop what was sent (S3: AbortMultipartUpload). Never raises; failures are logged. Idempotent."""
+        ...
+
+
+@runtime_checkable
+class Writable(Protocol):
+    """Optional capability of a ``Source`` that can change the store (``--rw``); check with ``isinstance``. Paths are
+    as everywhere (relative, no leading slash). Every call has the store's deadlines and retries inside and raises
+    only ``DirectFSError`` subclasses: ``EntryNotFoundError`` for a missing entry or parent, ``EntryExistsError``,
+    ``DirectoryNotEmptyError``, ``CrossDeviceError``, ``NotADirectory``/``IsADirectory``, and the ``WriteError``
+    classes of ``http.write_status_error`` for what the store refused."""
+
+    @property
+    def write_features(self) -> WriteFeatures: ...
+
+    def begin_upload(self, path: str) -> Upload:
+        """A new upload to ``path``; nothing is sent yet (cheap, synchronous)."""
+        ...
+
+    async def make_dir(self, path: str) -> Entry:
+        """Create folder ``path``; ``EntryExistsError`` if the name exists."""
+        ...
+
+    async def remove_file(self, path: str) -> None:
+        """Delete file ``path``; ``EntryNotFoundError`` if absent, ``IsADirectory`` for a folder."""
+        ...
+
+    async def remove_dir(self, path: str) -> None:
+        """Delete the empty folder ``path``; ``DirectoryNotEmptyError`` if it has entries."""
+        ...
+
+    async def rename(self, old: str, new: str, *, is_dir: bool) -> None:
+        """Move ``old`` to ``new``, replacing a file at ``new`` (POSIX ``rename``); a folder at ``new`` must be empty
+        (``DirectoryNotEmptyError``). ``CrossDeviceError`` for a folder when ``folder_rename`` is False. The store's
+        move is atomic where it has one (file://, WebDAV MOVE); S3 copies then deletes."""
+        ...
+
+    async def set_mtime(self, path: str, mtime_ns: int) -> bool:
+        """Store the modification time of ``path`` where the store can; False when it does not keep times (or
+        refused this one). Never raises for a refusal, only for a missing entry or a failed request."""
+        ...
+
+
 @dataclass(frozen=True)
 class Credentials:
     """Everything a store may need to authenticate. Secrets are never shown by ``repr`` (logs, tracebacks)."""
