@@ -24,9 +24,9 @@ from typing import Any, ParamSpec, TypeVar
 import pyfuse3
 import trio
 
-from .errors import EntryNotFoundError, errno_of, log_level_of, ours_only
+from .errors import EntryNotFoundError, InvalidArgumentError, errno_of, log_level_of, ours_only
 from .metrics import OpStats
-from .vfs import Attributes, FileSystem
+from .vfs import Attributes, FileSystem, OpenAnswer
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +85,14 @@ def _decode(name: bytes) -> str:
         return name.decode("utf-8")
     except UnicodeDecodeError:
         raise EntryNotFoundError("name is not UTF-8") from None
+
+
+def _decode_new(name: bytes) -> str:
+    # A name to create: one that is not UTF-8 could never be listed again, so it is refused (EINVAL), not made.
+    try:
+        return name.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidArgumentError("name is not UTF-8") from None
 
 
 class Operations(pyfuse3.Operations):
@@ -195,14 +203,19 @@ class Operations(pyfuse3.Operations):
 
     # --- data ----------------------------------------------------------------------------------------------------
 
-    @_boundary
-    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
-        fh, keep_cache = await self.fs.open(inode, flags)
-        info = pyfuse3.FileInfo(fh=fh)
-        info.keep_cache = keep_cache
-        info.direct_io = False  # never: direct_io breaks mmap and bypasses the page cache (docs/design-notes.md §1)
+    @staticmethod
+    def _file_info(answer: OpenAnswer) -> pyfuse3.FileInfo:
+        info = pyfuse3.FileInfo(fh=answer.fh)
+        info.keep_cache = answer.keep_cache
+        # Off for plain reads: direct_io breaks mmap and bypasses the page cache (docs/design-notes.md §1). On for
+        # writers and for readers beside another version (vfs.OpenAnswer), so no handle sees a mix of versions.
+        info.direct_io = answer.direct_io
         info.nonseekable = False
         return info
+
+    @_boundary
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        return self._file_info(await self.fs.open_file(inode, flags))
 
     @_boundary
     async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:  # type: ignore[override]
@@ -214,9 +227,13 @@ class Operations(pyfuse3.Operations):
 
     @_boundary
     async def flush(self, fh: int) -> None:
-        await trio.lowlevel.checkpoint()
+        await self.fs.flush(fh)  # the last writer's close(): the upload's result
 
-    # --- write class: all EROFS ----------------------------------------------------------------------------------
+    @_boundary
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        await self.fs.fsync(fh)
+
+    # --- write class: EROFS without --rw (FileSystem raises it) ---------------------------------------------------
 
     @_boundary
     async def setattr(
@@ -227,23 +244,31 @@ class Operations(pyfuse3.Operations):
         fh: int | None,
         ctx: pyfuse3.RequestContext,
     ) -> pyfuse3.EntryAttributes:
-        self.fs.refuse_write()
+        attrs = await self.fs.setattr(
+            inode,
+            size=attr.st_size if fields.update_size else None,
+            mode=attr.st_mode if fields.update_mode else None,
+            mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
+            fh=fh,
+        )
+        return self._entry_attributes(attrs)
 
     @_boundary
     async def write(self, fh: int, off: int, buf: bytes) -> int:
-        self.fs.refuse_write()
+        return await self.fs.write(fh, off, buf)
 
     @_boundary
     async def create(
         self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
-        self.fs.refuse_write()
+        answer, attrs = await self.fs.create(parent_inode, _decode_new(name), mode, flags)
+        return self._file_info(answer), self._entry_attributes(attrs)
 
     @_boundary
     async def mkdir(
         self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
-        self.fs.refuse_write()
+        return self._entry_attributes(await self.fs.mkdir(parent_inode, _decode_new(name), mode))
 
     @_boundary
     async def mknod(
@@ -265,17 +290,17 @@ class Operations(pyfuse3.Operations):
 
     @_boundary
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        self.fs.refuse_write()
+        await self.fs.unlink(parent_inode, _decode(name))
 
     @_boundary
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        self.fs.refuse_write()
+        await self.fs.rmdir(parent_inode, _decode(name))
 
     @_boundary
     async def rename(
         self, p_old: int, n_old: bytes, p_new: int, n_new: bytes, flags: int, ctx: pyfuse3.RequestContext
     ) -> None:
-        self.fs.refuse_write()
+        await self.fs.rename(p_old, _decode(n_old), p_new, _decode_new(n_new), flags)
 
     @_boundary
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:
@@ -284,10 +309,6 @@ class Operations(pyfuse3.Operations):
     @_boundary
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         self.fs.refuse_write()
-
-    @_boundary
-    async def fsync(self, fh: int, datasync: bool) -> None:
-        await trio.lowlevel.checkpoint()  # nothing is ever dirty
 
 
 def _invalidate(inode: int) -> None:

@@ -131,6 +131,7 @@ class Sources:
 
     read_statistics: Callable[[], ReadStatistics] | None = None
     vfs_statistics: Callable[[], Mapping[str, int]] | None = None
+    write_statistics: Callable[[], Mapping[str, int]] | None = None  # --rw: directfs.writeback.WriteBack
     op_stats: OpStats | None = None
     http: Callable[[], HTTPStatistics] | None = None  # the HTTP layer's attempt/retry counts
 
@@ -234,6 +235,19 @@ class DirectfsCollector:
             ):
                 if key in v:
                     yield gauge(key, doc, v[key])
+
+        if self.sources.write_statistics is not None:
+            w = dict(self.sources.write_statistics())
+            yield counter("uploads", "Files uploaded (--rw)", w["uploads"])
+            yield counter("upload_bytes", "Bytes uploaded", w["upload_bytes"])
+            yield counter(
+                "upload_failures", "Uploads that failed and were kept in the spool's failed/", w["upload_failures"]
+            )
+            yield counter("spools_recovered", "Spool files of a previous daemon found at mount", w["recovered"])
+            yield gauge("failed_kept", "Files kept in the spool's failed/ folder", w["failed_kept"])
+            yield gauge("spools", "Files being written (spool files)", w["spools"])
+            yield gauge("spooled_bytes", "Bytes in spool files", w["spooled_bytes"])
+            yield gauge("dirty_spools", "Spool files not uploaded yet", w["dirty"])
 
         if self.sources.http is not None:
             h = self.sources.http()

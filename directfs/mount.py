@@ -44,8 +44,9 @@ from .engine.reader import ReadEngine, ReadSettings
 from .errors import ConfigError, DirectFSError, NamespaceTimeout, ours_only
 from .logs import dump_tasks_on_sigusr1
 from .notify import Notifier
-from .sources.base import Preparable, SourceOptions
+from .sources.base import Preparable, Source, SourceOptions, Writable
 from .vfs import VfsSettings
+from .writeback import WriteBack, WriteSettings, default_spool_dir
 
 if TYPE_CHECKING:
     from prometheus_client.registry import CollectorRegistry
@@ -71,6 +72,7 @@ class MountConfig:
     mountpoint: str
     source_options: SourceOptions = field(default_factory=SourceOptions)
     vfs_settings: VfsSettings = field(default_factory=VfsSettings)
+    write_settings: WriteSettings = field(default_factory=WriteSettings)
     cache_size_bytes: int | None = None  # None: the read engine's default
     read_ahead_max_bytes: int | None = None
     allow_other: bool = False
@@ -252,6 +254,7 @@ async def _serve(config: MountConfig, readiness: _Readiness, state: _State) -> N
 
     tune_allocator()  # block buffers are recycled, not refaulted (directfs.engine.allocator), whatever the source
     source = create_source(config.source_url, config.source_options)
+    writeback = _writeback(source, config)
     notifier = Notifier.from_environment()  # systemd Type=notify: READY=1 after the stat probe, STOPPING=1 at the end
     exits: list[Callable[[], None]] = []  # closers of the metrics endpoint (it runs in a thread)
     try:
@@ -261,13 +264,16 @@ async def _serve(config: MountConfig, readiness: _Readiness, state: _State) -> N
                 nursery.start_soon(_watch_signals, nursery.cancel_scope)
                 nursery.start_soon(dump_tasks_on_sigusr1)
                 engine = _read_engine(nursery, config)
-                fs = FileSystem(source, engine, config.vfs_settings)
+                if writeback is not None:
+                    await nursery.start(writeback.run)
+                fs = FileSystem(source, engine, config.vfs_settings, writeback)
                 await fs.start()
                 op_stats = metrics.OpStats()
                 registry = metrics.build_registry(
                     metrics.Sources(
                         read_statistics=engine.statistics,
                         vfs_statistics=fs.statistics,
+                        write_statistics=writeback.statistics if writeback is not None else None,
                         op_stats=op_stats,
                         http=lambda: http.STATISTICS,
                     )
@@ -275,7 +281,9 @@ async def _serve(config: MountConfig, readiness: _Readiness, state: _State) -> N
                 await _start_metrics(nursery, config, registry, exits)
                 ops = Operations(fs, negative_ttl_seconds=config.vfs_settings.negative_ttl, op_stats=op_stats)
                 options = set(pyfuse3.default_options)  # default_permissions: the kernel checks our 0444/0555 modes
-                options |= {"ro", f"fsname={_fsname(source.display_url)}", "subtype=directfs"}
+                options |= {f"fsname={_fsname(source.display_url)}", "subtype=directfs"}
+                if writeback is None:
+                    options.add("ro")
                 if config.allow_other:
                     options.add("allow_other")
                 try:
@@ -312,9 +320,33 @@ async def _serve(config: MountConfig, readiness: _Readiness, state: _State) -> N
                 close()
             if fs is not None:
                 await fs.aclose()
+            if writeback is not None:
+                await writeback.drain()  # pending uploads within --write-drain-timeout; the rest kept in failed/
     finally:
+        if writeback is not None:
+            writeback.close_folder()
         with trio.CancelScope(shield=True):
             await source.aclose()
+
+
+def _writeback(source: Source, config: MountConfig) -> WriteBack | None:
+    """The mount's write-back layer with ``--rw`` (its spool folder made, locked and checked for what a killed
+    daemon left), or None: read-only."""
+    settings = config.write_settings
+    if not settings.enabled:
+        return None
+    if not isinstance(source, Writable):
+        log.warning("--rw: %s cannot be written; mounting read-only (writes answer EROFS)", source.display_url)
+        return None
+    writeback = WriteBack(
+        source,
+        settings,
+        spool_dir=settings.spool_dir or default_spool_dir(config.mountpoint),
+        store_url=source.display_url,
+    )
+    writeback.open_folder()  # ConfigError: another mount holds it, or it is not private
+    log.info("writable mount; spool folder %s", writeback.root)
+    return writeback
 
 
 async def _start_metrics(

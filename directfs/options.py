@@ -257,6 +257,7 @@ _VFS = "directfs.vfs:VfsSettings."
 _SOURCE = "directfs.sources.base:SourceOptions."
 _CREDENTIALS = "directfs.sources.base:Credentials."
 _MOUNT = "directfs.mount:MountConfig."
+_WRITE = "directfs.writeback:WriteSettings."
 
 
 @dataclass(frozen=True)
@@ -533,6 +534,64 @@ TABLE: Final[tuple[Option, ...]] = (
         o=True,
         toml="mount",
         reason="as FUSE intends",
+    ),
+    _row(
+        "rw",
+        "mount",
+        _as_bool,
+        "allow writes (file://, s3://, webdav(s)://, ctera+https://): files are spooled on local disk and uploaded "
+        "when the last handle closes, and close() returns the upload's result",
+        kind="switch",
+        home=_home(f"{_WRITE}enabled"),
+        flag=True,
+        switch=True,
+        env=True,
+        o=True,
+        toml="mount",
+        reason="read-only unless asked: a mount that cannot change the store cannot lose or damage data there",
+    ),
+    _row(
+        "write_spool_dir",
+        "mount",
+        _as_abs_path,
+        "where files being written are spooled (mode 0700); failed uploads are kept in its failed/ folder",
+        unit="PATH",
+        home=_home(f"{_WRITE}spool_dir"),
+        flag=True,
+        env=True,
+        o=True,
+        toml="mount",
+        argv_parse=_as_made_absolute,
+        default_text="$STATE_DIRECTORY, /var/lib/directfs (root) or ~/.local/state/directfs, then spool/MOUNTPOINT",
+        reason="a state folder survives reboots, so a killed daemon's spool is found at the next mount",
+    ),
+    _row(
+        "write_max_size",
+        "mount",
+        _as_size,
+        "largest existing file that may be changed in place (append, update) without O_TRUNC; above it EOPNOTSUPP",
+        kind="size",
+        home=_home(f"{_WRITE}max_update_size_bytes"),
+        unit="SIZE",
+        flag=True,
+        env=True,
+        o=True,
+        toml="mount",
+        reason="an update downloads the whole old content into the spool first; 1 GiB bounds that wait and disk use",
+    ),
+    _row(
+        "write_drain_timeout",
+        "mount",
+        _as_seconds,
+        "how long unmount (SIGTERM) waits for pending uploads; what is left is kept in the spool's failed/ folder",
+        kind="duration",
+        home=_home(f"{_WRITE}drain_timeout_seconds"),
+        unit="DURATION",
+        flag=True,
+        env=True,
+        o=True,
+        toml="mount",
+        reason="within systemd's 90 s stop timeout, with room for the unmount itself",
     ),
     _row(
         "uid",
@@ -913,7 +972,8 @@ def given_flags(args: argparse.Namespace, groups: Iterable[Group]) -> dict[str, 
 # --- -o: the one parser (directfs mount and mount.directfs) -------------------------------------------------------
 
 # mount(8) and fstab words that mean nothing to directfs: for mount(8), systemd or the admin, or kernel flags mount(8)
-# passes along. Ignored by mount.directfs (fstab=True); `directfs mount -o` knows only ro.
+# passes along. Ignored by mount.directfs (fstab=True), `rw` included: mount(8) hands `rw` to every helper, so in
+# fstab writes are asked for with `directfs_rw` or `rw = true` in the config file. `directfs mount -o` knows ro and rw.
 FSTAB_IGNORED: Final = frozenset(
     {
         "_netdev",
@@ -966,9 +1026,9 @@ class OItem:
 
 def parse_o(groups: Iterable[str], *, fstab: bool = False, sloppy: bool = False) -> list[OItem]:
     """``-o`` values (each a comma list of ``KEY[=VALUE]``, ``-`` and ``_`` alike in keys) -> the options they set,
-    in order; ``ro`` (the mount always is) and, with ``fstab``, mount(8)'s own words are dropped. ConfigError for
-    ``rw``, an unknown key (unless ``sloppy``), a secret value (fstab and argv are world-readable), a switch given a
-    value or a value option without one. Values are not parsed here: ``OItem.parsed``."""
+    in order; ``ro`` (the default) and, with ``fstab``, mount(8)'s own words are dropped (``rw`` among them; fstab
+    says ``directfs_rw``). ConfigError for an unknown key (unless ``sloppy``), a secret value (fstab and argv are
+    world-readable), a switch given a value or a value option without one. Values are parsed by ``OItem.parsed``."""
     items: list[OItem] = []
     known = ", ".join(sorted([*O_KEYS, "ro"]))
     for group in groups:
@@ -980,8 +1040,8 @@ def parse_o(groups: Iterable[str], *, fstab: bool = False, sloppy: bool = False)
             key = key.strip().replace("-", "_")
             if key == "ro" or (fstab and (key in FSTAB_IGNORED or text.startswith(FSTAB_IGNORED_PREFIXES))):
                 continue
-            if key == "rw":
-                raise ConfigError("-o rw: directfs mounts are read-only")
+            if key == "directfs_rw":  # fstab's spelling of rw (the plain word is mount(8)'s, given to every helper)
+                key = "rw"
             option = O_KEYS.get(key)
             if option is None:
                 named = OPTIONS.get(key)
@@ -1070,7 +1130,7 @@ def _mount_table() -> str:
             keys = ", ".join(_code(option.o) for option in TABLE if option.o and not option.o_as_flag)
             rows.append(
                 f"| `-o KEY[=VALUE],...` | fstab-style options: every option with an `-o` form, e.g. {keys}; `ro` is "
-                "accepted, `rw` refused (flags win over `-o`) | |"
+                "accepted (the default) (flags win over `-o`) | |"
             )
     return "\n".join(rows)
 
@@ -1107,7 +1167,8 @@ def _fstab() -> str:
     as_flags = ", ".join(_o_cell(option) for option in TABLE if option.o and option.o_as_flag)
     passed = ", ".join(_o_cell(option) for option in TABLE if option.o and not option.o_as_flag)
     bullets = [
-        "- Ignored: `_netdev`, `nofail`, `noauto`, `auto`, `user(s)`, `defaults`, `ro`/`rw` (always read-only), `x-*`, "
+        "- Ignored: `_netdev`, `nofail`, `noauto`, `auto`, `user(s)`, `defaults`, `ro`/`rw` (mount(8) passes `rw` to "
+        "every helper: say `directfs_rw` to allow writes), `x-*`, "
         "`comment=*`, and the kernel flags mount(8) passes along.",
         f"- Mapped to flags: {as_flags}.",
         f"- Passed on as `-o`: {passed}.",

@@ -50,6 +50,7 @@ def mount_config(settings: Settings, *, ready_fd: int | None = None) -> MountCon
     Reads the secret files (so a wrong path fails here, before a daemon is started)."""
     from ..mount import MountConfig
     from ..vfs import VfsSettings
+    from ..writeback import WriteSettings
 
     assert settings.source is not None and settings.mountpoint is not None  # mount_settings guarantees both
     credentials = common.resolve_credentials(settings)
@@ -61,6 +62,7 @@ def mount_config(settings: Settings, *, ready_fd: int | None = None) -> MountCon
         mountpoint=os.path.abspath(settings.mountpoint),
         source_options=common.build_source_options(settings, credentials),
         vfs_settings=VfsSettings(**settings.kwargs("VfsSettings")),
+        write_settings=WriteSettings(**settings.kwargs("WriteSettings")),
         ready_fd=ready_fd,
         **settings.kwargs("ReadSettings"),  # cache_size_bytes, read_ahead_max_bytes: the read engine's fields
         **fields,

@@ -275,10 +275,17 @@ def test_o_items() -> None:
     assert options.parse_o(["_netdev,x-systemd.automount,comment=a,bogus"], fstab=True, sloppy=True) == []
 
 
+def test_o_rw_asks_for_writes_and_fstab_says_directfs_rw() -> None:
+    # Issue 14: `directfs mount -o rw` is --rw; mount(8) hands `rw` to every helper, so fstab spells it directfs_rw.
+    assert [(i.option.name, i.parsed()) for i in options.parse_o(["ro,rw"])] == [("rw", True)]
+    assert options.parse_o(["rw"], fstab=True) == []
+    assert [(i.option.name, i.parsed()) for i in options.parse_o(["rw,directfs_rw"], fstab=True)] == [("rw", True)]
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("rw", "-o rw: directfs mounts are read-only"),
+        ("rw=yes", "option rw takes no value"),
         ("cache_sise=1M", "unknown option 'cache_sise' (did you mean 'cache_size'?"),
         ("_netdev", "unknown option '_netdev'"),  # only mount.directfs knows mount(8)'s words
         (f"password={SECRET}", "option password= would put a secret in fstab and in ps"),
