@@ -5,9 +5,9 @@ PY := $(VENV)/bin/python
 PYTHON ?= python3
 # Debian packages: FUSE runtime + headers to build pyfuse3, ffmpeg/sqlite3 for the demo and mount tests,
 # nginx + apache with WebDAV for the webdav:// tests, shellcheck and systemd-analyze (package systemd) to check the
-# container entrypoint and the unit file.
+# container entrypoint and the unit file, rsync for the --rw mount tests (rsync -a into a mount).
 APT_PACKAGES := fuse3 libfuse3-dev pkg-config gcc ffmpeg sqlite3 \
-	nginx-light libnginx-mod-http-dav-ext apache2 apache2-utils shellcheck systemd
+	nginx-light libnginx-mod-http-dav-ext apache2 apache2-utils shellcheck systemd rsync
 PYTEST_ARGS ?=
 
 .PHONY: all system-deps venv lint typecheck test demo bench clean

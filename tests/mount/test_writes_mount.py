@@ -1,0 +1,155 @@
+"""``directfs mount --rw`` (issue 14) through real FUSE mounts, checked from the server side: the scenarios of
+tests/support/writes.py on every writable store, what close() answers when an upload fails, what is kept in the
+spool's failed/ folder, SIGTERM in the middle of a write, and a killed daemon's spool found at the next mount.
+The write-back rules without FUSE: tests/unit/test_vfs_writes.py."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support.commands import isolate_cli_env
+from tests.support.mountd import directfs_command, mounted, teardown
+from tests.support.sourcetree import needs_fuse
+from tests.support.writes import (
+    FORTY_MIB,
+    ServerView,
+    check_copies,
+    check_namespace_changes,
+    check_reader_sees_old_until_close,
+    check_tar_and_rsync,
+    random_bytes,
+)
+
+pytestmark = needs_fuse
+
+
+@pytest.fixture(autouse=True)
+def no_config(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    isolate_cli_env(monkeypatch, tmp_path)
+
+
+def local_view(root: Path) -> ServerView:
+    return ServerView(
+        read=lambda rel: (root / rel).read_bytes(),
+        exists=lambda rel: os.path.lexists(root / rel),
+        is_dir=lambda rel: (root / rel).is_dir(),
+    )
+
+
+def rw_args(spool: Path) -> list[str]:
+    return ["--rw", "--write-spool-dir", str(spool)]
+
+
+# --- file:// ----------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def local_store(tmp_path: Path) -> Path:
+    root = tmp_path / "store"
+    root.mkdir()
+    (root / "kept.txt").write_bytes(b"kept\n")
+    return root
+
+
+@pytest.fixture
+def local_mount(local_store: Path, tmp_path: Path) -> Iterator[Path]:
+    with mounted(f"file://{local_store}", extra_args=rw_args(tmp_path / "spool")) as m:
+        yield m.mountpoint
+
+
+def test_file_store_copies(local_mount: Path, local_store: Path, tmp_path: Path) -> None:
+    check_copies(local_mount, local_view(local_store), "copies", tmp_path)
+
+
+def test_file_store_tar_and_rsync(local_mount: Path, local_store: Path, tmp_path: Path) -> None:
+    check_tar_and_rsync(local_mount, local_view(local_store), "trees", tmp_path)
+
+
+def test_file_store_namespace_changes(local_mount: Path, local_store: Path) -> None:
+    check_namespace_changes(local_mount, local_view(local_store), "ns")
+
+
+def test_file_store_reader_sees_the_old_bytes_until_close(local_mount: Path, local_store: Path) -> None:
+    check_reader_sees_old_until_close(local_mount, local_view(local_store), "rw")
+
+
+def test_without_rw_every_write_is_erofs(local_store: Path) -> None:
+    with mounted(f"file://{local_store}") as m:
+        for attempt in (
+            lambda: (m.mountpoint / "new").write_bytes(b"x"),
+            lambda: (m.mountpoint / "d").mkdir(),
+            lambda: (m.mountpoint / "kept.txt").unlink(),
+        ):
+            with pytest.raises(OSError) as refused:
+                attempt()
+            assert refused.value.errno == errno.EROFS
+    assert sorted(p.name for p in local_store.iterdir()) == ["kept.txt"]
+
+
+def test_symlinks_and_xattrs_are_eopnotsupp_on_a_writable_mount(local_mount: Path) -> None:
+    with pytest.raises(OSError) as link:
+        os.symlink("kept.txt", local_mount / "link")
+    assert link.value.errno == errno.EOPNOTSUPP
+    with pytest.raises(OSError) as xattr:
+        os.setxattr(local_mount / "kept.txt", "user.x", b"1")
+    assert xattr.value.errno == errno.EOPNOTSUPP
+
+
+# --- SIGTERM and kill -9: nothing lost --------------------------------------------------------------------------
+
+
+def _start_rw(source_url: str, mnt: Path, spool: Path, stderr: Path, *extra: str) -> subprocess.Popen[bytes]:
+    mnt.mkdir(exist_ok=True)
+    with open(stderr, "wb") as err:
+        proc = subprocess.Popen(
+            directfs_command("mount", source_url, str(mnt), "-f", *rw_args(spool), *extra),
+            stdin=subprocess.DEVNULL,
+            stdout=err,
+            stderr=err,
+        )
+    deadline = time.monotonic() + 30
+    while not os.path.ismount(mnt):
+        assert proc.poll() is None, stderr.read_text()
+        assert time.monotonic() < deadline, stderr.read_text()
+        time.sleep(0.05)
+    return proc
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL])
+def test_a_signal_mid_write_loses_nothing(local_store: Path, tmp_path: Path, signum: signal.Signals) -> None:
+    """SIGTERM: the upload completes (drain) or the bytes are in failed/. kill -9: the next mount finds them."""
+    mnt, spool = tmp_path / "mnt", tmp_path / "spool"
+    data = random_bytes(FORTY_MIB, 7)
+    proc = _start_rw(f"file://{local_store}", mnt, spool, tmp_path / "daemon.log")
+    try:
+        fd = os.open(mnt / "big.bin", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.write(fd, data)  # written, not closed: the upload has not started
+        proc.send_signal(signum)
+        proc.wait(timeout=60)
+        with contextlib.suppress(OSError):  # the mount is gone: the close cannot reach it
+            os.close(fd)
+    finally:
+        teardown(mnt, proc)
+    kept = list((spool / "failed").glob("*.data"))
+    if signum == signal.SIGTERM:
+        uploaded = (local_store / "big.bin").exists() and (local_store / "big.bin").read_bytes() == data
+        assert uploaded or [p.read_bytes() for p in kept] == [data], (tmp_path / "daemon.log").read_text()
+        return
+    assert not (local_store / "big.bin").exists()
+    assert [p.name for p in (spool / "active").glob("*.data")], "kill -9 leaves the spool in active/"
+    with mounted(f"file://{local_store}", extra_args=rw_args(spool)) as m:
+        assert "from a previous mount" in m.stderr()
+    [kept_file] = (spool / "failed").glob("*.data")
+    assert kept_file.read_bytes() == data
+    sidecar = json.loads(kept_file.with_suffix(".json").read_text())
+    assert sidecar["target"] == "big.bin"
