@@ -21,6 +21,15 @@ Versions
     handler deadlocks the kernel). ``open`` answers ``keep_cache=True`` only while the version is the one the kernel
     may already cache.
 
+Writes (``--rw``: a ``WriteBack`` given; directfs.writeback has the model)
+    Write access joins the path's spool; the last writer's ``flush`` (close) or any ``fsync`` uploads it and answers
+    with the result. While a spool is active its size and mtime are what stat shows, store refreshes of that path are
+    skipped (nothing newer can come until the upload), and a new file's spool stands for it in lookups and its
+    folder's listing. Our own changes (create, mkdir, unlink, rmdir, rename, a finished upload) update the cached
+    listing of the parent in place (copied first when an open directory handle shares it) and the inode table
+    (a rename moves the known inodes below a folder), so a ``tar -x`` does not re-list a folder per file. Writers and
+    readers opened beside an active writer get ``direct_io``. Without a ``WriteBack`` every write is EROFS.
+
 Concurrency (every ``await`` is an interleaving point; handlers run concurrently on one trio thread)
     - The inode table, the caches and the handle tables change only in synchronous code between awaits, so no lock
       is needed: each handler re-reads the state it needs after an await (``_remember`` after every store call).
@@ -31,6 +40,7 @@ Concurrency (every ``await`` is an interleaving point; handlers run concurrently
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import math
@@ -929,15 +939,16 @@ class FileSystem:
         writeback, store = self._writable()
         _, path = self._child(parent_inode, name)
         spool = self._active_spool(path)
-        if spool is None or spool.base is not None:
-            entry = await self._exists(path)
-            if entry is None:
-                raise EntryNotFoundError(filename=path)
-            if entry.is_dir:
-                raise IsADirectory(filename=path)
-            await self._store_call(path, lambda: store.remove_file(path))
-        writeback.unlink(path)
-        self._removed(path)
+        async with spool.lock if spool is not None else contextlib.nullcontext():  # not under a running upload
+            if spool is None or spool.base is not None:
+                entry = await self._exists(path)
+                if entry is None:
+                    raise EntryNotFoundError(filename=path)
+                if entry.is_dir:
+                    raise IsADirectory(filename=path)
+                await self._store_call(path, lambda: store.remove_file(path))
+            writeback.unlink(path)
+            self._removed(path)
 
     async def rmdir(self, parent_inode: int, name: str) -> None:
         writeback, store = self._writable()
@@ -978,10 +989,13 @@ class FileSystem:
                 raise NotADirectory(filename=new)
         if entry.is_dir and not store.write_features.folder_rename:
             raise CrossDeviceError("this store cannot rename folders (mv copies instead)", filename=old)
-        if not only_spooled:
-            await self._store_call(old, lambda: store.rename(old, new, is_dir=entry.is_dir))
-        writeback.rename(old, new)
-        self._move(old, new, entry)
+        # Not under a running upload of this file: it would land at the old name after the move.
+        async with spool.lock if spool is not None else contextlib.nullcontext():
+            only_spooled = spool is not None and spool.base is None
+            if not only_spooled:
+                await self._store_call(old, lambda: store.rename(old, new, is_dir=entry.is_dir))
+            writeback.rename(old, new)
+            self._move(old, new, entry)
 
     def _move(self, old: str, new: str, entry: Entry) -> None:
         """The inode table and caches after ``old`` became ``new`` (and, for a folder, everything below it)."""

@@ -30,7 +30,9 @@ the whole spool.
 Concurrency (trio, one thread): a ``Spool``'s fields change only in synchronous code between awaits; its disk I/O
 runs in worker threads under the one limiter (``workers.worker_limiter``), never abandoned, so a write is in the file
 before the handler answers. ``Spool.lock`` serialises uploads of one spool (a flush and an fsync at once); writes
-wait for a running upload (``Spool.lock``) so no upload reads bytes that change under it. Background work (early
+wait for a running upload (``Spool.lock``) so no upload reads bytes that change under it, and the filesystem holds it
+around an unlink or rename of the spool's path (an upload landing after the move would bring the old name back).
+``join`` runs under one lock, so two opens of a path at once share one spool. Background work (early
 parts, uploads at release) runs in the ``WriteBack.run`` nursery.
 """
 
@@ -183,6 +185,7 @@ class WriteBack:
         self.store_url = store_url  # safe to show (display_url): written into sidecars
         self.on_committed = on_committed  # the filesystem's hook: cache the new entry, drop stale pages
         self._spools: dict[str, Spool] = {}
+        self._join_lock = trio.Lock()
         self._ids = itertools.count(1)
         self._lock_fd: int | None = None
         self._nursery: trio.Nursery | None = None
@@ -269,13 +272,14 @@ class WriteBack:
     async def join(self, path: str, base: Entry | None, *, truncate: bool) -> Spool:
         """The spool of ``path`` for one more writer handle, made if there is none (``base`` is the store's current
         entry, None for a new file). ``truncate``: O_TRUNC (the spool starts empty)."""
-        spool = self._spools.get(path)
-        if spool is not None and (spool.failed is not None or spool.unlinked):
-            self._forget(spool)
-            spool = None
-        if spool is None:
-            spool = await self._create(path, base)
-        spool.writers += 1
+        async with self._join_lock:  # two opens of one path at once (open takes no folder lock) share one spool
+            spool = self._spools.get(path)
+            if spool is not None and (spool.failed is not None or spool.unlinked):
+                self._forget(spool)
+                spool = None
+            if spool is None:
+                spool = await self._create(path, base)
+            spool.writers += 1
         if truncate:
             try:
                 await self.truncate(spool, 0)
