@@ -7,6 +7,10 @@ A URL may name a folder or a file. The Source API has no notion of "the root is 
 root and, when it is a file (or an empty folder whose parent URL has a file of that name), opens the parent URL and
 the file in it instead. Only the root's listing is kept; deeper folders are listed as the walk reaches them.
 
+A URL ``cp`` writes to (:func:`open_write_target`) is opened at its parent folder, and the name it ends with is
+stat-ed there: that tells a new name from an existing file or folder on every store (on S3 a missing prefix reads as
+an empty folder, so the URL itself cannot say). A store without ``Writable`` is refused before any request.
+
 Concurrency: :func:`fetch_blocks` reads a file through the block engine (``directfs.engine.streams.fetch_all``):
 blocks start in order, each holding a slot of a shared ``trio.Semaphore`` from before its fetch until its bytes are
 delivered, so at most ``slots`` blocks are in memory across every file of a command. A failing block cancels that
@@ -30,8 +34,16 @@ import trio
 
 from ..engine.reader import ReadEngine, ReadSettings
 from ..engine.streams import fetch_all
-from ..errors import ConfigError, DirectFSError, EntryNotFoundError, NotADirectory, raise_single
-from ..sources.base import Entry, OpenFile, Source, SourceOptions, join, valid_name
+from ..errors import (
+    ConfigError,
+    DirectFSError,
+    EntryNotFoundError,
+    InvalidArgumentError,
+    NotADirectory,
+    ReadOnlyError,
+    raise_single,
+)
+from ..sources.base import Entry, OpenFile, Source, SourceOptions, Writable, join, valid_name
 from ..sources.registry import create_source
 
 # A walk deeper than this is a loop (a file:// tree with a symlink to its own parent), not data: PATH_MAX (4096)
@@ -56,13 +68,18 @@ def where(base: str, path: str) -> str:
 
 def describe(exc: OSError, place: str) -> str:
     """One line for an error: ``place: <the errno's message> (<detail>)``; never a secret (sources keep them out)."""
+    return f"{place}: {reason(exc)}"
+
+
+def reason(exc: OSError) -> str:
+    """What went wrong, without the place: ``<the errno's message> (<detail>)``."""
     code = exc.errno or errno.EIO
     text = os.strerror(code)
     detail = exc.strerror
     default = getattr(type(exc), "default_message", None)
     if detail and detail not in (text, default):
         text = f"{text} ({detail})"
-    return f"{place}: {text}"
+    return text
 
 
 def printable(name: str) -> str:
@@ -185,6 +202,61 @@ async def open_target(url: str, options: SourceOptions) -> Target:
     except BaseException:
         with trio.CancelScope(shield=True):
             await source.aclose()
+        raise
+
+
+# --- the target of a write: a store URL that names a file or folder, or a name not taken yet ------------------
+
+
+@dataclass
+class WriteTarget:
+    """Where ``cp`` writes: ``path`` in ``store`` (a ``Writable`` source of the URL's parent folder, or of the URL
+    itself when it names the store's root: ``path`` is then ``""``). ``entry`` is what is at ``path`` now (None: the
+    name is free); ``folder`` says the URL ended with ``/`` (it names a folder, to be made if missing)."""
+
+    store: Source
+    path: str
+    entry: Entry | None
+    folder: bool
+
+    @property
+    def writer(self) -> Writable:
+        assert isinstance(self.store, Writable)  # open_write_target checked it
+        return self.store
+
+
+def read_only_error(url: str) -> ReadOnlyError:
+    scheme = urlsplit(url).scheme.lower()
+    return ReadOnlyError(f"{scheme}:// stores are read-only: cannot write to {display_url(url)}")
+
+
+async def open_write_target(url: str, options: SourceOptions) -> WriteTarget:
+    """Open the store ``url`` writes into and stat what it names (see ``WriteTarget``); the caller closes
+    ``target.store``. ``ReadOnlyError`` (EROFS) for a store that cannot be written (http(s)://), before any request."""
+    parts = urlsplit(url)
+    path = parts.path.rstrip("/")
+    folder = parts.path.endswith("/") or not path.strip("/")
+    store_url, name = url, ""
+    if path.strip("/"):
+        parent, _, last = path.rpartition("/")
+        name = unquote(last)
+        if not valid_name(name):
+            raise InvalidArgumentError(f"{display_url(url)} does not end in a name a store can hold")
+        store_url = urlunsplit((parts.scheme, parts.netloc, parent + "/", parts.query, ""))
+        if parts.scheme.lower() == "file" and not await trio.to_thread.run_sync(os.path.isdir, unquote(parent) or "/"):
+            raise EntryNotFoundError(f"no folder {display_url(store_url)}")
+    store = create_source(store_url, options)
+    try:
+        if not isinstance(store, Writable):
+            raise read_only_error(url)
+        try:
+            entry: Entry | None = await store.stat(name)
+        except EntryNotFoundError:
+            entry = None
+        return WriteTarget(store, name, entry, folder)
+    except BaseException:
+        with trio.CancelScope(shield=True):
+            await store.aclose()
         raise
 
 
