@@ -6,6 +6,7 @@ data lives in its own directory. Usage::
     with start_seaweed(tmp_path / "weed", buckets=("blocks",)) as s3:
         s3.endpoint, s3.access_key, s3.secret_key, s3.env()  # env() = AWS_* variables for subprocesses
         s3.client().put_object(Bucket="blocks", Key="k", Body=b"...")  # botocore, SigV4, path style
+        s3.reader_access_key, s3.reader_secret_key  # a second identity that may read and list, never write
 
 Buckets are created through the S3 API and the fixture returns only once a signed HeadBucket sees each of them.
 
@@ -42,6 +43,9 @@ class SeaweedFS:
     proc: subprocess.Popen[bytes]
     log_path: Path
     region: str = "us-east-1"
+    # Credentials the server accepts for reading and listing only: its writes answer 403 AccessDenied.
+    reader_access_key: str = ""
+    reader_secret_key: str = field(default="", repr=False)
 
     def env(self) -> dict[str, str]:
         return {
@@ -100,6 +104,7 @@ def start_seaweed(workdir: Path, *, buckets: Sequence[str] = ("directfs",)) -> I
     data_dir = workdir / "data"
     data_dir.mkdir(exist_ok=True)
     access_key, secret_key = "weed" + secrets.token_hex(6), secrets.token_urlsafe(24)
+    reader_access_key, reader_secret_key = "reader" + secrets.token_hex(6), secrets.token_urlsafe(24)
     identities = workdir / "s3.json"
     identities.write_text(
         json.dumps(
@@ -109,7 +114,12 @@ def start_seaweed(workdir: Path, *, buckets: Sequence[str] = ("directfs",)) -> I
                         "name": "admin",
                         "credentials": [{"accessKey": access_key, "secretKey": secret_key}],
                         "actions": ["Admin", "Read", "List", "Tagging", "Write"],
-                    }
+                    },
+                    {
+                        "name": "reader",
+                        "credentials": [{"accessKey": reader_access_key, "secretKey": reader_secret_key}],
+                        "actions": ["Read", "List"],
+                    },
                 ]
             }
         )
@@ -146,6 +156,8 @@ def start_seaweed(workdir: Path, *, buckets: Sequence[str] = ("directfs",)) -> I
             buckets=tuple(buckets),
             proc=proc,
             log_path=log_path,
+            reader_access_key=reader_access_key,
+            reader_secret_key=reader_secret_key,
         )
     finally:
         if proc.poll() is None:
