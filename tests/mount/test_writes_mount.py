@@ -19,7 +19,8 @@ import pytest
 
 from tests.support.commands import isolate_cli_env
 from tests.support.mountd import directfs_command, mounted, teardown
-from tests.support.sourcetree import needs_fuse
+from tests.support.seaweed import SeaweedFS, start_seaweed
+from tests.support.sourcetree import isolate_aws_env, needs_fuse
 from tests.support.writes import (
     FORTY_MIB,
     ServerView,
@@ -103,6 +104,78 @@ def test_symlinks_and_xattrs_are_eopnotsupp_on_a_writable_mount(local_mount: Pat
     with pytest.raises(OSError) as xattr:
         os.setxattr(local_mount / "kept.txt", "user.x", b"1")
     assert xattr.value.errno == errno.EOPNOTSUPP
+
+
+# --- s3:// (SeaweedFS) ------------------------------------------------------------------------------------------
+
+BUCKET = "directfs-writes"
+
+
+@pytest.fixture(scope="module")
+def weed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedFS]:
+    with start_seaweed(tmp_path_factory.mktemp("weed"), buckets=(BUCKET,)) as s3:
+        yield s3
+
+
+def s3_view(s3: SeaweedFS, prefix: str) -> ServerView:
+    client = s3.client()
+
+    def key(rel: str) -> str:
+        return f"{prefix}/{rel}"
+
+    def read(rel: str) -> bytes:
+        body: bytes = client.get_object(Bucket=BUCKET, Key=key(rel))["Body"].read()
+        return body
+
+    def exists(rel: str) -> bool:
+        found = client.list_objects_v2(Bucket=BUCKET, Prefix=key(rel), MaxKeys=10).get("Contents", [])
+        return any(o["Key"] in (key(rel), key(rel) + "/") or o["Key"].startswith(key(rel) + "/") for o in found)
+
+    def is_dir(rel: str) -> bool:
+        found = client.list_objects_v2(Bucket=BUCKET, Prefix=key(rel) + "/", MaxKeys=1).get("Contents", [])
+        return bool(found)
+
+    return ServerView(read=read, exists=exists, is_dir=is_dir)
+
+
+@pytest.fixture
+def s3_mount(
+    weed: SeaweedFS, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, request: pytest.FixtureRequest
+) -> Iterator[tuple[Path, ServerView]]:
+    isolate_aws_env(monkeypatch, tmp_path, weed)
+    prefix = request.node.name.replace("[", "-").replace("]", "")
+    weed.client().put_object(Bucket=BUCKET, Key=f"{prefix}/", Body=b"")
+    args = [*rw_args(tmp_path / "spool"), "--endpoint-url", weed.endpoint]
+    with mounted(f"s3://{BUCKET}/{prefix}", extra_args=args, env=weed.env()) as m:
+        yield m.mountpoint, s3_view(weed, prefix)
+
+
+def test_s3_copies(s3_mount: tuple[Path, ServerView], tmp_path: Path) -> None:
+    check_copies(*s3_mount, "copies", tmp_path)
+
+
+def test_s3_tar_and_rsync(s3_mount: tuple[Path, ServerView], tmp_path: Path) -> None:
+    check_tar_and_rsync(*s3_mount, "trees", tmp_path)
+
+
+def test_s3_namespace_changes(s3_mount: tuple[Path, ServerView]) -> None:
+    check_namespace_changes(*s3_mount, "ns")
+
+
+def test_s3_reader_sees_the_old_bytes_until_close(s3_mount: tuple[Path, ServerView]) -> None:
+    check_reader_sees_old_until_close(*s3_mount, "rw")
+
+
+def test_s3_folder_rename_is_exdev_and_mv_copies(s3_mount: tuple[Path, ServerView]) -> None:
+    mnt, view = s3_mount
+    (mnt / "d").mkdir()
+    (mnt / "d" / "f").write_bytes(b"in a folder")
+    with pytest.raises(OSError) as refused:
+        os.rename(mnt / "d", mnt / "e")
+    assert refused.value.errno == errno.EXDEV
+    subprocess.run(["mv", str(mnt / "d"), str(mnt / "e")], check=True, capture_output=True, timeout=60)
+    assert view.read("e/f") == b"in a folder"
+    assert not view.exists("d/f")
 
 
 # --- SIGTERM and kill -9: nothing lost --------------------------------------------------------------------------
