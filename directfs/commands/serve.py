@@ -33,9 +33,21 @@ credentials (flag > environment; one set):
 
 surfaces:
   PROPFIND/GET  /ServicesPortal/webdav/PATH             Depth 0/1 (infinity: 403), ctera:fileid, Range GETs
+  PUT/MKCOL/DELETE/MOVE/PROPPATCH  (same paths)         only with --writable (else 405); portal login required
   GET           /directio/FILEID                        v8.3+ JSON block list with signed URLs
   GET           /blocks/KEY?expires=...&sig=...         block objects of the local store (HMAC-signed, expiring)
   POST          /ServicesPortal/v2/api/metadata/list    change feed with cursor (also .../longpoll)
+
+writes (--writable; docs/serve-writes.md):
+  PUT      201 new, 204 replaced; 409 parent missing, 405 onto a folder, 412 If-Match/If-None-Match, 413 over
+           --max-upload-size, 507 disk full. Streamed to a temp file in the folder, fsynced, renamed into place.
+  MKCOL    201; 405 exists, 409 parent missing, 415 with a body
+  DELETE   204 (a folder with everything in it); 404 missing
+  MOVE     201 new, 204 replaced (Overwrite: T, the default); 412 Overwrite: F and the destination exists,
+           409 destination parent missing, 502 destination on another server. File ids stay.
+  PROPPATCH  DAV:getlastmodified (RFC 1123 date) sets the mtime: 207; any other property 403 (and 424 for the rest)
+  A new or replaced file gets a new file id (the old one answers 400) and is encoded into blocks as scanned files
+  are; every write appears in the change feed and wakes long-polls. No rescan is needed.
 
 stdout gets exactly one line once the first scan is done and the socket listens:
   directfs serve: listening on http://127.0.0.1:PORT
@@ -51,7 +63,19 @@ def _whole_seconds(text: str) -> int:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = _EPILOG
-    parser.add_argument("dir", metavar="DIR", type=Path, help="the directory to publish (read only)")
+    parser.add_argument("dir", metavar="DIR", type=Path, help="the directory to publish (read only, unless --writable)")
+    parser.add_argument(
+        "--writable",
+        action="store_true",
+        help="accept WebDAV PUT, MKCOL, DELETE, MOVE and PROPPATCH (mtime) into DIR from the portal user (default: "
+        "read only, writes answer 405)",
+    )
+    parser.add_argument(
+        "--max-upload-size",
+        default="5G",
+        metavar="SIZE",
+        help="largest PUT body, K/M/G suffixes (default 5G, the S3 single-PUT limit); larger ones get 413",
+    )
     parser.add_argument(
         "--listen",
         default="127.0.0.1:8443",
@@ -209,6 +233,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="TEST ONLY: where latency/error faults apply, repeatable (default: blocks)",
     )
     faults.add_argument("--fault-seed", type=int, metavar="N", help="TEST ONLY: seed for reproducible faults")
+    faults.add_argument(
+        "--fault-put-status",
+        type=int,
+        metavar="CODE",
+        help="TEST ONLY (--writable): answer PUTs with CODE (400-599, e.g. 500, 507, 401) after reading the body; "
+        "nothing is written",
+    )
+    faults.add_argument(
+        "--fault-put-drop",
+        action="store_true",
+        help="TEST ONLY (--writable): read half of each PUT body, then drop the connection; nothing is written",
+    )
+    faults.add_argument(
+        "--fault-put-count",
+        type=int,
+        default=0,
+        metavar="N",
+        help="TEST ONLY: the PUT faults hit only the first N PUTs, later ones succeed (default 0: every PUT)",
+    )
 
 
 def _read_secret_file(path: Path, what: str) -> str:
@@ -345,6 +388,18 @@ def build_config(args: argparse.Namespace) -> ServeConfig:
     for name in ("fault_error_rate", "fault_drop_mid_body_rate", "fault_corrupt_blocks_rate"):
         if not 0.0 <= getattr(args, name) <= 1.0:
             raise ConfigError(f"--{name.replace('_', '-')} must be between 0 and 1")
+    put_faults = args.fault_put_status is not None or args.fault_put_drop
+    if put_faults and not args.writable:
+        raise ConfigError("--fault-put-status and --fault-put-drop need --writable")
+    if args.fault_put_status is not None and args.fault_put_drop:
+        raise ConfigError("--fault-put-status and --fault-put-drop exclude each other")
+    if args.fault_put_status is not None and not 400 <= args.fault_put_status <= 599:
+        raise ConfigError("--fault-put-status must be an error status, 400 to 599")
+    if args.fault_put_count < 0:
+        raise ConfigError("--fault-put-count must be 0 (every PUT) or more")
+    max_upload = parse_size(args.max_upload_size)
+    if max_upload < 1:
+        raise ConfigError("--max-upload-size must be at least 1 byte")
     state_dir = (args.state_dir or cfg.default_state_dir(root)).resolve()
     return cfg.ServeConfig(
         root=root.resolve(),
@@ -377,6 +432,9 @@ def build_config(args: argparse.Namespace) -> ServeConfig:
             url_ttl_seconds=args.fault_url_ttl,
             targets=frozenset(args.fault_target or ["blocks"]),
             seed=args.fault_seed,
+            put_status=args.fault_put_status,
+            put_drop=args.fault_put_drop,
+            put_count=args.fault_put_count,
         ),
         ingest_workers=args.ingest_workers or max(1, os.cpu_count() or 1),
         failed_auth_delay_seconds=(
@@ -384,6 +442,8 @@ def build_config(args: argparse.Namespace) -> ServeConfig:
             if args.failed_auth_delay is None
             else max(0.0, args.failed_auth_delay)
         ),
+        writable=args.writable,
+        max_upload_size_bytes=max_upload,
     )
 
 

@@ -10,6 +10,13 @@ sends a file of DIR from a descriptor the index opened and checked (:func:`_send
 Logging never shows a signature or a secret: the access log writes the path without its query string. Whatever a
 client sent is logged through :func:`log_safe` (control characters escaped), so a request cannot forge log lines.
 
+Writes (``--writable``, issue 14; docs/serve-writes.md): PUT, MKCOL, DELETE, MOVE and PROPPATCH on the WebDAV
+paths, behind the same login as the reads. The handlers check what they can before a body is read (``100
+Continue`` is sent only then, :func:`_send_continue`), stream a PUT body to its temp file in worker threads, and hand
+each change of DIR and the index to :meth:`Portal.mutate`: one at a time with the scans, shielded, so a client that
+goes away mid-change never leaves DIR and the index disagreeing. Without ``--writable`` each of these methods answers
+405 with the read-only ``Allow``.
+
 Authentication (issue 13, H1/L8): WebDAV and the Notification Service take HTTP Basic or ``Bearer <token>``, Direct
 IO takes ``Bearer <access key id>``; a credential that is not configured is refused, never defaulted. A rejected
 login is answered after ``failed_auth_delay_seconds`` (an ``asyncio.sleep`` of that request only); a request without
@@ -35,25 +42,34 @@ import urllib.parse
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 import cachetools
-from aiohttp import web
+from aiohttp import HttpVersion11, web
 from aiohttp.abc import AbstractAccessLogger
+from aiohttp.http_exceptions import HttpProcessingError
 
 from ..errors import EntryNotFoundError, StaleFileError
 from .config import ServeConfig
 from .index import Index, Node, ScanStats
 from .store import BlockStore, LocalBlockStore
 from .webdav import (
+    LASTMODIFIED,
     MAX_PROPFIND_BODY_BYTES,
+    MAX_PROPPATCH_BODY_BYTES,
     PROPERTIES,
     WEBDAV_ROOT,
     BadPropfind,
+    BadProppatch,
     finite_depth_error,
+    href_for_path,
     multistatus_chunks,
+    parse_http_date,
     parse_propfind,
+    parse_proppatch,
+    proppatch_multistatus,
 )
+from .writes import PutConditions, Upload, Writer, WriteRefused, check_relpath, folder_allow, status_for
 
 log = logging.getLogger("directfs.server")
 
@@ -81,6 +97,15 @@ _DIGITS_RE: Final = re.compile(r"^[0-9]{1,18}$")
 # signature. Anything else is refused before it reaches int() or hmac.compare_digest (both raise on odd input).
 _EXPIRES_RE: Final = re.compile(r"[0-9]{1,18}")
 _SIG_RE: Final = re.compile(r"[0-9a-f]{64}")
+# A PUT body is written to its temp file in a worker thread once this much has come in: ~40 thread hops for a 40 MiB
+# upload, and about this much memory per upload (plus aiohttp's own read buffer of a few 64 KiB).
+UPLOAD_WRITE_BYTES: Final = 1024 * 1024
+# --fault-put-drop reads half of a body before dropping the connection; of a chunked one (no length), this much.
+FAULT_DROP_UNKNOWN_LENGTH_BYTES: Final = 64 * 1024
+_CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
+# Every method a writable portal answers on its WebDAV paths (OPTIONS says so).
+_WRITABLE_ALLOW: Final = "OPTIONS, GET, HEAD, PROPFIND, PROPPATCH, PUT, MKCOL, DELETE, MOVE"
+T = TypeVar("T")
 
 
 @dataclass
@@ -97,6 +122,39 @@ class Portal:
     md5s: cachetools.LRUCache[tuple[str, int, int, int], str] = field(
         default_factory=lambda: cachetools.LRUCache(maxsize=MD5_CACHE_ENTRIES)
     )
+    put_faults_used: int = 0  # PUTs --fault-put-status/--fault-put-drop hit so far (for --fault-put-count)
+    # Writes running in the background (Portal.mutate): referenced here so none is collected while it runs.
+    writes: set[asyncio.Task[Any]] = field(default_factory=set)
+
+    def take_put_fault(self) -> bool:
+        """Whether this PUT gets the configured upload fault (the first --fault-put-count ones, or all)."""
+        faults = self.config.faults
+        if not faults.put_faults or (faults.put_count and self.put_faults_used >= faults.put_count):
+            return False
+        self.put_faults_used += 1
+        return True
+
+    async def mutate(self, change: Callable[[], T]) -> T:
+        """Run ``change`` (a write into DIR and its index update, server/writes.py) in a worker thread, one at a time
+        with the scans, then wake the long-polls. Shielded: once started it runs to its end even when the client
+        goes away and the handler is cancelled, so DIR and the index never disagree because a connection dropped
+        (what it raises then is logged)."""
+        task = asyncio.ensure_future(self._mutate(change))
+        self.writes.add(task)
+        task.add_done_callback(self.writes.discard)
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            task.add_done_callback(_log_orphaned_write)
+            raise
+
+    async def _mutate(self, change: Callable[[], T]) -> T:
+        try:
+            async with self.scan_lock:
+                return await asyncio.to_thread(change)
+        finally:
+            async with self.changed:
+                self.changed.notify_all()
 
     async def stop(self) -> None:
         self.stopping = True
@@ -126,6 +184,17 @@ class Portal:
 
 
 PORTAL_KEY: Final = web.AppKey("portal", Portal)
+
+
+def _log_orphaned_write(task: asyncio.Task[Any]) -> None:
+    """The result of a write whose client went away: nobody else will see it."""
+    if task.cancelled():
+        return
+    exc = task.exception()
+    if isinstance(exc, WriteRefused):
+        log.info("a write whose client went away was refused: %d %s", exc.status, exc.message)
+    elif exc is not None:
+        log.warning("a write whose client went away failed: %s", log_safe(exc))
 
 
 def log_safe(text: object) -> str:
@@ -240,8 +309,9 @@ async def portal_user_middleware(
     return await _rejected_login(request, portal, response)
 
 
-def _resolve(portal: Portal, request: web.Request) -> Node | None:
-    raw = request.rel_url.raw_path
+def _dav_parts(raw: str) -> list[str] | None:
+    """The decoded components of a raw (percent-encoded) WebDAV path, or None when it is not one: outside the
+    prefix, not UTF-8, or with a ``.`` or ``..`` component. Empty components (``a//b``, a trailing ``/``) drop out."""
     if not raw.startswith(WEBDAV_ROOT):
         return None
     rest = raw[len(WEBDAV_ROOT) :]
@@ -253,7 +323,12 @@ def _resolve(portal: Portal, request: web.Request) -> Node | None:
         return None
     if any(p in (".", "..") for p in parts):
         return None
-    return portal.index.snapshot.nodes.get("/".join(parts))
+    return parts
+
+
+def _resolve(portal: Portal, request: web.Request) -> Node | None:
+    parts = _dav_parts(request.rel_url.raw_path)
+    return None if parts is None else portal.index.snapshot.nodes.get("/".join(parts))
 
 
 # --- faults (test only) ------------------------------------------------------------------------------------------
@@ -279,7 +354,9 @@ async def fault_middleware(
 
 
 async def webdav_options(request: web.Request) -> web.StreamResponse:
-    return web.Response(headers={"DAV": "1", "Allow": "OPTIONS, GET, HEAD, PROPFIND", "MS-Author-Via": "DAV"})
+    writable = request.app[PORTAL_KEY].config.writable
+    allow = _WRITABLE_ALLOW if writable else folder_allow(False)
+    return web.Response(headers={"DAV": "1", "Allow": allow, "MS-Author-Via": "DAV"})
 
 
 async def webdav_propfind(request: web.Request) -> web.StreamResponse:
@@ -305,7 +382,7 @@ async def webdav_propfind(request: web.Request) -> web.StreamResponse:
         nodes.extend(portal.index.snapshot.children.get(node.path, ()))
     # Rendered a piece at a time (issue 13 M6): a big reply's pieces in a worker thread, so the loop only ever waits
     # for a write; the writes wait for the client (backpressure), so memory holds a piece or two, never the reply.
-    pieces = multistatus_chunks(nodes, mode, names)
+    pieces = multistatus_chunks(nodes, mode, names, writable=portal.config.writable)
     offload = len(nodes) * max(len(names), len(PROPERTIES)) > PROPFIND_INLINE_PROPERTIES
 
     async def next_piece() -> bytes | None:
@@ -458,6 +535,358 @@ def _range_applies(request: web.Request, node: Node) -> bool:
         return raw == node.etag
     date = request.if_range
     return date is not None and int(date.timestamp()) == node.mtime_ns // 10**9
+
+
+# --- WebDAV writes (--writable; docs/serve-writes.md) ------------------------------------------------------------
+
+
+async def _expect_when_read(request: web.Request) -> web.StreamResponse | None:
+    """Expect handler of the write routes. aiohttp's default sends ``100 Continue`` before the login is even
+    checked; here the handler sends it (:func:`_send_continue`) once login, size and path are checked, so a client
+    that waits is refused without sending its body."""
+    if request.version == HttpVersion11 and request.headers.get("Expect", "").lower() != "100-continue":
+        return web.Response(status=417, text="only Expect: 100-continue is understood")
+    return None
+
+
+async def _send_continue(request: web.Request) -> None:
+    """``100 Continue`` for a client that waits for it (``Expect: 100-continue``), now that its body is wanted."""
+    if request.version >= HttpVersion11 and request.headers.get("Expect", "").lower() == "100-continue":
+        await request.writer.write(_CONTINUE)
+        request.writer.output_size = 0  # as aiohttp's own handler: the 100 is not part of the response's size
+
+
+async def _close_if_body_unread(request: web.Request, response: web.StreamResponse) -> None:
+    """A reply sent before the request's body was read (a refused upload): close the connection after it. A client
+    that waited for ``100 Continue`` never sends that body, so bytes read next would be its next request parsed as
+    this one's body; and one that does send it should not have to."""
+    if request.body_exists and not request.content.is_eof():
+        response.force_close()
+        response.headers["Connection"] = "close"  # the headers are prepared before this hook runs
+
+
+def _write_path(request: web.Request) -> str:
+    parts = _dav_parts(request.rel_url.raw_path)
+    if parts is None:
+        raise WriteRefused(400, f"not a path under {WEBDAV_ROOT}/ (or a '.' or '..' in it)")
+    return check_relpath(parts)
+
+
+def _refused(exc: WriteRefused) -> web.Response:
+    return web.Response(status=exc.status, text=exc.message, headers=exc.headers)
+
+
+def _write_failed(request: web.Request, exc: OSError) -> web.Response:
+    """The answer to a write the system refused (ENOSPC, EACCES...): its status, and a line in the log."""
+    status = status_for(exc)
+    what = f"{log_safe(request.method)} {log_safe(request.rel_url.path)}"
+    if status == 507:
+        log.warning("%s: %s (the disk of DIR or of the state dir is full)", what, exc.strerror or exc)
+        return web.Response(status=507, text="insufficient storage")
+    if status == 500:
+        log.error("%s failed", what, exc_info=exc)
+        return web.Response(status=500, text="internal error")
+    log.info("%s refused: %s", what, log_safe(exc.strerror or exc))
+    return web.Response(status=status, text=exc.strerror or "refused")
+
+
+def _quiet(future: asyncio.Future[Any]) -> None:
+    """Retrieve a background future's outcome, so asyncio does not log it as never retrieved."""
+    if not future.cancelled():
+        future.exception()
+
+
+class _Receiving:
+    """An :class:`Upload` fed from the event loop: its writes run in worker threads, and it is discarded only once no
+    thread uses it (closing a descriptor under a writer could let the number name another file)."""
+
+    def __init__(self, upload: Upload) -> None:
+        self.upload = upload
+        self._busy: asyncio.Future[None] | None = None
+
+    async def run(self, step: Callable[..., None], *args: Any) -> None:
+        self._busy = asyncio.ensure_future(asyncio.to_thread(step, *args))
+        await asyncio.shield(self._busy)
+
+    def discard(self) -> None:
+        busy = self._busy
+        if busy is not None and not busy.done():
+
+            def discard_when_done(done: asyncio.Future[None]) -> None:
+                _quiet(done)
+                self.upload.discard()
+
+            busy.add_done_callback(discard_when_done)
+        else:
+            self.upload.discard()
+
+
+async def _open_upload(writer: Writer, path: str) -> _Receiving:
+    """:meth:`Writer.open_upload` in a thread; a temp file made for a handler cancelled meanwhile is removed."""
+    opening = asyncio.ensure_future(asyncio.to_thread(writer.open_upload, path))
+    try:
+        return _Receiving(await asyncio.shield(opening))
+    except asyncio.CancelledError:
+
+        def discard(done: asyncio.Future[Upload]) -> None:
+            if not done.cancelled() and done.exception() is None:
+                done.result().discard()
+
+        opening.add_done_callback(discard)
+        raise
+
+
+async def _receive(request: web.Request, upload: _Receiving, limit_bytes: int) -> None:
+    """Stream the body into the temp file, at most ``limit_bytes`` (413 above), then fsync it. A body shorter than
+    its Content-Length is a 400 (aiohttp raises for a connection that ends early; the handler is then cancelled)."""
+    pending = bytearray()
+    received = 0
+    while piece := await request.content.read(UPLOAD_WRITE_BYTES):
+        received += len(piece)
+        if received > limit_bytes:
+            raise WriteRefused(413, f"an upload is at most {limit_bytes} bytes (--max-upload-size)")
+        pending += piece
+        if len(pending) >= UPLOAD_WRITE_BYTES:
+            await upload.run(upload.upload.write, pending)
+            pending = bytearray()
+    if pending:
+        await upload.run(upload.upload.write, pending)
+    expected = request.content_length
+    if expected is not None and received != expected:
+        raise WriteRefused(400, f"the body ended after {received} of {expected} bytes")
+    await upload.run(upload.upload.finish)
+
+
+def _put_conditions(request: web.Request) -> PutConditions:
+    if_match = request.if_match
+    if_none_match = request.if_none_match
+    return PutConditions(
+        # Strong comparison (RFC 9110 §13.1.1): a weak ETag never matches; "*" matches any existing file.
+        if_match=None
+        if if_match is None
+        else tuple("*" if e.value == "*" else f'"{e.value}"' for e in if_match if not e.is_weak),
+        if_none_match_any=if_none_match is not None and any(e.value == "*" for e in if_none_match),
+    )
+
+
+async def _faulty_put(request: web.Request, portal: Portal) -> web.StreamResponse:
+    """--fault-put-drop / --fault-put-status: read half the body and drop the connection, or read it all and answer
+    the status. Nothing is written either way."""
+    faults = portal.config.faults
+    what = log_safe(request.rel_url.path)
+    await _send_continue(request)
+    if faults.put_drop:
+        length = request.content_length
+        want = max(1, length // 2) if length else FAULT_DROP_UNKNOWN_LENGTH_BYTES
+        got = 0
+        while got < want and (piece := await request.content.read(want - got)):
+            got += len(piece)
+        log.info("fault: dropping the connection of PUT %s after %d bytes of its body", what, got)
+        if request.transport is not None:
+            request.transport.abort()
+        return web.Response(status=500)  # never sent: the connection is gone
+    drained = 0
+    while drained <= portal.config.max_upload_size_bytes and (piece := await request.content.read(UPLOAD_WRITE_BYTES)):
+        drained += len(piece)
+    status = faults.put_status or 500
+    log.info("fault: answering PUT %s with %d after %d bytes of its body", what, status, drained)
+    response = web.Response(status=status, text="injected fault")
+    if status == 401:
+        for challenge in _challenges(portal):
+            response.headers.add("WWW-Authenticate", challenge)
+    return response
+
+
+async def webdav_put(request: web.Request) -> web.StreamResponse:
+    """Create or replace a file: 201 new, 204 replaced (with the new version's ETag); the body goes to a temp file in
+    the folder, is fsynced, encoded and renamed over the target (server/writes.py)."""
+    portal = request.app[PORTAL_KEY]
+    if not _portal_user_ok(request, portal):
+        return _unauthorized()
+    config = portal.config
+    writer = Writer(portal.index)
+    try:
+        path = _write_path(request)
+        if path and request.rel_url.raw_path.endswith("/"):
+            raise WriteRefused(400, "a file's URL does not end with /")
+        if "Content-Range" in request.headers:
+            raise WriteRefused(400, "a PUT with Content-Range (a partial update) is not supported")
+        if request.content_length is not None and request.content_length > config.max_upload_size_bytes:
+            raise WriteRefused(413, f"an upload is at most {config.max_upload_size_bytes} bytes (--max-upload-size)")
+        if portal.take_put_fault():
+            return await _faulty_put(request, portal)
+        conditions = _put_conditions(request)
+        await asyncio.to_thread(writer.check_put, path, conditions)
+        upload = await _open_upload(writer, path)
+    except WriteRefused as exc:
+        return _refused(exc)
+    except OSError as exc:
+        return _write_failed(request, exc)
+    committing = False  # once the commit runs, it owns the temp file (and removes it if it fails)
+    try:
+        await _send_continue(request)
+        await _receive(request, upload, config.max_upload_size_bytes)
+        committing = True
+        node, created = await portal.mutate(functools.partial(writer.commit_upload, upload.upload, conditions))
+    except WriteRefused as exc:
+        return _refused(exc)
+    except HttpProcessingError as exc:  # the body was malformed or ended early (the client is usually gone)
+        log.info("PUT %s: the body was cut short: %s", log_safe(request.rel_url.path), log_safe(exc.message))
+        return web.Response(status=400, text="the body was cut short")
+    except OSError as exc:
+        return _write_failed(request, exc)
+    finally:
+        if not committing:
+            upload.discard()
+    log.info("PUT %s: %d bytes, file id %d", log_safe(request.rel_url.path), node.size, node.id)
+    return web.Response(status=201 if created else 204, headers={"ETag": node.etag})
+
+
+async def webdav_mkcol(request: web.Request) -> web.StreamResponse:
+    """Create a folder: 201; 405 when something exists there, 409 when the parent is missing, 415 with a body."""
+    portal = request.app[PORTAL_KEY]
+    if not _portal_user_ok(request, portal):
+        return _unauthorized()
+    try:
+        path = _write_path(request)
+        if request.body_exists:
+            if request.content_length:
+                raise WriteRefused(415, "MKCOL with a body is not supported")
+            await _send_continue(request)  # a chunked body, maybe empty: look
+            if await request.content.read(1):
+                raise WriteRefused(415, "MKCOL with a body is not supported")
+        await portal.mutate(functools.partial(Writer(portal.index).mkcol, path))
+    except WriteRefused as exc:
+        return _refused(exc)
+    except OSError as exc:
+        return _write_failed(request, exc)
+    return web.Response(status=201)
+
+
+async def webdav_delete(request: web.Request) -> web.StreamResponse:
+    """Remove a file, or a folder with everything in it: 204; 404 when it is not there."""
+    portal = request.app[PORTAL_KEY]
+    if not _portal_user_ok(request, portal):
+        return _unauthorized()
+    try:
+        await portal.mutate(functools.partial(Writer(portal.index).delete, _write_path(request)))
+    except WriteRefused as exc:
+        return _refused(exc)
+    except OSError as exc:
+        return _write_failed(request, exc)
+    return web.Response(status=204)
+
+
+def _authority(scheme: str, netloc: str) -> tuple[str, int | None] | None:
+    """(host, port) of an authority, the scheme's default port filled in; None when unparsable."""
+    try:
+        parsed = urllib.parse.urlsplit(f"{scheme}://{netloc}")
+        port = parsed.port
+    except ValueError:
+        return None
+    return (parsed.hostname or "", port or {"http": 80, "https": 443}.get(scheme.lower()))
+
+
+def _destination(request: web.Request, portal: Portal) -> str:
+    """The relative path a MOVE's ``Destination`` names: an absolute URL of this server or an absolute path, under
+    the WebDAV prefix (RFC 4918 §10.3). 400 when missing or not a WebDAV path here, 502 for another server."""
+    raw = request.headers.get("Destination", "").strip()
+    if not raw:
+        raise WriteRefused(400, "MOVE needs a Destination header")
+    try:
+        target = urllib.parse.urlsplit(raw)
+    except ValueError:
+        raise WriteRefused(400, "the Destination is not a URL") from None
+    if target.scheme or target.netloc:
+        if target.scheme.lower() not in ("http", "https"):
+            raise WriteRefused(400, "the Destination is not an http(s) URL")
+        ours = {_authority(request.scheme, request.host)}
+        if portal.base_url:
+            base = urllib.parse.urlsplit(portal.base_url)
+            ours.add(_authority(base.scheme, base.netloc))
+        if _authority(target.scheme, target.netloc) not in ours - {None}:
+            raise WriteRefused(502, "the Destination is on another server")
+    parts = _dav_parts(target.path)
+    if parts is None:
+        raise WriteRefused(400, f"the Destination is not a path under {WEBDAV_ROOT}/")
+    return check_relpath(parts)
+
+
+async def webdav_move(request: web.Request) -> web.StreamResponse:
+    """Rename a file or folder (file ids stay): 201 to a new name, 204 over an existing one (``Overwrite: T``, the
+    default); 412 with ``Overwrite: F`` when the destination exists; 409 when its parent is missing."""
+    portal = request.app[PORTAL_KEY]
+    if not _portal_user_ok(request, portal):
+        return _unauthorized()
+    try:
+        src = _write_path(request)
+        dst = _destination(request, portal)
+        overwrite = request.headers.get("Overwrite", "T").strip().upper()
+        if overwrite not in ("T", "F"):
+            raise WriteRefused(400, "Overwrite is T or F")
+        created = await portal.mutate(
+            functools.partial(Writer(portal.index).move, src, dst, overwrite=overwrite == "T")
+        )
+    except WriteRefused as exc:
+        return _refused(exc)
+    except OSError as exc:
+        return _write_failed(request, exc)
+    return web.Response(status=201 if created else 204)
+
+
+def _proppatch_plan(
+    instructions: list[tuple[str, tuple[str, str], str | None]],
+) -> tuple[list[tuple[tuple[str, str], int]], int | None]:
+    """Each property's status and the mtime to set. Only ``DAV:getlastmodified`` can be set (200; 409 for a value
+    that is not an HTTP date); anything else is 403. PROPPATCH is all or nothing (RFC 4918 §9.2): when one fails,
+    the others get 424 and nothing is set."""
+    results: list[tuple[tuple[str, str], int]] = []
+    mtime_ns: int | None = None
+    for action, name, value in instructions:
+        if name == LASTMODIFIED and action == "set":
+            parsed = parse_http_date(value or "")
+            results.append((name, 200 if parsed is not None else 409))
+            mtime_ns = parsed if parsed is not None else mtime_ns
+        else:
+            results.append((name, 403))
+    if any(status != 200 for _, status in results):
+        return [(name, 424 if status == 200 else status) for name, status in results], None
+    return results, mtime_ns
+
+
+async def webdav_proppatch(request: web.Request) -> web.StreamResponse:
+    """Set ``DAV:getlastmodified`` (the mtime) of a file or folder: 207 with a status per property."""
+    portal = request.app[PORTAL_KEY]
+    if not _portal_user_ok(request, portal):
+        return _unauthorized()
+    try:
+        path = _write_path(request)
+        node = portal.index.snapshot.nodes.get(path)
+        if node is None:
+            raise WriteRefused(404, "not found")
+        if request.content_length is not None and request.content_length > MAX_PROPPATCH_BODY_BYTES:
+            raise WriteRefused(413, f"a PROPPATCH body is at most {MAX_PROPPATCH_BODY_BYTES} bytes")
+        await _send_continue(request)
+        body = await _read_at_most(request, MAX_PROPPATCH_BODY_BYTES)
+        if body is None:
+            raise WriteRefused(413, f"a PROPPATCH body is at most {MAX_PROPPATCH_BODY_BYTES} bytes")
+        try:
+            results, mtime_ns = _proppatch_plan(parse_proppatch(body))
+        except BadProppatch as exc:
+            raise WriteRefused(400, str(exc)) from None
+        if mtime_ns is not None:
+            await portal.mutate(functools.partial(Writer(portal.index).set_mtime, path, mtime_ns))
+    except WriteRefused as exc:
+        return _refused(exc)
+    except OSError as exc:
+        return _write_failed(request, exc)
+    body = proppatch_multistatus(href_for_path(path, is_dir=node.is_dir), results)
+    return web.Response(status=207, body=body, content_type="application/xml", charset="utf-8")
+
+
+async def webdav_read_only(request: web.Request) -> web.StreamResponse:
+    """Every write method without --writable: 405, as a read-only WebDAV server answers."""
+    return web.Response(status=405, text="this portal is read-only", headers={"Allow": folder_allow(False)})
 
 
 # --- Direct IO -------------------------------------------------------------------------------------------------
@@ -722,13 +1151,26 @@ def make_app(portal: Portal) -> web.Application:
     middlewares = [fault_middleware] if portal.config.faults.active else []
     middlewares.append(portal_user_middleware)
     # client_max_size: PROPFIND and notification bodies are small; 1 MiB bounds a hostile one.
+    # (PUT bodies are streamed, never read whole, so this does not bound uploads: --max-upload-size does.)
     app = web.Application(middlewares=middlewares, client_max_size=1024 * 1024)
     app[PORTAL_KEY] = portal
     app.on_response_prepare.append(_set_storage_etag)
+    app.on_response_prepare.append(_close_if_body_unread)
     dav = WEBDAV_ROOT + "{tail:(/.*)?}"
     app.router.add_route("OPTIONS", dav, webdav_options)
     app.router.add_route("PROPFIND", dav, webdav_propfind)
     app.router.add_get(dav, webdav_get)  # allow_head: HEAD answers with the GET's headers
+    writes = {
+        "PUT": webdav_put,
+        "MKCOL": webdav_mkcol,
+        "DELETE": webdav_delete,
+        "MOVE": webdav_move,
+        "PROPPATCH": webdav_proppatch,
+    }
+    for method, handler in writes.items():
+        app.router.add_route(
+            method, dav, handler if portal.config.writable else webdav_read_only, expect_handler=_expect_when_read
+        )
     app.router.add_route("GET", "/directio/{file_id}", directio)
     app.router.add_route("GET", "/blocks/{key:.+}", block_get)
     app.router.add_route("POST", NOTIFY_BASE + "/list", notify_list)
@@ -737,4 +1179,16 @@ def make_app(portal: Portal) -> web.Application:
 
 
 # Handlers behind the portal login (Basic or Bearer token); OPTIONS, /directio and /blocks have their own rules.
-_PORTAL_USER_HANDLERS: Final = frozenset({webdav_propfind, webdav_get, notify_list, notify_longpoll})
+_PORTAL_USER_HANDLERS: Final = frozenset(
+    {
+        webdav_propfind,
+        webdav_get,
+        webdav_put,
+        webdav_mkcol,
+        webdav_delete,
+        webdav_move,
+        webdav_proppatch,
+        notify_list,
+        notify_longpoll,
+    }
+)

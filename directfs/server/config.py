@@ -42,6 +42,13 @@ DEFAULT_RESCAN_INTERVAL_SECONDS: Final = 30.0
 # second per connection. Each rejected request sleeps on its own (asyncio), so other clients are not slowed.
 DEFAULT_FAILED_AUTH_DELAY_SECONDS: Final = 0.5
 
+# 5 GiB: the largest object one S3 PUT may carry, a bound clients already live with (bigger files go multipart, which
+# WebDAV lacks). It keeps one client from filling the disk or stalling the portal by accident: an upload needs its
+# size free in DIR and its blocks in the state dir (the previous version's stay until the next scan), and its
+# encoding holds the other writes and the scans (one at a time), at ~100 MB/s on the 2-core test box: ~50 s at 5 GiB.
+# A test or a small disk passes its own (--max-upload-size).
+DEFAULT_MAX_UPLOAD_SIZE_BYTES: Final = 5 * 1024**3
+
 Chunking = Literal["fixed", "cdc"]
 EmptyFiles = Literal["empty-list", "zero-chunk"]
 
@@ -120,6 +127,12 @@ class FaultConfig:
     url_ttl_seconds: int | None = None
     targets: frozenset[str] = frozenset({"blocks"})  # "blocks" and/or "portal"
     seed: int | None = None
+    # Upload faults (--writable): answer PUTs with this status after reading their body, or drop the connection
+    # half-way through the body; either way nothing is written. put_count: only the first N PUTs (0 = every PUT),
+    # so a client's retry can succeed.
+    put_status: int | None = None
+    put_drop: bool = False
+    put_count: int = 0
 
     @property
     def active(self) -> bool:
@@ -129,7 +142,12 @@ class FaultConfig:
             or self.drop_mid_body_rate
             or self.corrupt_blocks_rate
             or self.url_ttl_seconds is not None
+            or self.put_faults
         )
+
+    @property
+    def put_faults(self) -> bool:
+        return self.put_status is not None or self.put_drop
 
 
 @dataclass(frozen=True)
@@ -190,6 +208,9 @@ class ServeConfig:
     faults: FaultConfig = field(default_factory=FaultConfig)
     ingest_workers: int = field(default_factory=lambda: max(1, os.cpu_count() or 1))
     failed_auth_delay_seconds: float = DEFAULT_FAILED_AUTH_DELAY_SECONDS
+    # WebDAV PUT, MKCOL, DELETE, MOVE and PROPPATCH into DIR (docs/serve-writes.md); off: 405, as a read-only server
+    writable: bool = False
+    max_upload_size_bytes: int = DEFAULT_MAX_UPLOAD_SIZE_BYTES
 
     @property
     def scheme(self) -> str:

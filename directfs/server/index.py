@@ -34,12 +34,25 @@ time with ``O_NOFOLLOW`` (:func:`open_beneath`): a symlink anywhere on the path 
 ``RESOLVE_BENEATH|RESOLVE_NO_SYMLINKS`` would.) Files are opened ``O_NONBLOCK`` (a FIFO swapped in does not wait for a
 writer), then ``fstat``-ed: only a regular file with the expected device and inode is read
 (:meth:`Index.open_file`), so neither the ingest nor a WebDAV GET ever reads another file's bytes.
+
+Writes (``directfs serve --writable``, issue 14)
+-----------------------------------------------
+:mod:`.writes` changes DIR for the WebDAV write methods and then tells the index, which updates the rows of just the
+paths involved and publishes a new snapshot (:meth:`Index._reload`: the touched subtrees, never a rescan). These
+``record_*``/``commit_upload`` methods run like :meth:`Index.scan`: in a worker thread, one at a time with the scans
+(the server's ``scan_lock``). An upload is encoded from its temp file *before* it is renamed into place, so the
+rename and the new id go together; every row is written with the stat of what is on disk afterwards, so the next scan
+finds it unchanged and does not re-encode it. A rename (MOVE) or a new mtime (PROPPATCH) keeps the id: the bytes, and
+so the blocks, are the same. Objects a write leaves unreferenced are collected by the next scan, not at once, so a
+client that is still reading the previous version has until then. Upload temp files (``UPLOAD_TEMP_PREFIX``) are
+never published.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import errno
 import hashlib
 import hmac
 import io
@@ -77,6 +90,15 @@ COMMIT_EVERY_FILES: Final = 500
 # A SDDL string giving Everyone read access: events carry an ``acl``; nothing in directfs interprets it.
 DEFAULT_ACL_SDDL: Final = "O:BAG:BAD:(A;;FR;;;WD)"
 VIRTUAL_PORTAL_ID: Final = "1"
+# Uploads are written to ``<prefix><random>.part`` in the target folder and renamed into place (server/writes.py).
+# Names with this prefix are never published, and a client may not create one.
+UPLOAD_TEMP_PREFIX: Final = ".directfs-upload-"
+# The columns of a node row, in the order the scan and the writes read them (indices used below: 1 id, 2 guid,
+# 3 is_dir, 4 size, 5 mtime_ns, 6 ctime_ns, 7 ino, 8 wrapped_key, 9 compression, 10 native, 11 non_direct,
+# 12 chunking, 13 dev).
+_NODE_COLUMNS: Final = (
+    "path, id, guid, is_dir, size, mtime_ns, ctime_ns, ino, wrapped_key, compression, native, non_direct, chunking, dev"
+)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -217,6 +239,15 @@ class _Encoded:
     wrapped_key: str | None
 
 
+@dataclass(frozen=True)
+class PreparedUpload:
+    """An upload encoded from its temp file (:meth:`Index.encode_upload`), not yet renamed into place."""
+
+    path: str
+    st: _Stat
+    encoded: _Encoded
+
+
 def _iso(ns: int) -> str:
     return dt.datetime.fromtimestamp(ns / 1e9, tz=dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
@@ -264,6 +295,7 @@ class Index:
         rules: EncodingRules,
         secret_access_key: str,
         workers: int,
+        sweep_upload_leftovers: bool = False,
     ) -> None:
         self.root = root.resolve()
         self.state_dir = state_dir.resolve()
@@ -272,6 +304,14 @@ class Index:
         self._root_fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         state_st = os.stat(self.state_dir)
         self._state_dir_id = (state_st.st_dev, state_st.st_ino)  # our own state dir inside DIR is never published
+        # Where the state dir is inside DIR ('' for DIR itself), or None: writes never touch it nor its ancestors.
+        self.state_dir_relpath: str | None = None
+        with contextlib.suppress(ValueError):
+            rel = self.state_dir.relative_to(self.root).as_posix()
+            self.state_dir_relpath = "" if rel == "." else rel
+        # A writable portal removes the temp files of uploads a crash interrupted, once, in its first walk: no upload
+        # is in flight before the server listens.
+        self._sweep_upload_leftovers = sweep_upload_leftovers
         self.store = store
         self.rules = rules
         self._secret = secret_access_key
@@ -296,6 +336,14 @@ class Index:
         self._db.close()
         self._reader.close()
         os.close(self._root_fd)
+
+    @property
+    def root_fd(self) -> int:
+        """The ``O_DIRECTORY`` descriptor of DIR everything is opened from (server/writes.py walks from it too)."""
+        return self._root_fd
+
+    def is_state_dir(self, st: os.stat_result) -> bool:
+        return (st.st_dev, st.st_ino) == self._state_dir_id
 
     # --- meta ------------------------------------------------------------------------------------------------
 
@@ -432,6 +480,12 @@ class Index:
                     continue
                 for entry in entries:
                     child_rel = f"{rel}/{entry.name}" if rel else entry.name
+                    if entry.name.startswith(UPLOAD_TEMP_PREFIX):
+                        if self._sweep_upload_leftovers and entry.is_file(follow_symlinks=False):
+                            with contextlib.suppress(OSError):
+                                os.unlink(entry.name, dir_fd=fd)
+                                log.info("removed %r, left over from an interrupted upload", child_rel)
+                        continue  # an upload in flight (or its leftover): never published
                     if not _valid_name(entry.name):
                         log.warning("skipping %r: not a name WebDAV clients can receive", child_rel)
                         skipped += 1
@@ -454,6 +508,7 @@ class Index:
                         skipped += 1
             finally:
                 os.close(fd)
+        self._sweep_upload_leftovers = False
         return found, skipped
 
     def open_file(self, path: str, *, dev: int | None, ino: int, size: int, mtime_ns: int) -> int:
@@ -510,6 +565,12 @@ class Index:
         """:meth:`open_file` for the indexed file ``node`` (a WebDAV GET), as an unbuffered binary file object."""
         return io.FileIO(self.open_file(node.path, dev=node.dev, ino=node.ino, size=node.size, mtime_ns=node.mtime_ns))
 
+    def _wanted(self, path: str) -> tuple[str, bool, bool]:
+        """(compression, native, non_direct) the encoding rules give the file at ``path``."""
+        native = self.rules.is_native(path)
+        compression = Compression.NONE if native else self.rules.compression_for(path)
+        return compression.value, native, self.rules.is_non_direct(path)
+
     def _known_objects(self) -> set[str]:
         return {str(r[0]) for r in self._db.execute("SELECT key FROM objects")}
 
@@ -517,21 +578,12 @@ class Index:
         """Bring the index in line with DIR: encode new and changed files, forget deleted ones, publish a snapshot."""
         stats = ScanStats()
         found, stats.skipped = self._walk()
-        rows = {
-            str(r[0]): r
-            for r in self._db.execute(
-                "SELECT path, id, guid, is_dir, size, mtime_ns, ctime_ns, ino, wrapped_key, compression, native,"
-                " non_direct, chunking, dev FROM nodes"
-            )
-        }
+        rows = {str(r[0]): r for r in self._db.execute(f"SELECT {_NODE_COLUMNS} FROM nodes")}  # noqa: S608 - constant
         ids = {p: int(r[1]) for p, r in rows.items()}
         guids = {p: str(r[2]) for p, r in rows.items()}
         chunking = self.rules.chunking_label()
 
-        def wanted(path: str) -> tuple[str, bool, bool]:
-            native = self.rules.is_native(path)
-            compression = Compression.NONE if native else self.rules.compression_for(path)
-            return compression.value, native, self.rules.is_non_direct(path)
+        wanted = self._wanted
 
         def unchanged(path: str, st: _Stat) -> bool:
             row = rows.get(path)
@@ -565,46 +617,13 @@ class Index:
             )
             # Deletions first (children before parents, so parent ids still resolve for folder_id).
             for path in sorted(deleted, key=lambda p: p.count("/"), reverse=True):
-                row = rows[path]
                 # (a file that became a folder, or back, is a delete here and a create below)
-                self._db.execute("DELETE FROM blocks WHERE file_id=?", (int(row[1]),))
-                self._db.execute("DELETE FROM nodes WHERE path=?", (path,))
-                self._event(
-                    path=path,
-                    node_id=int(row[1]),
-                    guid=str(row[2]),
-                    parent_guid=guids.get(_parent(path)) if path else None,
-                    is_dir=bool(row[3]),
-                    size=int(row[4]),
-                    mtime_ns=int(row[5]),
-                    deleted=True,
-                    folder_id=self._folder_id_of(path, ids),
-                )
+                self._delete_row(path, rows.pop(path), ids, guids)
                 stats.deleted += 1
-                rows.pop(path)
 
             # Folders: no encoding, parents before children so every parent guid exists.
             for path in [p for p in todo if found[p].is_dir]:
-                st = found[path]
-                new_id = self._new_id()
-                guid = guids.get(path) or str(uuid.uuid4())
-                guids[path], ids[path] = guid, new_id
-                self._db.execute(
-                    "INSERT OR REPLACE INTO nodes VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                    (path, new_id, guid, 1, 0, st.mtime_ns, st.ctime_ns, st.ino, None, "NONE", 0, 0, "", st.dev),
-                )
-                if path:  # the root is not an item of the feed
-                    self._event(
-                        path=path,
-                        node_id=new_id,
-                        guid=guid,
-                        parent_guid=guids.get(_parent(path)),
-                        is_dir=True,
-                        size=0,
-                        mtime_ns=st.mtime_ns,
-                        deleted=False,
-                        folder_id=self._folder_id_of(path, ids),
-                    )
+                self._insert_folder(path, found[path], ids, guids)
                 stats.added += 1
 
         files = [p for p in todo if not found[p].is_dir]
@@ -654,6 +673,44 @@ class Index:
         stats.objects_deleted = self._collect_garbage()
         self._load_snapshot()
         return stats
+
+    def _delete_row(self, path: str, row: Any, ids: dict[str, int], guids: dict[str, str]) -> None:
+        """Forget the node ``row`` at ``path`` (its children first: parent ids must still resolve for folder_id)."""
+        self._db.execute("DELETE FROM blocks WHERE file_id=?", (int(row[1]),))
+        self._db.execute("DELETE FROM nodes WHERE path=?", (path,))
+        self._event(
+            path=path,
+            node_id=int(row[1]),
+            guid=str(row[2]),
+            parent_guid=guids.get(_parent(path)) if path else None,
+            is_dir=bool(row[3]),
+            size=int(row[4]),
+            mtime_ns=int(row[5]),
+            deleted=True,
+            folder_id=self._folder_id_of(path, ids),
+        )
+
+    def _insert_folder(self, path: str, st: _Stat, ids: dict[str, int], guids: dict[str, str]) -> None:
+        """A new folder row with a new id (its parent's row first, so the parent guid exists)."""
+        new_id = self._new_id()
+        guid = guids.get(path) or str(uuid.uuid4())
+        guids[path], ids[path] = guid, new_id
+        self._db.execute(
+            "INSERT OR REPLACE INTO nodes VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            (path, new_id, guid, 1, 0, st.mtime_ns, st.ctime_ns, st.ino, None, "NONE", 0, 0, "", st.dev),
+        )
+        if path:  # the root is not an item of the feed
+            self._event(
+                path=path,
+                node_id=new_id,
+                guid=guid,
+                parent_guid=guids.get(_parent(path)),
+                is_dir=True,
+                size=0,
+                mtime_ns=st.mtime_ns,
+                deleted=False,
+                folder_id=self._folder_id_of(path, ids),
+            )
 
     def _record_file(
         self,
@@ -729,6 +786,37 @@ class Index:
         claim_lock: threading.Lock,
     ) -> _Encoded | None:
         """Runs in an ingest thread. None when the file changed or vanished while being read (next scan retries)."""
+        try:
+            fd = self.open_file(path, dev=st.dev, ino=st.ino, size=st.size, mtime_ns=st.mtime_ns)
+        except (EntryNotFoundError, StaleFileError):
+            return None  # logged by open_file; the next scan sees the truth
+        except OSError as exc:  # EACCES and the like: this file is skipped, the scan goes on
+            log.warning("skipping %r: %s", path, exc.strerror or exc)
+            return None
+        try:
+            return self._encode_fd(
+                path, fd, st, compression, native, old_wrapped, known_objects, claimed, claim_lock, new_objects={}
+            )
+        finally:
+            os.close(fd)
+
+    def _encode_fd(
+        self,
+        path: str,
+        fd: int,
+        st: _Stat,
+        compression: Compression,
+        native: bool,
+        old_wrapped: str | None,
+        known_objects: set[str],
+        claimed: set[str],
+        claim_lock: threading.Lock,
+        *,
+        new_objects: dict[str, int],
+    ) -> _Encoded | None:
+        """Encode the first ``st.size`` bytes of ``fd`` (the file at ``path``, or an upload for it) into objects of the
+        store. None when the file shrank or changed while being read. ``new_objects`` receives every object written,
+        as it is written, so a caller whose encode fails half-way can still hand them to the garbage collector."""
         file_key: bytes | None = None
         if not native:
             if old_wrapped is not None:
@@ -738,14 +826,6 @@ class Index:
                 file_key = codec.new_file_key()
         key_tag = b"native" if file_key is None else hashlib.sha256(b"directfs-key-tag" + file_key).digest()
         blocks: list[tuple[int, str]] = []
-        new_objects: dict[str, int] = {}
-        try:
-            fd = self.open_file(path, dev=st.dev, ino=st.ino, size=st.size, mtime_ns=st.mtime_ns)
-        except (EntryNotFoundError, StaleFileError):
-            return None  # logged by open_file; the next scan sees the truth
-        except OSError as exc:  # EACCES and the like: this file is skipped, the scan goes on
-            log.warning("skipping %r: %s", path, exc.strerror or exc)
-            return None
 
         def store(plain: bytes) -> None:
             digest = hashlib.sha256(
@@ -782,8 +862,6 @@ class Index:
         except StaleFileError:
             log.info("%r shrank while encoding; it is picked up by the next scan", path)
             return None
-        finally:
-            os.close(fd)
         wrapped = None if file_key is None else codec.wrap_file_key(file_key, self._secret)
         return _Encoded(blocks=blocks, new_objects=new_objects, wrapped_key=wrapped)
 
@@ -817,22 +895,252 @@ class Index:
                     )
         return len(missing)
 
+    # --- writes (server/writes.py; each runs like a scan: in a worker thread, one at a time with the scans) ---------
+
+    def _row(self, path: str) -> Any:
+        return self._db.execute(f"SELECT {_NODE_COLUMNS} FROM nodes WHERE path=?", (path,)).fetchone()  # noqa: S608
+
+    def _subtree_rows(self, path: str) -> list[Any]:
+        """The rows of ``path`` and of everything beneath it, parents before children."""
+        where, args = _subtree_condition("path", path)
+        rows = self._db.execute(f"SELECT {_NODE_COLUMNS} FROM nodes WHERE {where}", args).fetchall()  # noqa: S608
+        return sorted(rows, key=lambda r: (str(r[0]).count("/"), str(r[0])))
+
+    def _context(self, paths: list[str]) -> tuple[dict[str, int], dict[str, str]]:
+        """Ids and guids that events about ``paths`` name: each path's, its parent's, its top folder's, the root's."""
+        wanted = {""}
+        for path in paths:
+            wanted |= {path, _parent(path), path.split("/", 1)[0]}
+        ids: dict[str, int] = {}
+        guids: dict[str, str] = {}
+        for path in wanted:
+            row = self._db.execute("SELECT id, guid FROM nodes WHERE path=?", (path,)).fetchone()
+            if row is not None:
+                ids[path], guids[path] = int(row[0]), str(row[1])
+        return ids, guids
+
+    def _lstat(self, path: str) -> os.stat_result:
+        """The entry at ``path`` in DIR, reached without following symlinks, not followed itself (OSError if none)."""
+        if not path:
+            return os.fstat(self._root_fd)
+        parent = open_beneath(self._root_fd, _parent(path))
+        try:
+            return os.stat(path.rsplit("/", 1)[-1], dir_fd=parent, follow_symlinks=False)
+        finally:
+            os.close(parent)
+
+    def _forget_subtree(self, path: str, ids: dict[str, int], guids: dict[str, str]) -> None:
+        """Delete the rows of ``path`` and beneath it, children first, each with its deleted event."""
+        rows = self._subtree_rows(path)
+        for row in rows:
+            ids[str(row[0])], guids[str(row[0])] = int(row[1]), str(row[2])
+        for row in reversed(rows):
+            self._delete_row(str(row[0]), row, ids, guids)
+
+    def _ensure_folders(self, path: str, ids: dict[str, int], guids: dict[str, str]) -> None:
+        """Index ``path`` and its ancestors as the folders they are on disk, where the index does not know them yet
+        (made in DIR since the last scan, or by MKCOL). The caller checked they are folders; OSError if not."""
+        parts = _components(path)
+        for depth in range(len(parts) + 1):
+            here = "/".join(parts[:depth])
+            row = self._row(here)
+            if row is not None and bool(row[3]):
+                ids[here], guids[here] = int(row[1]), str(row[2])
+                continue
+            st = self._lstat(here)
+            if not stat_mod.S_ISDIR(st.st_mode):
+                raise NotADirectoryError(errno.ENOTDIR, "not a folder", here)
+            if row is not None:  # a file in the index, a folder on disk now: as a scan would, delete and create
+                self._forget_subtree(here, ids, guids)
+            self._insert_folder(here, _Stat.of(st), ids, guids)
+
+    def _hand_to_collector(self, objects: dict[str, int]) -> None:
+        """Objects written for an upload that is not recorded after all: known to the index, unreferenced, so the
+        next scan's garbage collection deletes them."""
+        if objects:
+            with self._transaction():
+                self._db.executemany("INSERT OR IGNORE INTO objects(key, stored_bytes) VALUES (?, ?)", objects.items())
+
+    def encode_upload(self, path: str, fd: int) -> PreparedUpload:
+        """Encode the complete upload in ``fd`` (its temp file) as the file ``path`` will be stored: the encoding
+        rules of ``path``, and the file key its current version has (so unchanged blocks are the same objects).
+        Raises the store's OSError (ENOSPC...), or StaleFileError when the temp file changed while being read."""
+        st = _Stat.of(os.fstat(fd))
+        compression, native, _ = self._wanted(path)
+        row = self._row(path)
+        old_wrapped = str(row[8]) if row is not None and row[8] is not None and not bool(row[3]) else None
+        written: dict[str, int] = {}
+        try:
+            encoded = self._encode_fd(
+                path,
+                fd,
+                st,
+                Compression(compression),
+                native,
+                old_wrapped,
+                self._known_objects(),
+                set(),
+                threading.Lock(),
+                new_objects=written,
+            )
+        except BaseException:
+            self._hand_to_collector(written)
+            raise
+        if encoded is None:
+            self._hand_to_collector(written)
+            raise StaleFileError("the upload changed while it was encoded", filename=path)
+        return PreparedUpload(path=path, st=st, encoded=encoded)
+
+    def discard_upload(self, prepared: PreparedUpload) -> None:
+        """The upload was encoded but not renamed into place: its new objects go to the collector."""
+        self._hand_to_collector(prepared.encoded.new_objects)
+
+    def commit_upload(self, prepared: PreparedUpload, after: os.stat_result) -> Node:
+        """Record the upload, now renamed into place (``after`` is its fstat since), under a new id, with its event."""
+        path = prepared.path
+        done = _Stat.of(after)
+        # The size and mtime that were encoded, with the inode's ctime after the rename: if anything changed the file
+        # in between, the next scan sees the difference and encodes it again.
+        st = _Stat(False, prepared.st.size, prepared.st.mtime_ns, done.ctime_ns, done.ino, done.dev)
+        with self._transaction():
+            ids, guids = self._context([path])
+            self._ensure_folders(_parent(path), ids, guids)
+            row = self._row(path)
+            rows: dict[str, Any] = {}
+            if row is not None and bool(row[3]):  # indexed as a folder, replaced on disk since: as a scan would
+                self._forget_subtree(path, ids, guids)
+            elif row is not None:
+                rows[path] = row
+            want = self._wanted(path)
+            self._record_file(
+                path, st, prepared.encoded, want, self.rules.chunking_label(), rows, ids, guids, ScanStats()
+            )
+        self._reload([path])
+        return self.snapshot.nodes[path]
+
+    def record_folder(self, path: str) -> Node:
+        """MKCOL made the folder ``path``: index it (and unindexed folders above it) with a new id and an event."""
+        with self._transaction():
+            ids, guids = self._context([path])
+            self._ensure_folders(path, ids, guids)
+        self._reload([path])
+        return self.snapshot.nodes[path]
+
+    def record_removed(self, path: str) -> None:
+        """``path`` (and all beneath it) is gone from DIR: forget it, with a deleted event for every node."""
+        with self._transaction():
+            ids, guids = self._context([path])
+            self._forget_subtree(path, ids, guids)
+        self._reload([path])
+
+    def record_gone_beneath(self, path: str) -> None:
+        """A removal of the folder ``path`` failed part-way: forget what of it is gone from DIR (deepest first)."""
+        with self._transaction():
+            ids, guids = self._context([path])
+            rows = self._subtree_rows(path)
+            for row in rows:
+                ids[str(row[0])], guids[str(row[0])] = int(row[1]), str(row[2])
+            for row in reversed(rows):
+                try:
+                    self._lstat(str(row[0]))
+                except FileNotFoundError:
+                    self._delete_row(str(row[0]), row, ids, guids)
+                except OSError:
+                    continue  # not reachable now (a folder on the way is gone or not a folder): the next scan decides
+        self._reload([path])
+
+    def record_moved(self, src: str, dst: str, before: os.stat_result, after: os.stat_result) -> None:
+        """``src`` was renamed to ``dst`` (whatever was at ``dst`` was removed and recorded first). Every node keeps
+        its id and guid; the feed gets a deleted event at each old path (deepest first), then an event at each new
+        path (parents first). ``before``/``after``: the moved entry's lstat around the rename, whose ctime it
+        changed."""
+        with self._transaction():
+            ids, guids = self._context([src, dst])
+            rows = self._subtree_rows(src)
+            for row in rows:
+                ids[str(row[0])], guids[str(row[0])] = int(row[1]), str(row[2])
+            for row in reversed(rows):
+                old = str(row[0])
+                self._event(
+                    path=old,
+                    node_id=int(row[1]),
+                    guid=str(row[2]),
+                    parent_guid=guids.get(_parent(old)),
+                    is_dir=bool(row[3]),
+                    size=int(row[4]),
+                    mtime_ns=int(row[5]),
+                    deleted=True,
+                    folder_id=self._folder_id_of(old, ids),
+                )
+            self._ensure_folders(_parent(dst), ids, guids)
+            for row in rows:
+                old = str(row[0])
+                new = dst + old[len(src) :]
+                self._db.execute("UPDATE nodes SET path=? WHERE path=?", (new, old))
+                ids[new], guids[new] = int(row[1]), str(row[2])
+            if rows and str(rows[0][0]) == src and _row_matches(rows[0], before):
+                # The rename changed the entry's ctime, nothing else: so the next scan finds it unchanged. (A row that
+                # did not describe the file on disk keeps its old stat, and the next scan encodes the file again.)
+                self._db.execute("UPDATE nodes SET ctime_ns=? WHERE path=?", (after.st_ctime_ns, dst))
+            for row in rows:
+                new = dst + str(row[0])[len(src) :]
+                self._event(
+                    path=new,
+                    node_id=int(row[1]),
+                    guid=str(row[2]),
+                    parent_guid=guids.get(_parent(new)),
+                    is_dir=bool(row[3]),
+                    size=int(row[4]),
+                    mtime_ns=int(row[5]),
+                    deleted=False,
+                    folder_id=self._folder_id_of(new, ids),
+                )
+        self._reload([src, dst])
+
+    def record_times(self, path: str, before: os.stat_result, after: os.stat_result) -> None:
+        """PROPPATCH set the mtime of ``path`` (``before``/``after``: its lstat around ``utime``). Same id: the bytes
+        did not change; an event says the new time. A row that did not describe what is on disk is left to the next
+        scan (which then encodes the file again), so the index never claims a stat its blocks were not read at."""
+        with self._transaction():
+            row = self._row(path)
+            if row is None or not _row_matches(row, before):
+                return
+            self._db.execute(
+                "UPDATE nodes SET mtime_ns=?, ctime_ns=? WHERE path=?", (after.st_mtime_ns, after.st_ctime_ns, path)
+            )
+            if path:  # the root is not an item of the feed
+                ids, guids = self._context([path])
+                self._event(
+                    path=path,
+                    node_id=int(row[1]),
+                    guid=str(row[2]),
+                    parent_guid=guids.get(_parent(path)),
+                    is_dir=bool(row[3]),
+                    size=int(row[4]),
+                    mtime_ns=after.st_mtime_ns,
+                    deleted=False,
+                    folder_id=self._folder_id_of(path, ids),
+                )
+        self._reload([path])
+
     # --- snapshot --------------------------------------------------------------------------------------------
 
-    def _load_snapshot(self) -> None:
+    def _read_nodes(self, path: str | None) -> list[Node]:
+        """Nodes of ``path`` and everything beneath it from the index (every node for None)."""
+        where, args = _subtree_condition("n.path", path) if path is not None else ("1=1", ())
         blocks: dict[int, list[Block]] = {}
-        rows = self._db.execute("SELECT file_id, length, object FROM blocks ORDER BY file_id, seq")
+        # Only '?' marks are interpolated (the condition is ours): the values go as parameters.
+        joined = "blocks b JOIN nodes n ON n.id = b.file_id"
+        block_sql = f"SELECT b.file_id, b.length, b.object FROM {joined} WHERE {where}"  # noqa: S608
+        rows = self._db.execute(block_sql + " ORDER BY b.file_id, b.seq", args)
         for file_id, length, key in rows:
             blocks.setdefault(int(file_id), []).append(Block(int(length), str(key)))
-        nodes: dict[str, Node] = {}
-        for r in self._db.execute(
-            "SELECT path, id, guid, is_dir, size, mtime_ns, wrapped_key, compression, native, non_direct, ino, dev"
-            " FROM nodes"
-        ):
-            path = str(r[0])
-            nodes[path] = Node(
-                path=path,
-                name=path.rsplit("/", 1)[-1],
+        columns = "n.path, n.id, n.guid, n.is_dir, n.size, n.mtime_ns, n.wrapped_key, n.compression, n.native"
+        node_sql = f"SELECT {columns}, n.non_direct, n.ino, n.dev FROM nodes n WHERE {where}"  # noqa: S608
+        return [
+            Node(
+                path=str(r[0]),
+                name=str(r[0]).rsplit("/", 1)[-1],
                 id=int(r[1]),
                 guid=str(r[2]),
                 is_dir=bool(r[3]),
@@ -846,6 +1154,11 @@ class Index:
                 non_direct=bool(r[9]),
                 blocks=tuple(blocks.get(int(r[1]), ())),
             )
+            for r in self._db.execute(node_sql, args)
+        ]
+
+    def _load_snapshot(self) -> None:
+        nodes = {n.path: n for n in self._read_nodes(None)}
         children: dict[str, list[Node]] = {p: [] for p, n in nodes.items() if n.is_dir}
         for path, node in nodes.items():
             if path:
@@ -855,3 +1168,61 @@ class Index:
             children={p: tuple(sorted(c, key=lambda n: n.name)) for p, c in children.items()},
             by_id={n.id: n for n in nodes.values()},
         )
+
+    def _reload(self, paths: list[str]) -> None:
+        """Publish a snapshot in which ``paths`` and everything beneath them are read again from the index (each may
+        have appeared, changed, moved or gone); everything else is shared with the current snapshot, so a write
+        costs a copy of three dicts, not a reload of the whole index."""
+        old = self.snapshot
+        roots: set[str] = set()
+        for path in paths:
+            while path and _parent(path) not in old.nodes:  # a folder the write indexed on the way
+                path = _parent(path)
+            roots.add(path)
+        if "" in roots:
+            self._load_snapshot()
+            return
+        # Disjoint subtrees only: a root beneath another is read with it.
+        roots = {r for r in roots if not any(r.startswith(other + "/") for other in roots)}
+        nodes, children, by_id = dict(old.nodes), dict(old.children), dict(old.by_id)
+        for root in sorted(roots):
+            stack = [root] if root in nodes else []
+            while stack:
+                node = nodes.pop(stack.pop())
+                if by_id.get(node.id) is node:  # a moved node's id may already name its new place
+                    del by_id[node.id]
+                stack.extend(child.path for child in children.pop(node.path, ()))
+            fresh = self._read_nodes(root)
+            kids: dict[str, list[Node]] = {n.path: [] for n in fresh if n.is_dir}
+            for node in fresh:
+                nodes[node.path], by_id[node.id] = node, node
+                if node.path != root:
+                    kids.setdefault(_parent(node.path), []).append(node)
+            for folder, found in kids.items():
+                children[folder] = tuple(sorted(found, key=lambda n: n.name))
+            parent = _parent(root)
+            siblings = [c for c in children.get(parent, ()) if c.path != root]
+            if root in nodes:
+                siblings.append(nodes[root])
+            children[parent] = tuple(sorted(siblings, key=lambda n: n.name))
+        self.snapshot = Snapshot(nodes=nodes, children=children, by_id=by_id)
+
+
+def _subtree_condition(column: str, path: str) -> tuple[str, tuple[str, ...]]:
+    """SQL matching ``path`` and every path beneath it: ``path/`` <= p < ``path0`` is exactly "starts with
+    ``path/``" ('0' follows '/' in code point order, which SQLite's BINARY collation of UTF-8 keeps)."""
+    if not path:
+        return "1=1", ()
+    return f"({column} = ? OR ({column} >= ? AND {column} < ?))", (path, path + "/", path + "0")
+
+
+def _row_matches(row: Any, st: os.stat_result) -> bool:
+    """Whether the index row describes the entry ``st`` (a file: the stat its blocks were read at)."""
+    if bool(row[3]):
+        return stat_mod.S_ISDIR(st.st_mode)
+    return (
+        stat_mod.S_ISREG(st.st_mode)
+        and (int(row[4]), int(row[5]), int(row[6]), int(row[7]))
+        == (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+        and (row[13] is None or int(row[13]) == st.st_dev)
+    )

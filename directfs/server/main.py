@@ -174,6 +174,7 @@ async def serve(config: ServeConfig) -> int:
         rules=config.encoding,
         secret_access_key=config.credentials.secret_access_key or wrapping_secret(config.state_dir),
         workers=config.ingest_workers,
+        sweep_upload_leftovers=config.writable,
     )
     if isinstance(store, LocalBlockStore):
         index.forget_missing_objects(store.exists)
@@ -191,6 +192,8 @@ async def serve(config: ServeConfig) -> int:
     )
     if config.faults.active:
         log.warning("TEST FAULT INJECTION IS ON: %s", config.faults)
+    if config.writable:
+        log.info("writes are on: the portal user may PUT, MKCOL, DELETE, MOVE and PROPPATCH in %s", config.root)
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()

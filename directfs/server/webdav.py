@@ -10,6 +10,10 @@ memory whole.
 Bounds (issue 13 M6: a 79 KB request once made a 31 MB reply and blocked the event loop): a request names at most
 ``MAX_PROPFIND_PROPERTIES`` distinct properties (repeats are answered once), each name at most
 ``MAX_PROPERTY_NAME_CHARS``, in a body of at most ``MAX_PROPFIND_BODY_BYTES``; the server checks the body size.
+
+PROPPATCH (``--writable``, docs/serve-writes.md): :func:`parse_proppatch` reads a ``DAV:propertyupdate`` under the
+same bounds; the only property a client may set is ``DAV:getlastmodified`` (the mtime). :func:`proppatch_multistatus`
+renders the answer.
 """
 
 from __future__ import annotations
@@ -51,10 +55,18 @@ class BadPropfind(ValueError):
     """The PROPFIND body is not XML we understand, or asks for too much (answered 400)."""
 
 
+class BadProppatch(ValueError):
+    """The PROPPATCH body is not a ``DAV:propertyupdate`` we understand, or asks for too much (answered 400)."""
+
+
 def href_for(node: Node) -> str:
-    quoted = "/".join(urllib.parse.quote(part, safe="") for part in node.path.split("/")) if node.path else ""
+    return href_for_path(node.path, is_dir=node.is_dir)
+
+
+def href_for_path(path: str, *, is_dir: bool) -> str:
+    quoted = "/".join(urllib.parse.quote(part, safe="") for part in path.split("/")) if path else ""
     href = f"{WEBDAV_ROOT}/{quoted}"
-    if node.is_dir and not href.endswith("/"):
+    if is_dir and not href.endswith("/"):
         href += "/"
     return href
 
@@ -86,13 +98,91 @@ PROPERTIES: Final[dict[tuple[str, str], Callable[[Node], _Value | None]]] = {
     (DAV, "getcontenttype"): lambda n: None if n.is_dir else "application/octet-stream",
     (CTERA, "fileid"): lambda n: str(n.id),
     (CTERA, "guid"): lambda n: n.guid,
-    # Read-only namespace: the ACL flags Cyberduck asks for, answered as a read-only share would.
+    # The ACL flags Cyberduck asks for, answered as a read-only share would; "true" with --writable (WRITE_FLAGS).
     (CTERA, "readpermission"): lambda n: "true",
     (CTERA, "writepermission"): lambda n: "false",
     (CTERA, "executepermission"): lambda n: "false",
     (CTERA, "deletepermission"): lambda n: "false",
     (CTERA, "createdirectoriespermission"): lambda n: "false",
 }
+# What a writable portal lets its user do: the flags answered "true" there.
+WRITE_FLAGS: Final = frozenset(
+    {(CTERA, "writepermission"), (CTERA, "deletepermission"), (CTERA, "createdirectoriespermission")}
+)
+LASTMODIFIED: Final = (DAV, "getlastmodified")
+# A real PROPPATCH sets a handful of properties (Windows sends four); 64 as for PROPFIND, each value at most 1 KiB.
+MAX_PROPPATCH_PROPERTIES: Final = 64
+MAX_PROPERTY_VALUE_CHARS: Final = 1024
+MAX_PROPPATCH_BODY_BYTES: Final = 128 * 1024
+
+
+def parse_http_date(text: str) -> int | None:
+    """An HTTP date with its zone (RFC 1123: ``Tue, 15 Nov 1994 12:45:26 GMT``) as nanoseconds since the epoch, or
+    None. Whole seconds, as the format has; a date without a zone, or before 1970, is refused."""
+    try:
+        when = email.utils.parsedate_to_datetime(text.strip())
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        return None
+    seconds = int(when.timestamp())
+    return seconds * 10**9 if seconds >= 0 else None
+
+
+def parse_proppatch(body: bytes) -> list[tuple[str, tuple[str, str], str | None]]:
+    """The instructions of a ``DAV:propertyupdate``, in order: ("set", (ns, name), text) or ("remove", (ns, name),
+    None). BadProppatch when malformed, empty or too big."""
+    try:
+        root = SafeET.fromstring(body)
+    except Exception as exc:  # defusedxml raises ParseError or its own DefusedXmlException subclasses
+        raise BadProppatch(f"not well-formed XML: {exc}") from None
+    if root.tag != f"{{{DAV}}}propertyupdate":
+        raise BadProppatch("the body is not a DAV:propertyupdate")
+    found: list[tuple[str, tuple[str, str], str | None]] = []
+    for instruction in root:
+        action = {f"{{{DAV}}}set": "set", f"{{{DAV}}}remove": "remove"}.get(str(instruction.tag))
+        if action is None:
+            raise BadProppatch("a propertyupdate holds only DAV:set and DAV:remove")
+        for prop_block in instruction:
+            if prop_block.tag != f"{{{DAV}}}prop":
+                raise BadProppatch(f"DAV:{action} holds DAV:prop")
+            for prop in prop_block:
+                if not isinstance(prop.tag, str) or not prop.tag.startswith("{"):
+                    raise BadProppatch("properties must be namespaced")
+                if len(prop.tag) - 2 > MAX_PROPERTY_NAME_CHARS:
+                    raise BadProppatch(f"a property name is longer than {MAX_PROPERTY_NAME_CHARS} characters")
+                text = "".join(prop.itertext()) if action == "set" else None
+                if text is not None and len(text) > MAX_PROPERTY_VALUE_CHARS:
+                    raise BadProppatch(f"a property value is longer than {MAX_PROPERTY_VALUE_CHARS} characters")
+                ns, _, local = prop.tag[1:].partition("}")
+                found.append((action, (ns, local), text))
+                if len(found) > MAX_PROPPATCH_PROPERTIES:
+                    raise BadProppatch(f"too many properties: at most {MAX_PROPPATCH_PROPERTIES}")
+    if not found:
+        raise BadProppatch("the propertyupdate sets or removes nothing")
+    return found
+
+
+_REASONS: Final = {200: "OK", 403: "Forbidden", 409: "Conflict", 424: "Failed Dependency"}
+
+
+def proppatch_multistatus(href: str, results: list[tuple[tuple[str, str], int]]) -> bytes:
+    """The ``207`` answer of a PROPPATCH: one propstat per status, naming its properties (each once)."""
+    by_status: dict[int, dict[tuple[str, str], None]] = {}
+    for name, status in results:
+        by_status.setdefault(status, {})[name] = None
+    prefixes = _prefixes(name for name, _ in results)
+    declarations = "".join(f" xmlns:{prefix}={quoteattr(ns)}" for ns, prefix in prefixes.items())
+    parts = [f'<?xml version="1.0" encoding="utf-8"?>\n<D:multistatus{declarations}><D:response>']
+    parts.append(f"<D:href>{escape(href)}</D:href>")
+    for status, names in by_status.items():
+        props = "".join(f"<{_qname(prefixes, *name)}/>" for name in names)
+        parts.append(
+            f"<D:propstat><D:prop>{props}</D:prop>"
+            f"<D:status>HTTP/1.1 {status} {_REASONS.get(status, '')}</D:status></D:propstat>"
+        )
+    parts.append("</D:response></D:multistatus>")
+    return "".join(parts).encode()
 
 
 def parse_propfind(body: bytes) -> tuple[str, list[tuple[str, str]]]:
@@ -148,8 +238,10 @@ def multistatus_chunks(
     requested: list[tuple[str, str]],
     *,
     chunk_bytes: int = MULTISTATUS_CHUNK_BYTES,
+    writable: bool = False,
 ) -> Iterator[bytes]:
-    """The ``207`` body for ``nodes``, in pieces of about ``chunk_bytes`` (their concatenation is the document)."""
+    """The ``207`` body for ``nodes``, in pieces of about ``chunk_bytes`` (their concatenation is the document).
+    ``writable``: the portal accepts writes, and its ACL flags say so."""
     names = list(PROPERTIES) if mode in ("allprop", "propname") else list(dict.fromkeys(requested))
     prefixes = _prefixes(names)
     tags = {name: _qname(prefixes, *name) for name in names}
@@ -168,7 +260,7 @@ def multistatus_chunks(
             if mode == "propname":
                 found.append(f"<{tag}/>")
                 continue
-            value = render(node)
+            value = "true" if writable and name in WRITE_FLAGS else render(node)
             if value is None:
                 if mode == "prop":  # asked for by name: say it is not defined here; allprop just leaves it out
                     missing.append(f"<{tag}/>")

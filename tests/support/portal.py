@@ -7,7 +7,9 @@ Usage::
         fid = portal.file_id("unicode/Zürich 東京 ☃.bin")
         ...
 
-Every portal gets fresh random credentials (never the printed demo ones) and its own state dir unless one is given
+``writable=True`` adds ``--writable`` (WebDAV writes, docs/serve-writes.md); ``command_prefix`` runs the portal under
+another command (e.g. ``unshare`` with a small tmpfs over the tree, to fill the disk). Every portal gets fresh random
+credentials (never the printed demo ones) and its own state dir unless one is given
 (pass the same ``state_dir`` twice to test restarts). The subprocess's stderr goes to a file that is attached to
 the error when it fails to start, and is readable afterwards as ``portal.stderr_text()``.
 """
@@ -16,12 +18,14 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import functools
 import hashlib
 import os
 import random
 import secrets
 import selectors
 import signal
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -71,6 +75,7 @@ class Portal:
         return (self.username, self.password)
 
     def client(self, **kwargs: object) -> httpx.Client:
+        kwargs.setdefault("verify", shared_ssl_context())
         return httpx.Client(base_url=self.url, auth=self.auth, timeout=30, **kwargs)  # type: ignore[arg-type]
 
     def dav_url(self, relpath: str, *, folder: bool = False) -> str:
@@ -96,6 +101,13 @@ class Portal:
 
     def stderr_text(self) -> str:
         return self.stderr_path.read_text(errors="replace")
+
+
+@functools.cache
+def shared_ssl_context() -> ssl.SSLContext:
+    """One default TLS context for every test client: httpx builds a new one per client otherwise (loading the CA
+    bundle, ~70 ms), which made each short request of a test cost that much."""
+    return ssl.create_default_context()
 
 
 def parse_multistatus(body: bytes) -> list[DavEntry]:
@@ -147,6 +159,8 @@ def start_portal(
     env: Mapping[str, str] | None = None,
     state_dir: Path | None = None,
     timeout_seconds: float = DEFAULT_START_TIMEOUT_SECONDS,
+    writable: bool = False,
+    command_prefix: Sequence[str] = (),
 ) -> Iterator[Portal]:
     """Run ``directfs serve tree --listen 127.0.0.1:0`` until the block exits; yield a :class:`Portal`."""
     with contextlib.ExitStack() as stack:
@@ -163,6 +177,7 @@ def start_portal(
         stderr_path = scratch / "stderr.log"
         stderr_file = stack.enter_context(open(stderr_path, "wb"))
         argv = [
+            *command_prefix,
             *serve_command(),
             str(tree),
             "--listen",
@@ -174,6 +189,7 @@ def start_portal(
             # Rejected logins are answered at once here: tests of the delay pass their own (the last flag wins).
             "--failed-auth-delay",
             "0",
+            *(["--writable"] if writable else []),
             *extra_args,
         ]
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=stderr_file, env=full_env)
