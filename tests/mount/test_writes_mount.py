@@ -18,7 +18,10 @@ from pathlib import Path
 import pytest
 
 from tests.support.commands import isolate_cli_env
+from tests.support.faultproxy import ctera_env
 from tests.support.mountd import directfs_command, mounted, teardown
+from tests.support.portal import Portal, start_portal
+from tests.support.portalclients import sdk_download
 from tests.support.seaweed import SeaweedFS, start_seaweed
 from tests.support.sourcetree import isolate_aws_env, needs_fuse
 from tests.support.writes import (
@@ -176,6 +179,141 @@ def test_s3_folder_rename_is_exdev_and_mv_copies(s3_mount: tuple[Path, ServerVie
     subprocess.run(["mv", str(mnt / "d"), str(mnt / "e")], check=True, capture_output=True, timeout=60)
     assert view.read("e/f") == b"in a folder"
     assert not view.exists("d/f")
+
+
+# --- ctera+http:// (the reference portal, --writable) ------------------------------------------------------------
+
+
+def portal_view(portal: Portal) -> ServerView:
+    """The portal's side: PROPFIND for names, the real cterasdk's Direct IO download for bytes."""
+
+    def entry(rel: str) -> object | None:
+        try:
+            (found,) = portal.propfind(rel, depth="0")
+        except AssertionError:  # 404
+            return None
+        return found
+
+    def read(rel: str) -> bytes:
+        return sdk_download(portal, portal.file_id(rel)) if portal.propfind(rel, depth="0")[0].size else b""
+
+    return ServerView(
+        read=read,
+        exists=lambda rel: entry(rel) is not None,
+        is_dir=lambda rel: bool(getattr(entry(rel), "is_dir", False)),
+    )
+
+
+@pytest.fixture(scope="module")
+def portal(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Portal]:
+    tree = tmp_path_factory.mktemp("portal-tree")
+    (tree / "kept.txt").write_bytes(b"kept\n")
+    with start_portal(tree, writable=True, extra_args=["--chunking", "cdc"]) as it:
+        yield it
+
+
+@pytest.fixture
+def ctera_mount(portal: Portal, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[tuple[Path, ServerView]]:
+    prefix = request.node.name.replace("[", "-").replace("]", "")
+    (portal.tree / prefix).mkdir()
+    portal.rescan()
+    deadline = time.monotonic() + 10
+    while not any(e.relpath == prefix for e in portal.propfind("")):
+        assert time.monotonic() < deadline, "the portal did not pick up the test folder"
+        time.sleep(0.05)
+    with mounted(f"ctera+{portal.url}/{prefix}", extra_args=rw_args(tmp_path / "spool"), env=ctera_env(portal)) as m:
+        yield m.mountpoint, _under(portal_view(portal), prefix)
+
+
+def _under(view: ServerView, prefix: str) -> ServerView:
+    return ServerView(
+        read=lambda rel: view.read(f"{prefix}/{rel}"),
+        exists=lambda rel: view.exists(f"{prefix}/{rel}"),
+        is_dir=lambda rel: view.is_dir(f"{prefix}/{rel}"),
+    )
+
+
+def test_ctera_copies(ctera_mount: tuple[Path, ServerView], tmp_path: Path) -> None:
+    check_copies(*ctera_mount, "copies", tmp_path)
+
+
+def test_ctera_tar_and_rsync(ctera_mount: tuple[Path, ServerView], tmp_path: Path) -> None:
+    check_tar_and_rsync(*ctera_mount, "trees", tmp_path)
+
+
+def test_ctera_namespace_changes(ctera_mount: tuple[Path, ServerView]) -> None:
+    check_namespace_changes(*ctera_mount, "ns")
+
+
+def test_ctera_reader_sees_the_old_bytes_until_close(ctera_mount: tuple[Path, ServerView]) -> None:
+    check_reader_sees_old_until_close(*ctera_mount, "rw")
+
+
+def test_ctera_folder_rename_is_a_real_move(ctera_mount: tuple[Path, ServerView]) -> None:
+    mnt, view = ctera_mount
+    (mnt / "d").mkdir()
+    (mnt / "d" / "f").write_bytes(b"moved with its folder")
+    os.rename(mnt / "d", mnt / "e")
+    assert view.read("e/f") == b"moved with its folder"
+    assert not view.exists("d")
+    assert (mnt / "e" / "f").read_bytes() == b"moved with its folder"
+
+
+# --- a store that fails uploads: close() says so, the bytes are kept, nothing half-written on the server ---------
+
+
+@pytest.mark.parametrize(
+    ("fault", "code"),
+    [
+        (["--fault-put-status", "500"], errno.EIO),
+        (["--fault-put-status", "507"], errno.ENOSPC),
+        (["--fault-put-status", "401"], errno.EACCES),
+        (["--fault-put-drop"], errno.EIO),
+    ],
+    ids=["500", "507", "401", "cut-body"],
+)
+def test_a_failing_store_makes_close_fail_and_keeps_the_bytes(tmp_path: Path, fault: list[str], code: int) -> None:
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    spool = tmp_path / "spool"
+    data = random_bytes(3 * 1024 * 1024 + 5, 3)
+    with (
+        start_portal(tree, writable=True, extra_args=fault) as portal,
+        mounted(f"ctera+{portal.url}", extra_args=rw_args(spool), env=ctera_env(portal)) as m,
+    ):
+        fd = os.open(m.mountpoint / "out.bin", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.write(fd, data)
+        with pytest.raises(OSError) as failed:
+            os.close(fd)  # the upload's result
+        assert failed.value.errno == code, m.stderr()
+        # dd and cp see it as their exit status
+        source = tmp_path / "in.bin"
+        source.write_bytes(b"small")
+        copy = subprocess.run(["cp", str(source), str(m.mountpoint / "cp.bin")], capture_output=True, timeout=60)
+        assert copy.returncode != 0 and os.strerror(code).encode() in copy.stderr, copy.stderr
+        assert "failed" in m.stderr() and str(spool / "failed") in m.stderr()
+        # nothing half-written on the server side, in its folder or its listing
+        assert sorted(p.name for p in tree.iterdir()) == []
+        assert [e.relpath for e in portal.propfind("")] == [""]
+    kept = {p.read_bytes() for p in (spool / "failed").glob("*.data")}
+    assert kept == {data, b"small"}
+    for sidecar in (spool / "failed").glob("*.json"):
+        meta = json.loads(sidecar.read_text())
+        assert meta["target"] in ("out.bin", "cp.bin") and meta["errno"] == errno.errorcode[code]
+        assert meta["store"].startswith("ctera+http://127.0.0.1")
+
+
+def test_a_retried_upload_succeeds_after_a_transient_500(tmp_path: Path) -> None:
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    args = ["--fault-put-status", "500", "--fault-put-count", "1"]
+    with (
+        start_portal(tree, writable=True, extra_args=args) as portal,
+        mounted(f"ctera+{portal.url}", extra_args=rw_args(tmp_path / "spool"), env=ctera_env(portal)) as m,
+    ):
+        (m.mountpoint / "f").write_bytes(b"after one 500")
+        assert (tree / "f").read_bytes() == b"after one 500"
+    assert list((tmp_path / "spool" / "failed").glob("*")) == []
 
 
 # --- SIGTERM and kill -9: nothing lost --------------------------------------------------------------------------
