@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from email.utils import parsedate_to_datetime
 from urllib.parse import unquote, urlsplit
+from xml.sax.saxutils import escape as xml_escape
 
 import defusedxml.ElementTree as SafeET
 
@@ -279,3 +280,41 @@ def children_of(folder_path: str, resources: Iterator[DavResource]) -> Iterator[
             continue
         seen.add(name)
         yield name, resource
+
+
+def proppatch_body(ns: str, name: str, value: str) -> bytes:
+    """A ``PROPPATCH`` request body that sets property ``{ns}name`` to ``value`` (XML-escaped)."""
+    return (
+        '<?xml version="1.0" encoding="utf-8"?>'
+        f'<D:propertyupdate xmlns:D="DAV:" xmlns:P="{xml_escape(ns, {chr(34): "&quot;"})}"><D:set><D:prop>'
+        f"<P:{name}>{xml_escape(value)}</P:{name}>"
+        "</D:prop></D:set></D:propertyupdate>"
+    ).encode()
+
+
+def propstat_status(body: bytes, ns: str, name: str) -> int | None:
+    """The status a multistatus (a ``PROPPATCH`` reply) gives property ``{ns}name``: that of the first ``propstat``
+    naming it; None when none does or the reply cannot be read (nothing then says the property was set). The body
+    is a few hundred bytes, bounded by the caller; parsed with defusedxml like every reply."""
+    try:
+        root = SafeET.fromstring(body)
+    except _XML_ERRORS:
+        log.debug("PROPPATCH reply is not valid XML")
+        return None
+    if root.tag != _tag(DAV, "multistatus"):
+        return None
+    wanted = _tag(ns, name)
+    for response in root.iterfind(_tag(DAV, "response")):
+        for propstat in response.iterfind(_tag(DAV, "propstat")):
+            prop = propstat.find(_tag(DAV, "prop"))
+            if prop is not None and prop.find(wanted) is not None:
+                return _status_code(propstat.findtext(_tag(DAV, "status")) or "")
+    return None
+
+
+def _status_code(status_line: str) -> int | None:
+    """The code of a DAV status line (``HTTP/1.1 409 Conflict``); None when it has none."""
+    parts = status_line.split()
+    if len(parts) >= 2 and parts[1].isascii() and parts[1].isdigit() and len(parts[1]) == 3:
+        return int(parts[1])
+    return None

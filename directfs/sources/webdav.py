@@ -8,13 +8,29 @@ loopback, unless ``SourceOptions.allow_plain_http``). The mount root is ``/path`
 * Data: fixed-size blocks (``SourceOptions.block_size_bytes``) read with strict ranged GETs (``httprange``), with
   ``If-Match`` when the server gives a strong ETag (Apache does; nginx dav-ext gives none, and then the
   ``Content-Range`` total still catches a size change).
-* Version: ETag, size and mtime together: nginx gives no ETag, so size + mtime must carry the change.
+* Version: ETag, size and mtime together: nginx gives no ETag, so size + mtime must carry the change (and, for
+  files this source wrote, its write mark: ``httpstore.DavStore.version_mark``).
 * Credentials (see ``web``): a Bearer token file re-read when it changes and once more after a 401, a Bearer token,
   Basic, and an X.509 client certificate (mutual TLS, e.g. a grid proxy certificate for dCache).
 * Nearline: dCache answers a read of a file still on tape with 503 + Retry-After; reads wait within
   ``SourceOptions.staging_deadline_seconds`` (``nearline``).
 
-Concurrency: as ``web.HTTPSource`` (one shared client, no other mutable state).
+Writes (``Writable``, ``--rw`` and ``directfs cp`` uploads; the code is ``httpstore.DavStore``, shared with the CTERA
+source): a file is one PUT streamed from the spool at commit, with ``Content-Length``; from 1 MiB on it carries
+``Expect: 100-continue`` and its body really waits for the ``100`` (up to 1 s), so a refusal (401, 507) costs no body
+and dCache redirects it to a pool. A 307/308 (dCache's door to a pool) is followed with the same body, credentials only
+to the source's own origin. Retries resend the whole body, each with the current token (a rotated token file is read
+per attempt). The new entry is a PROPFIND after the PUT (as ``stat`` gives it). ``mkdir`` is MKCOL, ``unlink``
+DELETE after a check that it is a file, ``rmdir`` DELETE after a PROPFIND Depth 1 found the folder empty (a WebDAV
+DELETE of a collection takes everything in it), ``rename`` MOVE (folders too: ``WriteFeatures.folder_rename``) that
+never overwrites anything POSIX would not. Modification times: PROPPATCH of ``getlastmodified``, which RFC 4918 makes
+a protected property: nginx answers 405 and Apache 409, so ``keeps_mtime`` is False and ``set_mtime`` reports per call
+(a store that refused once is not asked again). Limits seen on nginx: no ETags, so a file replaced by another client
+with one of the same size within the same second keeps its version (size + mtime; replacements by this source get a
+write mark); a MOVE into a missing folder creates it.
+
+Concurrency: as ``web.HTTPSource`` (one shared client), plus a client for uploads that wait for ``100 Continue``;
+the few facts the write side remembers (``httpstore.DavStore``) change only on the trio thread.
 """
 
 from __future__ import annotations
@@ -27,11 +43,22 @@ from ..http import redact_url
 from ..values import parse_decimal
 from . import davxml
 from .base import Entry, SourceOptions
-from .httpstore import PlainHTTPStore, Reply, check_url, http_mtime_ns, propfind, raise_for_status, request
+from .httpstore import (
+    DavStore,
+    PlainHTTPStore,
+    Reply,
+    check_url,
+    http_mtime_ns,
+    propfind,
+    raise_for_status,
+    request,
+)
 
 
-class WebDAVSource(PlainHTTPStore):
+class WebDAVSource(PlainHTTPStore, DavStore):
     """A folder tree on a WebDAV server. Create with :func:`create`; ``aclose`` releases connections."""
+
+    _marks_versions = True  # nginx gives no ETags: versions of what this source wrote carry its marks
 
     def __init__(self, url: str, options: SourceOptions) -> None:
         super().__init__(options)
@@ -42,6 +69,9 @@ class WebDAVSource(PlainHTTPStore):
 
     def _abs(self, path: str) -> str:
         return f"{self._root}/{path}" if path else self._root or "/"
+
+    def _dav_path(self, path: str) -> str:
+        return self._abs(path)
 
     def _url(self, path: str, *, collection: bool = False) -> str:
         full = self._abs(path)
@@ -90,7 +120,7 @@ class WebDAVSource(PlainHTTPStore):
             is_dir=False,
             size=size,
             mtime_ns=mtime_ns,
-            version=f"dav:{etag or '-'}:{size}:{mtime_ns}",
+            version=f"dav:{etag}:{size}:{mtime_ns}" if etag else f"dav:-:{size}:{mtime_ns}{self.version_mark(path)}",
             xattrs=(("user.etag", etag.encode()),) if etag else (),
         )
 

@@ -6,7 +6,10 @@ Config per ``docs/testbed.md`` §2. One server, the same tree under four locatio
 * ``/basic/``: HTTP Basic (``{PLAIN}`` htpasswd entry, no apache2-utils needed);
 * ``/bearer/``: a Bearer check: ``Authorization`` must be one of ``tokens`` (an nginx ``map`` in an included file);
   :meth:`NginxDav.set_tokens` rewrites it and reloads nginx (SIGHUP), returning once the new set is in force;
-* ``/x509/`` on the TLS port: a client certificate signed by the test CA is required (``ssl_verify_client``).
+* ``/x509/`` on the TLS port: a client certificate signed by the test CA is required (``ssl_verify_client``);
+* ``/rw/``, ``/rw-basic/``, ``/rw-bearer/``: the same tree, writable (``dav_methods PUT DELETE MKCOL COPY MOVE``),
+  without auth, with Basic, with the Bearer check. ``create_full_put_path off``: a PUT into a missing folder is 409,
+  as on real stores (``--rw`` tests). The other locations stay read-only (PUT answers 405).
 
 The TLS port serves a certificate of a locally generated CA (trustme). The worker runs as root (``user root``):
 pytest's tmp folders are 0700, so ``nobody`` could not read them. Missing Debian packages are installed with apt
@@ -127,6 +130,9 @@ def _write_tokens(workdir: Path, tokens: Sequence[str]) -> None:
 
 def _config(workdir: Path, root: Path, port: int, tls_port: int) -> str:
     dav = "dav_ext_methods PROPFIND OPTIONS;"
+    # Writes go to a temp file under client_body_temp_path (the same file system as the tree: tmp_path) and are renamed
+    # into place when the body is complete, so a cut PUT leaves nothing behind. 0644 files as a real store makes them.
+    rw = f"{dav} dav_methods PUT DELETE MKCOL COPY MOVE; create_full_put_path off; dav_access user:rw group:r all:r;"
     temp = "\n".join(
         f"  {kind}_temp_path {workdir}/tmp/{kind};" for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
     )
@@ -141,6 +147,7 @@ events {{ worker_connections 256; }}
 http {{
   access_log off;
   sendfile on;
+  client_max_body_size 0;  # no limit: the write tests upload 40 MiB and more (nginx's default is 1 MiB)
   default_type application/octet-stream;
 {temp}
   map $http_authorization $bearer_ok {{
@@ -159,6 +166,9 @@ http {{
     location /basic/ {{ alias {root}/; auth_basic "dav"; auth_basic_user_file {workdir}/htpasswd; {dav} }}
     location /bearer/ {{ alias {root}/; if ($bearer_ok = 0) {{ return 401; }} {dav} }}
     location /x509/ {{ alias {root}/; if ($ssl_client_verify != SUCCESS) {{ return 403; }} {dav} }}
+    location /rw/ {{ alias {root}/; {rw} }}
+    location /rw-basic/ {{ alias {root}/; auth_basic "dav"; auth_basic_user_file {workdir}/htpasswd; {rw} }}
+    location /rw-bearer/ {{ alias {root}/; if ($bearer_ok = 0) {{ return 401; }} {rw} }}
   }}
 }}
 """

@@ -13,6 +13,12 @@ The mount root is ``/ServicesPortal/webdav/`` or the named sub-folder; a URL tha
   file. The WebDAV connections are the plain stores' ``StoreClients``, built on first use.
 * Versions: ``fileid``, size, mtime and ETag together are the version token; a change of any of them is a new
   version, so cached blocks of the old one are never served for it.
+
+Writes (``Writable``): through the Portal's WebDAV, as Cyberduck uploads, with the plain WebDAV source's code
+(``httpstore.DavStore``: PUT streamed from the spool, MKCOL, DELETE, MOVE, PROPPATCH of ``getlastmodified``). The
+Portal gives a changed file a new ``fileid``; the entry after an upload is a PROPFIND, so it carries the new id, and
+the new blocks are read through Direct IO like any other file's. ``keeps_mtime``: the Portal takes the PROPPATCH
+(the reference portal does); errors name the Portal credentials.
 """
 
 from __future__ import annotations
@@ -38,7 +44,7 @@ from ...http import (
 from .. import davxml
 from ..base import Entry, OpenFile, SourceOptions
 from ..httprange import RangeFile
-from ..httpstore import HTTPAuth, StoreClients, plain_file, propfind
+from ..httpstore import DavStore, HTTPAuth, plain_file, propfind
 from .client import DirectIOClient, DirectIOSettings
 
 log = logging.getLogger(__name__)
@@ -56,8 +62,11 @@ def _entry_version(resource: davxml.DavResource, size: int, mtime_ns: int) -> st
     return f"ctera:{resource.file_id or '-'}:{size}:{mtime_ns}:{resource.etag or '-'}"
 
 
-class CteraSource(StoreClients):
+class CteraSource(DavStore):
     """A CTERA Portal's global namespace. Create with :func:`create`; ``aclose`` releases connections."""
+
+    _write_hint = "check the Portal credentials"
+    _keeps_mtime = True  # the Portal accepts PROPPATCH of getlastmodified
 
     def __init__(self, url: str, options: SourceOptions) -> None:
         parts = urlsplit(url)
@@ -113,6 +122,9 @@ class CteraSource(StoreClients):
         if collection:
             full += "/"
         return self._origin + quote(full, safe="/")
+
+    def _dav_path(self, path: str) -> str:
+        return f"{self._root}/{path}" if path else self._root
 
     async def aclose(self) -> None:
         await super().aclose()
