@@ -20,6 +20,7 @@ import pytest
 from tests.support.commands import isolate_cli_env
 from tests.support.faultproxy import ctera_env
 from tests.support.mountd import directfs_command, mounted, teardown
+from tests.support.nginx import NginxDav, start_nginx
 from tests.support.portal import Portal, start_portal
 from tests.support.portalclients import sdk_download
 from tests.support.seaweed import SeaweedFS, start_seaweed
@@ -179,6 +180,59 @@ def test_s3_folder_rename_is_exdev_and_mv_copies(s3_mount: tuple[Path, ServerVie
     subprocess.run(["mv", str(mnt / "d"), str(mnt / "e")], check=True, capture_output=True, timeout=60)
     assert view.read("e/f") == b"in a folder"
     assert not view.exists("d/f")
+
+
+# --- webdav:// (nginx) ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def nginx(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[NginxDav, Path]]:
+    root = tmp_path_factory.mktemp("dav-root")
+    with start_nginx(tmp_path_factory.mktemp("nginx"), root) as server:
+        yield server, root
+
+
+def dav_view(server: NginxDav, root: Path) -> ServerView:
+    """nginx's side: a WebDAV GET for bytes (what the server serves), its folder for names."""
+    import httpx
+
+    def read(rel: str) -> bytes:
+        reply = httpx.get(f"http://{server.host}/rw/{rel}", timeout=30)
+        reply.raise_for_status()
+        return reply.content
+
+    return ServerView(
+        read=read,
+        exists=lambda rel: os.path.lexists(root / rel),
+        is_dir=lambda rel: (root / rel).is_dir(),
+    )
+
+
+@pytest.fixture
+def dav_mount(
+    nginx: tuple[NginxDav, Path], tmp_path: Path, request: pytest.FixtureRequest
+) -> Iterator[tuple[Path, ServerView]]:
+    server, root = nginx
+    prefix = request.node.name.replace("[", "-").replace("]", "")
+    (root / prefix).mkdir()
+    with mounted(f"webdav://{server.host}/rw/{prefix}/", extra_args=rw_args(tmp_path / "spool")) as m:
+        yield m.mountpoint, _under(dav_view(server, root), prefix)
+
+
+def test_webdav_copies(dav_mount: tuple[Path, ServerView], tmp_path: Path) -> None:
+    check_copies(*dav_mount, "copies", tmp_path)
+
+
+def test_webdav_tar_and_rsync(dav_mount: tuple[Path, ServerView], tmp_path: Path) -> None:
+    check_tar_and_rsync(*dav_mount, "trees", tmp_path)
+
+
+def test_webdav_namespace_changes(dav_mount: tuple[Path, ServerView]) -> None:
+    check_namespace_changes(*dav_mount, "ns")
+
+
+def test_webdav_reader_sees_the_old_bytes_until_close(dav_mount: tuple[Path, ServerView]) -> None:
+    check_reader_sees_old_until_close(*dav_mount, "rw")
 
 
 # --- ctera+http:// (the reference portal, --writable) ------------------------------------------------------------
