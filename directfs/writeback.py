@@ -469,15 +469,15 @@ class WriteBack:
         if upload is not None:
             self._start_background(upload.abort)
 
-    async def commit(self, spool: Spool) -> Entry:
-        """Upload ``spool`` now (flush of the last writer, fsync, release, drain) and return the new entry; on
-        failure move it to ``failed/`` and raise the error the caller's ``close()`` returns."""
+    async def commit(self, spool: Spool) -> Entry | None:
+        """Upload ``spool`` now (flush of the last writer, fsync, release, drain) and return the new entry (None:
+        nothing to upload, it was unlinked); on failure move it to ``failed/`` and raise the error the caller's
+        ``close()`` returns."""
         async with spool.lock:
             if spool.failed is not None:
                 self._check(spool)
             if not spool.dirty or spool.unlinked:
-                assert spool.uploaded is not None or spool.unlinked or spool.base is not None
-                return spool.uploaded or spool.base  # type: ignore[return-value]
+                return spool.uploaded or spool.base
             feeding = spool.feeding
             if feeding is not None:
                 await feeding.wait()
@@ -511,7 +511,7 @@ class WriteBack:
             self.counters["upload_bytes"] += size
             spool.uploaded = entry
             spool.base = entry
-            spool.dirty = spool.size != size  # (never: writes wait for the lock)
+            spool.dirty = False  # writes wait for the lock: nothing changed while it was sent
             log.info("uploaded %r (%d bytes in %.2f s)", target, size, time.monotonic() - started)
             if self.on_committed is not None:
                 self.on_committed(spool, entry)
@@ -556,8 +556,16 @@ class WriteBack:
         return kept
 
     async def _discard(self, spool: Spool) -> None:
-        """Close and delete a spool nobody needs any more (uploaded, unlinked; failed ones stay in failed/)."""
+        """Close and delete a spool nobody needs any more (uploaded, unlinked; failed ones stay in failed/). An early
+        upload still open (an unlinked file that was being sent in parts) is aborted first, after its running
+        ``part_ready``: that call reads the spool's fd, which must not be closed (and its number reused) under it."""
         self._forget(spool)
+        with trio.CancelScope(shield=True):
+            if spool.feeding is not None:
+                await spool.feeding.wait()
+            upload, spool.upload = spool.upload, None
+            if upload is not None:
+                await upload.abort()
         fd, spool.fd = spool.fd, -1
         failed = spool.failed is not None
 
@@ -597,16 +605,8 @@ class WriteBack:
                             filename=spool.path,
                         ),
                     )
-        for spool in list(self._spools.values()):
-            if spool.fd >= 0:
-                os.close(spool.fd)
-                spool.fd = -1
-            if spool.failed is None and not spool.dirty:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(spool.data_path)
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(spool.data_path.with_suffix(".json"))
-        self._spools.clear()
+        for spool in list(self._spools.values()):  # uploaded, unlinked or kept in failed/: close (and delete) them
+            await self._discard(spool)
 
     async def _drain_one(self, spool: Spool) -> None:
         with contextlib.suppress(DirectFSError):

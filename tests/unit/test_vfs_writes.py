@@ -430,3 +430,20 @@ async def test_read_only_without_a_writeback(store_dir: Path) -> None:
         assert no_mkdir.value.errno == errno.EROFS
         await fs.aclose()
         nursery.cancel_scope.cancel()
+
+
+async def test_an_unlinked_file_being_sent_in_parts_aborts_its_upload(store_dir: Path, tmp_path: Path) -> None:
+    # S3 would otherwise keep the parts of a multipart upload nobody completes (and bill for them).
+    async with mount_on(store_dir, tmp_path / "spool", wrap=True) as m:
+        store = m.fs.source
+        assert isinstance(store, FailingStore)
+        fh = await m.create("scratch.big")
+        piece = b"\0" * (1024 * 1024)
+        for i in range(PART_ANNOUNCE_BYTES // len(piece) + 1):
+            await m.fs.write(fh, i * len(piece), piece)
+        await trio.sleep(0.2)
+        assert store.announced
+        await m.fs.unlink(ROOT_INODE, "scratch.big")
+        await m.close(fh)
+        assert store.aborted == 1
+        assert not (store_dir / "scratch.big").exists()
