@@ -36,7 +36,9 @@ surfaces:
   PUT/MKCOL/DELETE/MOVE/PROPPATCH  (same paths)         only with --writable (else 405); portal login required
   GET           /directio/FILEID                        v8.3+ JSON block list with signed URLs
   GET           /blocks/KEY?expires=...&sig=...         block objects of the local store (HMAC-signed, expiring)
-  POST          /ServicesPortal/v2/api/metadata/list    change feed with cursor (also .../longpoll)
+  POST          /ServicesPortal/v2/api/metadata/list    change feed with cursor (also .../longpoll); a cursor
+                                                        older than --feed-retention, of another state dir or of a
+                                                        reset feed answers 410 (docs/serve-feed.md)
 
 writes (--writable; docs/serve-writes.md):
   PUT      201 new, 204 replaced; 409 parent missing, 405 onto a folder, 412 If-Match/If-None-Match, 413 over
@@ -51,7 +53,7 @@ writes (--writable; docs/serve-writes.md):
 
 stdout gets exactly one line once the first scan is done and the socket listens:
   directfs serve: listening on http://127.0.0.1:PORT
-SIGHUP rescans DIR now; SIGTERM/SIGINT exit 0.
+SIGHUP rescans DIR now; SIGUSR2 resets the change feed (every cursor so far answers 410); SIGTERM/SIGINT exit 0.
 """
 
 
@@ -171,6 +173,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="/directio for a 0-byte file: no chunks (default) or one 0-length chunk",
     )
     portal.add_argument(
+        "--feed-retention",
+        type=int,
+        default=None,
+        metavar="N",
+        help="keep the last N change-feed events (default 100000); an older cursor answers 410 and the client "
+        "lists afresh; 0 = keep every event",
+    )
+    portal.add_argument(
         "--ingest-workers", type=int, metavar="N", help="threads encoding blocks (default: number of CPUs)"
     )
     portal.add_argument(
@@ -251,6 +261,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=0,
         metavar="N",
         help="TEST ONLY: the PUT faults hit only the first N PUTs, later ones succeed (default 0: every PUT)",
+    )
+    faults.add_argument(
+        "--fault-feed-down-file",
+        type=Path,
+        metavar="PATH",
+        help="TEST ONLY: while PATH exists, the change feed is down: /metadata/list and /metadata/longpoll (parked "
+        "ones within 0.1 s) close the connection without an answer, or answer the status PATH holds (e.g. 503)",
+    )
+    faults.add_argument(
+        "--count-requests",
+        action="store_true",
+        help="TEST ONLY: count requests by method and path; GET /directfs/test/requests?method=M&prefix=P answers "
+        '{"count": N} (portal login)',
     )
 
 
@@ -397,6 +420,8 @@ def build_config(args: argparse.Namespace) -> ServeConfig:
         raise ConfigError("--fault-put-status must be an error status, 400 to 599")
     if args.fault_put_count < 0:
         raise ConfigError("--fault-put-count must be 0 (every PUT) or more")
+    if args.feed_retention is not None and args.feed_retention < 0:
+        raise ConfigError("--feed-retention must be 0 (keep every event) or more")
     max_upload = parse_size(args.max_upload_size)
     if max_upload < 1:
         raise ConfigError("--max-upload-size must be at least 1 byte")
@@ -435,6 +460,8 @@ def build_config(args: argparse.Namespace) -> ServeConfig:
             put_status=args.fault_put_status,
             put_drop=args.fault_put_drop,
             put_count=args.fault_put_count,
+            feed_down_file=args.fault_feed_down_file.absolute() if args.fault_feed_down_file else None,
+            count_requests=args.count_requests,
         ),
         ingest_workers=args.ingest_workers or max(1, os.cpu_count() or 1),
         failed_auth_delay_seconds=(
@@ -444,6 +471,9 @@ def build_config(args: argparse.Namespace) -> ServeConfig:
         ),
         writable=args.writable,
         max_upload_size_bytes=max_upload,
+        feed_retention_events=(
+            cfg.DEFAULT_FEED_RETENTION_EVENTS if args.feed_retention is None else args.feed_retention
+        ),
     )
 
 

@@ -17,6 +17,10 @@ each change of DIR and the index to :meth:`Portal.mutate`: one at a time with th
 goes away mid-change never leaves DIR and the index disagreeing. Without ``--writable`` each of these methods answers
 405 with the read-only ``Allow``.
 
+The Notification Service (docs/serve-feed.md): ``list`` answers from the index's reader connection on the loop (a
+page of 2000 events is a few milliseconds: their stored JSON texts are joined, never parsed again); a parked
+``longpoll`` is a coroutine waiting on ``Portal.changed``, not a thread, so thousands of them cost only memory.
+
 Authentication (issue 13, H1/L8): WebDAV and the Notification Service take HTTP Basic or ``Bearer <token>``, Direct
 IO takes ``Bearer <access key id>``; a credential that is not configured is refused, never defaulted. A rejected
 login is answered after ``failed_auth_delay_seconds`` (an ``asyncio.sleep`` of that request only); a request without
@@ -28,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import functools
 import hashlib
 import hmac
@@ -39,6 +44,7 @@ import random
 import re
 import time
 import urllib.parse
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,7 +57,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 from ..errors import EntryNotFoundError, StaleFileError
 from .config import ServeConfig
-from .index import Index, Node, ScanStats
+from .index import CursorProblem, Index, Node, ScanStats
 from .store import BlockStore, LocalBlockStore
 from .webdav import (
     LASTMODIFIED,
@@ -61,6 +67,7 @@ from .webdav import (
     WEBDAV_ROOT,
     BadPropfind,
     BadProppatch,
+    ResponseCache,
     finite_depth_error,
     href_for_path,
     multistatus_chunks,
@@ -83,6 +90,12 @@ MAX_FOLDER_IDS: Final = 100
 # Long-poll: the SDK sends timeout=10000 (ms). A cap keeps a misbehaving client from parking a request for hours.
 DEFAULT_LONGPOLL_MS: Final = 10000
 MAX_LONGPOLL_MS: Final = 60000
+# --fault-feed-down-file: how often a parked long-poll looks for the file, so a feed "killed" mid-poll cuts it within
+# about this long (only with that test knob: otherwise a parked long-poll only wakes for a change).
+FEED_FAULT_POLL_SECONDS: Final = 0.1
+# --count-requests (tests only): the counts, behind the portal login. Not under /ServicesPortal, where a real Portal
+# has its own paths.
+COUNTS_PATH: Final = "/directfs/test/requests"
 # MD5s of served objects, keyed by (path, inode, mtime, size) so a re-written object is hashed again. 64k entries
 # (~10 MiB) cover every object of a large test tree; a miss costs one read of the object (page-cached by then).
 MD5_CACHE_ENTRIES: Final = 65536
@@ -125,6 +138,10 @@ class Portal:
     put_faults_used: int = 0  # PUTs --fault-put-status/--fault-put-drop hit so far (for --fault-put-count)
     # Writes running in the background (Portal.mutate): referenced here so none is collected while it runs.
     writes: set[asyncio.Task[Any]] = field(default_factory=set)
+    # PROPFIND responses once rendered (webdav.ResponseCache): a folder listed again costs a join, not a render.
+    dav_responses: ResponseCache = field(default_factory=ResponseCache)
+    # --count-requests: requests received by (method, decoded path), whatever their answer.
+    request_counts: Counter[tuple[str, str]] = field(default_factory=Counter)
 
     def take_put_fault(self) -> bool:
         """Whether this PUT gets the configured upload fault (the first --fault-put-count ones, or all)."""
@@ -156,6 +173,11 @@ class Portal:
             async with self.changed:
                 self.changed.notify_all()
 
+    async def reset_feed(self) -> None:
+        """End the change feed (SIGUSR2): every cursor handed out so far answers 410; parked long-polls wake."""
+        feed_id = await self.mutate(self.index.reset_feed)
+        log.info("change feed reset: every earlier cursor now answers 410; the new feed is %s", feed_id)
+
     async def stop(self) -> None:
         self.stopping = True
         async with self.changed:
@@ -167,12 +189,13 @@ class Portal:
             stats = await asyncio.to_thread(self.index.scan)
             self.last_scan = stats
             log.info(
-                "scan: %d added, %d changed, %d deleted, %d skipped, %.1f MiB encoded, %d objects written, "
-                "%d collected in %.2f s",
+                "scan: %d added, %d changed, %d deleted, %d skipped, %d folder times, %.1f MiB encoded, "
+                "%d objects written, %d collected in %.2f s",
                 stats.added,
                 stats.changed,
                 stats.deleted,
                 stats.skipped,
+                stats.folders_touched,
                 stats.encoded_bytes / 2**20,
                 stats.objects_written,
                 stats.objects_deleted,
@@ -382,7 +405,7 @@ async def webdav_propfind(request: web.Request) -> web.StreamResponse:
         nodes.extend(portal.index.snapshot.children.get(node.path, ()))
     # Rendered a piece at a time (issue 13 M6): a big reply's pieces in a worker thread, so the loop only ever waits
     # for a write; the writes wait for the client (backpressure), so memory holds a piece or two, never the reply.
-    pieces = multistatus_chunks(nodes, mode, names, writable=portal.config.writable)
+    pieces = multistatus_chunks(nodes, mode, names, writable=portal.config.writable, cache=portal.dav_responses)
     offload = len(nodes) * max(len(names), len(PROPERTIES)) > PROPFIND_INLINE_PROPERTIES
 
     async def next_piece() -> bytes | None:
@@ -1077,7 +1100,39 @@ def longpoll_seconds(timeout_ms: object) -> float | None:
     return float(min(timeout_ms, MAX_LONGPOLL_MS)) / 1000  # min first: float() of a huge int overflows
 
 
-async def _notify_args(request: web.Request) -> tuple[dict[str, Any], int, frozenset[int]] | web.Response:
+def _cursor_refused(problem: CursorProblem) -> web.Response:
+    """400/410 with ``{"error": ..., "status": ..., "code": ...}`` (docs/serve-feed.md): the client lists afresh."""
+    return _json({"error": problem.message, "status": problem.status, "code": problem.code}, problem.status)
+
+
+def _feed_fault(portal: Portal) -> int | None:
+    """--fault-feed-down-file: None while the feed is up; else the status the file holds (400-599), or 0 for "close
+    the connection" (an empty file, or anything else in it). A stat and a tiny read, on the loop: tests only."""
+    path = portal.config.faults.feed_down_file
+    if path is None:
+        return None
+    try:
+        with open(path, "rb") as f:
+            text = f.read(16).strip()
+    except FileNotFoundError:
+        return None
+    except OSError:
+        return 0
+    status = int(text) if text.isdigit() and len(text) == 3 else 0
+    return status if 400 <= status <= 599 else 0
+
+
+def _feed_refused(request: web.Request, status: int) -> web.Response:
+    if status:
+        log.info("fault: the change feed is down: answering %s with %d", request.rel_url.path, status)
+        return _json({"error": "the notification service is down (test fault)", "status": status}, status)
+    log.info("fault: the change feed is down: closing the connection of %s", request.rel_url.path)
+    if request.transport is not None:
+        request.transport.abort()
+    return web.Response(status=503)  # never sent: the connection is gone
+
+
+async def _notify_args(request: web.Request) -> tuple[dict[str, Any], frozenset[int]] | web.Response:
     portal = request.app[PORTAL_KEY]
     if not _portal_user_ok(request, portal):
         return _unauthorized()
@@ -1088,59 +1143,101 @@ async def _notify_args(request: web.Request) -> tuple[dict[str, Any], int, froze
     if not isinstance(body, dict):
         return _error(400, "the body must be a JSON object")
     folder_ids = body.get("folder_ids") or []
-    if not isinstance(folder_ids, list) or not all(isinstance(f, int) for f in folder_ids):
+    if not isinstance(folder_ids, list) or not all(isinstance(f, int) and not isinstance(f, bool) for f in folder_ids):
         return _error(400, "folder_ids must be a list of integers")
     if len(folder_ids) > MAX_FOLDER_IDS:
         return _error(400, f"folder_ids: size must be between 0 and {MAX_FOLDER_IDS}")
-    cursor_text = body.get("cursor")
-    if cursor_text is None:
-        cursor = 0
-    elif isinstance(cursor_text, str) and _DIGITS_RE.match(cursor_text):
-        cursor = int(cursor_text)
-    else:
-        return _error(400, "invalid cursor")
-    return body, cursor, frozenset(folder_ids)
+    return body, frozenset(folder_ids)
 
 
 async def notify_list(request: web.Request) -> web.StreamResponse:
+    portal = request.app[PORTAL_KEY]
+    if (fault := _feed_fault(portal)) is not None:
+        return _feed_refused(request, fault)
     parsed = await _notify_args(request)
     if isinstance(parsed, web.Response):
         return parsed
-    body, cursor, folder_ids = parsed
+    body, folder_ids = parsed
     max_results = body.get("max_results", DEFAULT_MAX_RESULTS)
-    if not isinstance(max_results, int) or max_results < 1:
+    if isinstance(max_results, bool) or not isinstance(max_results, int) or max_results < 1:
         return _error(400, "max_results must be a positive integer")
-    portal = request.app[PORTAL_KEY]
-    entries, new_cursor, has_more = portal.index.events_after(
-        cursor, limit=min(max_results, MAX_RESULTS_CAP), folder_ids=folder_ids or None
+    page = portal.index.read_feed(
+        body.get("cursor"), limit=min(max_results, MAX_RESULTS_CAP), folder_ids=folder_ids or None
     )
-    return _json({"entries": entries, "cursor": str(new_cursor), "has_more": has_more})
+    if isinstance(page, CursorProblem):
+        return _cursor_refused(page)
+    # The events are stored as JSON texts: joined as they are, not parsed and written again (a 2000-event page in
+    # about a millisecond instead of tens).
+    text = (
+        '{"entries": ['
+        + ", ".join(page.bodies)
+        + f'], "cursor": {json.dumps(page.cursor)}, "has_more": {"true" if page.has_more else "false"}}}'
+    )
+    return web.Response(text=text, content_type="application/json")
 
 
 async def notify_longpoll(request: web.Request) -> web.StreamResponse:
+    portal = request.app[PORTAL_KEY]
+    if (fault := _feed_fault(portal)) is not None:
+        return _feed_refused(request, fault)
     parsed = await _notify_args(request)
     if isinstance(parsed, web.Response):
         return parsed
-    body, cursor, folder_ids = parsed
+    body, folder_ids = parsed
     wait_seconds = longpoll_seconds(body.get("timeout", DEFAULT_LONGPOLL_MS))
     if wait_seconds is None:
         return _error(400, "timeout must be a finite, non-negative number of milliseconds")
-    portal = request.app[PORTAL_KEY]
+    position = portal.index.check_cursor(body.get("cursor"))
+    if isinstance(position, CursorProblem):
+        return _cursor_refused(position)
+    feed_id, seq = position
     deadline = time.monotonic() + wait_seconds
+    # With the feed-down knob a parked poll looks at the file now and then; otherwise only a change wakes it.
+    slice_seconds = FEED_FAULT_POLL_SECONDS if portal.config.faults.feed_down_file is not None else math.inf
 
     def pending() -> bool:
-        return bool(portal.index.events_after(cursor, limit=1, folder_ids=folder_ids or None)[0])
+        return portal.index.changes_after(feed_id, seq, folder_ids or None)
 
     async with portal.changed:
         while not pending():
             remaining = deadline - time.monotonic()
             if remaining <= 0 or portal.stopping:
                 return _json({"changes": False})
-            try:
-                await asyncio.wait_for(portal.changed.wait(), remaining)
-            except TimeoutError:
-                return _json({"changes": pending()})
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(portal.changed.wait(), min(remaining, slice_seconds))
+            if (fault := _feed_fault(portal)) is not None:
+                return _feed_refused(request, fault)
     return _json({"changes": True})
+
+
+# --- request counts (tests only: --count-requests) -------------------------------------------------------------
+
+
+@web.middleware
+async def count_middleware(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Count the request as it arrives, before anything can refuse it: a client that has its answer finds it
+    counted."""
+    if request.rel_url.path != COUNTS_PATH:
+        request.app[PORTAL_KEY].request_counts[(request.method, request.rel_url.path)] += 1
+    return await handler(request)
+
+
+async def request_counts(request: web.Request) -> web.StreamResponse:
+    """``GET COUNTS_PATH?method=PROPFIND&prefix=/ServicesPortal/webdav/`` -> ``{"count": N}``: requests received so
+    far with that method (any, if not given) whose decoded path starts with ``prefix`` (default: every path)."""
+    portal = request.app[PORTAL_KEY]
+    if not _portal_user_ok(request, portal):
+        return _unauthorized()
+    method = request.query.get("method")
+    prefix = request.query.get("prefix", "")
+    count = sum(
+        n
+        for (m, path), n in portal.request_counts.items()
+        if (method is None or m == method) and path.startswith(prefix)
+    )
+    return _json({"count": count})
 
 
 # --- the application -------------------------------------------------------------------------------------------
@@ -1148,7 +1245,10 @@ async def notify_longpoll(request: web.Request) -> web.StreamResponse:
 
 def make_app(portal: Portal) -> web.Application:
     # Faults first (outermost), as a flaky network would be; then the login check with its failed-login delay.
-    middlewares = [fault_middleware] if portal.config.faults.active else []
+    # Counting outermost of all: every request that arrives is counted, whatever answers it.
+    middlewares = [count_middleware] if portal.config.faults.count_requests else []
+    if portal.config.faults.active:
+        middlewares.append(fault_middleware)
     middlewares.append(portal_user_middleware)
     # client_max_size: PROPFIND and notification bodies are small; 1 MiB bounds a hostile one.
     # (PUT bodies are streamed, never read whole, so this does not bound uploads: --max-upload-size does.)
@@ -1175,6 +1275,8 @@ def make_app(portal: Portal) -> web.Application:
     app.router.add_route("GET", "/blocks/{key:.+}", block_get)
     app.router.add_route("POST", NOTIFY_BASE + "/list", notify_list)
     app.router.add_route("POST", NOTIFY_BASE + "/longpoll", notify_longpoll)
+    if portal.config.faults.count_requests:
+        app.router.add_route("GET", COUNTS_PATH, request_counts)
     return app
 
 
@@ -1190,5 +1292,6 @@ _PORTAL_USER_HANDLERS: Final = frozenset(
         webdav_proppatch,
         notify_list,
         notify_longpoll,
+        request_counts,
     }
 )

@@ -49,6 +49,12 @@ DEFAULT_FAILED_AUTH_DELAY_SECONDS: Final = 0.5
 # A test or a small disk passes its own (--max-upload-size).
 DEFAULT_MAX_UPLOAD_SIZE_BYTES: Final = 5 * 1024**3
 
+# The change feed keeps the last 100,000 events (about 45 MB of the index at ~450 bytes each): twice the 50,000-entry
+# trees of the benchmarks, so a client that follows from before a whole such tree is ingested or rewritten can still
+# replay it (50 pages of 2000), and a client further behind than that resets (lists afresh), which is then the
+# cheaper path anyway. 0 keeps every event (the index then grows with every change, forever).
+DEFAULT_FEED_RETENTION_EVENTS: Final = 100_000
+
 Chunking = Literal["fixed", "cdc"]
 EmptyFiles = Literal["empty-list", "zero-chunk"]
 
@@ -133,6 +139,11 @@ class FaultConfig:
     put_status: int | None = None
     put_drop: bool = False
     put_count: int = 0
+    # The change feed down (docs/serve-feed.md): while this file exists, /metadata/list and /metadata/longpoll (parked
+    # ones too) close the connection without an answer, or answer the status the file holds (e.g. "503").
+    feed_down_file: Path | None = None
+    # Count every request by method and path, answered at COUNTS_PATH (not a fault: not in ``active``).
+    count_requests: bool = False
 
     @property
     def active(self) -> bool:
@@ -143,6 +154,7 @@ class FaultConfig:
             or self.corrupt_blocks_rate
             or self.url_ttl_seconds is not None
             or self.put_faults
+            or self.feed_down_file is not None
         )
 
     @property
@@ -211,6 +223,7 @@ class ServeConfig:
     # WebDAV PUT, MKCOL, DELETE, MOVE and PROPPATCH into DIR (docs/serve-writes.md); off: 405, as a read-only server
     writable: bool = False
     max_upload_size_bytes: int = DEFAULT_MAX_UPLOAD_SIZE_BYTES
+    feed_retention_events: int = DEFAULT_FEED_RETENTION_EVENTS  # 0: keep every event
 
     @property
     def scheme(self) -> str:

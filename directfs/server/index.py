@@ -7,7 +7,17 @@ Model
 * A file whose stat (size, mtime, ctime, inode) or encoding rules change is re-encoded and gets a **new id**
   (clients treat the id as a version id, ``docs/ctera-direct-io.md`` §8.2); the old id answers 400 from then on.
 * Every create, change and delete appends an *event* (``docs/ctera-direct-io.md`` §8.3); its sequence number is the
-  Notification Service cursor.
+  Notification Service cursor (below, and ``docs/serve-feed.md``).
+
+The change feed
+---------------
+Cursors are ``<feed id>-<seq>``: the feed id is random per state dir (and new after :meth:`Index.reset_feed`), so a
+cursor from another portal, another state dir or a reset feed is recognised and refused, never misread as a position
+in this one. Events become visible to the feed only once the snapshot that shows them is published
+(:attr:`FeedState.published_seq`): a client that reads an event and then lists the entry finds it as the event says,
+never the state before (a scan commits its events in batches long before it publishes). At most
+``feed_retention_events`` events are kept (older ones are deleted as new ones are published); a cursor older than
+what is kept is refused as expired, so the client lists afresh instead of missing changes.
 
 Dedup (what the hash covers)
 ----------------------------
@@ -59,6 +69,8 @@ import io
 import json
 import logging
 import os
+import re
+import secrets
 import sqlite3
 import stat as stat_mod
 import threading
@@ -93,6 +105,10 @@ VIRTUAL_PORTAL_ID: Final = "1"
 # Uploads are written to ``<prefix><random>.part`` in the target folder and renamed into place (server/writes.py).
 # Names with this prefix are never published, and a client may not create one.
 UPLOAD_TEMP_PREFIX: Final = ".directfs-upload-"
+# 8 random bytes name a feed (64 bits: two state dirs never share one by chance).
+FEED_ID_BYTES: Final = 8
+_CURSOR_RE: Final = re.compile(r"([0-9a-f]{16})-([0-9]{1,18})")
+_LEGACY_CURSOR_RE: Final = re.compile(r"[0-9]{1,18}")  # the bare sequence numbers of earlier versions
 # The columns of a node row, in the order the scan and the writes read them (indices used below: 1 id, 2 guid,
 # 3 is_dir, 4 size, 5 mtime_ns, 6 ctime_ns, 7 ino, 8 wrapped_key, 9 compression, 10 native, 11 non_direct,
 # 12 chunking, 13 dev).
@@ -127,6 +143,7 @@ CREATE TABLE IF NOT EXISTS objects (key TEXT PRIMARY KEY, stored_bytes INTEGER N
 CREATE TABLE IF NOT EXISTS events (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, folder_id INTEGER NOT NULL, body TEXT NOT NULL
 );
+CREATE INDEX IF NOT EXISTS events_folder ON events(folder_id, seq);
 """
 
 
@@ -184,6 +201,41 @@ class ScanStats:
     objects_written: int = 0
     objects_deleted: int = 0
     skipped: int = 0
+    folders_touched: int = 0  # folders whose mtime changed (an event each; not counted as changed)
+
+
+@dataclass(frozen=True)
+class FeedState:
+    """Where the change feed stands. Replaced whole (one attribute store) by the thread that writes the index and
+    read by the event loop, which so always sees the three values together."""
+
+    feed_id: str
+    pruned_through: int  # every event with seq <= this is gone (0: none was ever deleted)
+    published_seq: int  # events up to this one are served; later ones wait for the snapshot that shows them
+
+
+@dataclass(frozen=True)
+class FeedPage:
+    """One ``/metadata/list`` answer: the events as their stored JSON texts, the next cursor, and whether more
+    events are already waiting."""
+
+    bodies: list[str]
+    cursor: str
+    has_more: bool
+
+
+@dataclass(frozen=True)
+class CursorProblem:
+    """Why a cursor is refused: ``status`` 400 (not a cursor at all) or 410 (expired, or of another feed); ``code``
+    names the case for programs (docs/serve-feed.md)."""
+
+    status: int
+    code: str
+    message: str
+
+
+def format_cursor(feed_id: str, seq: int) -> str:
+    return f"{feed_id}-{seq}"
 
 
 @dataclass(frozen=True)
@@ -296,6 +348,7 @@ class Index:
         secret_access_key: str,
         workers: int,
         sweep_upload_leftovers: bool = False,
+        feed_retention_events: int = 0,
     ) -> None:
         self.root = root.resolve()
         self.state_dir = state_dir.resolve()
@@ -316,7 +369,9 @@ class Index:
         self.rules = rules
         self._secret = secret_access_key
         self._workers = workers
+        self._feed_retention = feed_retention_events  # 0: every event is kept
         self.snapshot = Snapshot()
+        self.feed = FeedState(feed_id="", pruned_through=0, published_seq=0)  # read from the index below
         db_path = self.state_dir / "index.sqlite3"
         # check_same_thread=False: the write connection is used by whichever worker thread runs the (serialised) scan.
         self._db = sqlite3.connect(db_path, check_same_thread=False, isolation_level=None)
@@ -330,7 +385,7 @@ class Index:
         self._reader = sqlite3.connect(db_path, check_same_thread=False, isolation_level=None)
         self._reader_lock = threading.Lock()
         self._check_meta()
-        self._load_snapshot()
+        self._load_snapshot()  # publishes the feed too (and applies a retention smaller than last time)
 
     def close(self) -> None:
         self._db.close()
@@ -367,10 +422,20 @@ class Index:
                 log.warning("the secret access key changed since the last run: every file will be re-encoded")
                 self._db.execute("DELETE FROM blocks")
                 self._db.execute("DELETE FROM nodes")
+                # The nodes went without deleted events, and come back under new ids: no cursor of the old feed can
+                # be followed through that, so it ends here (its cursors answer 410).
+                self._new_feed()
             self._set_meta("schema", SCHEMA_VERSION)
             self._set_meta("secret_fingerprint", fingerprint)
             if self._meta("next_id") is None:
                 self._set_meta("next_id", str(FIRST_NODE_ID))
+            if self._meta("feed_id") is None:  # a new index, or one from before feeds had ids: a feed of its own
+                self._new_feed()
+        self.feed = FeedState(
+            feed_id=str(self._meta("feed_id")),
+            pruned_through=int(self._meta("feed_pruned_through") or 0),
+            published_seq=self._max_seq_ever(),
+        )
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[None]:
@@ -427,30 +492,125 @@ class Index:
         }
         self._db.execute("INSERT INTO events(folder_id, body) VALUES (?, ?)", (folder_id, json.dumps(body)))
 
-    def events_after(
-        self, cursor: int, *, limit: int, folder_ids: frozenset[int] | None
-    ) -> tuple[list[dict[str, Any]], int, bool]:
-        """Events with seq > cursor: (entries, new cursor, has_more). Runs on the event loop's thread."""
+    def _new_feed(self, feed_id: str | None = None) -> None:
+        """Start a new feed (inside a transaction): a new id, and no event of the old one kept."""
+        self._db.execute("DELETE FROM events")
+        self._set_meta("feed_id", feed_id or secrets.token_hex(FEED_ID_BYTES))
+        self._set_meta("feed_pruned_through", str(self._max_seq_ever()))
+
+    def _max_seq_ever(self) -> int:
+        """The last sequence number handed out, deleted events included (AUTOINCREMENT never reuses one)."""
+        row = self._db.execute("SELECT seq FROM sqlite_sequence WHERE name='events'").fetchone()
+        return 0 if row is None else int(row[0])
+
+    def _publish_feed(self) -> None:
+        """Serve every event committed so far (the caller just published the snapshot that shows them), then delete
+        what falls out of the retention window. Runs in the thread that writes the index."""
+        state = self.feed
+        last = self._max_seq_ever()  # never inside a transaction here: every event handed out is committed
+        pruned = state.pruned_through
+        if self._feed_retention and last - pruned > self._feed_retention:
+            pruned = last - self._feed_retention
+        # Published before the delete commits: a reader that raced with the delete sees the new pruned_through when
+        # it checks again after its query (read_feed), and so never serves a page with a hole in it.
+        self.feed = FeedState(state.feed_id, pruned, max(last, state.published_seq))
+        if pruned != state.pruned_through:
+            with self._transaction():
+                self._db.execute("DELETE FROM events WHERE seq <= ?", (pruned,))
+                self._set_meta("feed_pruned_through", str(pruned))
+
+    def reset_feed(self) -> str:
+        """End the feed: every cursor handed out so far answers 410 and a new feed starts empty (SIGUSR2; tests use
+        it to make a client reset). Runs like a write (one at a time with the scans). Returns the new feed id."""
+        feed_id = secrets.token_hex(FEED_ID_BYTES)
+        last = self._max_seq_ever()  # no scan runs meanwhile: everything handed out is published
+        # The new state first, as for a prune (_publish_feed): a reader racing the delete then sees the new id.
+        self.feed = FeedState(feed_id, last, last)
+        with self._transaction():
+            self._new_feed(feed_id)
+        return feed_id
+
+    def _position(self, cursor: object, state: FeedState) -> int | CursorProblem:
+        """The sequence number a cursor stands at, or why it is refused."""
+        if cursor is None:
+            return state.pruned_through  # from the oldest event kept
+        if isinstance(cursor, str) and (match := _CURSOR_RE.fullmatch(cursor)):
+            feed_id, seq = match.group(1), int(match.group(2))
+            if feed_id != state.feed_id or seq > state.published_seq:
+                return CursorProblem(
+                    410,
+                    "unknown_cursor",
+                    "the cursor is not of this feed (another portal or state dir, or the feed was reset): "
+                    "list again with a null cursor",
+                )
+            if seq < state.pruned_through:
+                return CursorProblem(
+                    410,
+                    "cursor_expired",
+                    "the events after this cursor are no longer kept (it is more events behind than the portal keeps, "
+                    "--feed-retention): list again with a null cursor",
+                )
+            return seq
+        if isinstance(cursor, str) and _LEGACY_CURSOR_RE.fullmatch(cursor):
+            return CursorProblem(
+                410,
+                "unknown_cursor",
+                "the cursor is from an earlier version of this portal: list again with a null cursor",
+            )
+        return CursorProblem(400, "invalid_cursor", "the cursor must be null or a string this portal handed out")
+
+    def read_feed(self, cursor: object, *, limit: int, folder_ids: frozenset[int] | None) -> FeedPage | CursorProblem:
+        """Up to ``limit`` events after ``cursor`` (None: from the oldest kept), of the cloud folders ``folder_ids``
+        (None: all). Runs on the event loop's thread (a few ms for a page of 2000)."""
+        for _ in range(3):  # a null cursor whose start was pruned meanwhile starts again from the new oldest
+            state = self.feed
+            start = self._position(cursor, state)
+            if isinstance(start, CursorProblem):
+                return start
+            rows = self._query_events(start, state.published_seq, folder_ids, limit + 1)
+            after = self.feed
+            if after.feed_id == state.feed_id and after.pruned_through <= start:
+                has_more = len(rows) > limit
+                rows = rows[:limit]
+                end = int(rows[-1][0]) if has_more else state.published_seq
+                return FeedPage([str(body) for _, body in rows], format_cursor(state.feed_id, end), has_more)
+            if cursor is not None:
+                problem = self._position(cursor, after)
+                if isinstance(problem, CursorProblem):
+                    return problem
+        return CursorProblem(503, "feed_busy", "the feed is being pruned faster than it can be read: try again")
+
+    def _query_events(self, after: int, through: int, folder_ids: frozenset[int] | None, limit: int) -> list[Any]:
         with self._reader_lock:
             if folder_ids:
                 marks = ",".join("?" * len(folder_ids))
-                rows = self._reader.execute(
-                    f"SELECT seq, body FROM events WHERE seq > ? AND folder_id IN ({marks}) ORDER BY seq LIMIT ?",  # noqa: S608 - only '?' marks
-                    (cursor, *sorted(folder_ids), limit + 1),
-                ).fetchall()
-            else:
-                rows = self._reader.execute(
-                    "SELECT seq, body FROM events WHERE seq > ? ORDER BY seq LIMIT ?", (cursor, limit + 1)
-                ).fetchall()
-            last = self._reader.execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()[0]
-        has_more = len(rows) > limit
-        rows = rows[:limit]
-        new_cursor = int(rows[-1][0]) if has_more else max(cursor, int(last))
-        return [json.loads(body) for _, body in rows], new_cursor, has_more
+                sql = (
+                    "SELECT seq, body FROM events WHERE seq > ? AND seq <= ? "  # noqa: S608 - only '?' marks
+                    f"AND folder_id IN ({marks}) ORDER BY seq LIMIT ?"
+                )
+                return self._reader.execute(sql, (after, through, *sorted(folder_ids), limit)).fetchall()
+            return self._reader.execute(
+                "SELECT seq, body FROM events WHERE seq > ? AND seq <= ? ORDER BY seq LIMIT ?", (after, through, limit)
+            ).fetchall()
 
-    def last_event_seq(self) -> int:
-        with self._reader_lock:
-            return int(self._reader.execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()[0])
+    def check_cursor(self, cursor: object) -> tuple[str, int] | CursorProblem:
+        """(feed id, position) of a long-poll's cursor, or why it is refused."""
+        state = self.feed
+        start = self._position(cursor, state)
+        return start if isinstance(start, CursorProblem) else (state.feed_id, start)
+
+    def changes_after(self, feed_id: str, seq: int, folder_ids: frozenset[int] | None) -> bool:
+        """Whether a long-poll at (``feed_id``, ``seq``) has something to list: an event of its folders, or the news
+        that its cursor has expired or its feed was reset (the list then says so). Runs on the event loop: without
+        folders it is a comparison, with them one indexed query."""
+        state = self.feed
+        if state.feed_id != feed_id or state.pruned_through > seq:
+            return True
+        if state.published_seq <= seq:
+            return False
+        if not folder_ids:
+            return True
+        return bool(self._query_events(seq, state.published_seq, folder_ids, 1))
 
     # --- scanning --------------------------------------------------------------------------------------------
 
@@ -576,6 +736,16 @@ class Index:
 
     def scan(self) -> ScanStats:
         """Bring the index in line with DIR: encode new and changed files, forget deleted ones, publish a snapshot."""
+        try:
+            return self._scan()
+        except BaseException:
+            # Batches committed before the failure are in the index with their events: publish them together now,
+            # so a later write's partial reload never publishes their events without their nodes.
+            with contextlib.suppress(Exception):
+                self._load_snapshot()
+            raise
+
+    def _scan(self) -> ScanStats:
         stats = ScanStats()
         found, stats.skipped = self._walk()
         rows = {str(r[0]): r for r in self._db.execute(f"SELECT {_NODE_COLUMNS} FROM nodes")}  # noqa: S608 - constant
@@ -605,6 +775,13 @@ class Index:
         deleted = [p for p in rows if p not in found or bool(rows[p][3]) != found[p].is_dir]
         todo = sorted(p for p, st in found.items() if not unchanged(p, st))
         todo_set = set(todo)
+        # Folders still there whose mtime changed: something in them came, went or was renamed (or they were
+        # touched). Same id; their rows take the new stat, so PROPFIND shows it, and the feed says so.
+        touched = sorted(
+            p
+            for p, st in found.items()
+            if st.is_dir and p in rows and bool(rows[p][3]) and int(rows[p][5]) != st.mtime_ns
+        )
         known_objects = self._known_objects()
         claimed: set[str] = set()
         claim_lock = threading.Lock()
@@ -620,6 +797,10 @@ class Index:
                 # (a file that became a folder, or back, is a delete here and a create below)
                 self._delete_row(path, rows.pop(path), ids, guids)
                 stats.deleted += 1
+
+            for path in touched:
+                self._touch_folder(path, rows[path], found[path], ids, guids)
+                stats.folders_touched += 1
 
             # Folders: no encoding, parents before children so every parent guid exists.
             for path in [p for p in todo if found[p].is_dir]:
@@ -689,6 +870,25 @@ class Index:
             deleted=True,
             folder_id=self._folder_id_of(path, ids),
         )
+
+    def _touch_folder(self, path: str, row: Any, st: _Stat, ids: dict[str, int], guids: dict[str, str]) -> None:
+        """The folder ``row`` at ``path`` has a new mtime: record its stat, with an event under its unchanged id."""
+        self._db.execute(
+            "UPDATE nodes SET mtime_ns=?, ctime_ns=?, ino=?, dev=? WHERE path=?",
+            (st.mtime_ns, st.ctime_ns, st.ino, st.dev, path),
+        )
+        if path:  # the root is not an item of the feed
+            self._event(
+                path=path,
+                node_id=int(row[1]),
+                guid=str(row[2]),
+                parent_guid=guids.get(_parent(path)),
+                is_dir=True,
+                size=0,
+                mtime_ns=st.mtime_ns,
+                deleted=False,
+                folder_id=self._folder_id_of(path, ids),
+            )
 
     def _insert_folder(self, path: str, st: _Stat, ids: dict[str, int], guids: dict[str, str]) -> None:
         """A new folder row with a new id (its parent's row first, so the parent guid exists)."""
@@ -1168,6 +1368,7 @@ class Index:
             children={p: tuple(sorted(c, key=lambda n: n.name)) for p, c in children.items()},
             by_id={n.id: n for n in nodes.values()},
         )
+        self._publish_feed()
 
     def _reload(self, paths: list[str]) -> None:
         """Publish a snapshot in which ``paths`` and everything beneath them are read again from the index (each may
@@ -1206,6 +1407,7 @@ class Index:
                 siblings.append(nodes[root])
             children[parent] = tuple(sorted(siblings, key=lambda n: n.name))
         self.snapshot = Snapshot(nodes=nodes, children=children, by_id=by_id)
+        self._publish_feed()
 
 
 def _subtree_condition(column: str, path: str) -> tuple[str, tuple[str, ...]]:

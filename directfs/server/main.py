@@ -2,7 +2,8 @@
 
 Startup contract (test fixtures rely on it): after the first scan has finished *and* the socket listens, exactly one
 line goes to stdout, ``directfs serve: listening on http(s)://HOST:PORT``, and stdout is flushed. Everything else
-goes to stderr. SIGTERM and SIGINT exit 0 promptly; SIGHUP asks for a rescan.
+goes to stderr. SIGTERM and SIGINT exit 0 promptly; SIGHUP asks for a rescan; SIGUSR2 resets the change feed (every
+cursor handed out so far then answers 410: docs/serve-feed.md).
 
 The state dir holds the index (wrapped file keys), the URL signing key and the block objects: it must be ours and
 private. An existing one that is group/other-writable or owned by another user is refused (whoever can write it can
@@ -32,7 +33,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from ..errors import ConfigError
 from ..http import is_loopback_host
 from ..sources.ctera.codec import wrap_file_key
-from .app import Portal, RedactingAccessLogger, log_safe, make_app
+from .app import COUNTS_PATH, Portal, RedactingAccessLogger, log_safe, make_app
 from .config import ServeConfig
 from .index import Index
 from .store import BlockStore, LocalBlockStore, S3BlockStore, UrlSigner
@@ -175,6 +176,7 @@ async def serve(config: ServeConfig) -> int:
         secret_access_key=config.credentials.secret_access_key or wrapping_secret(config.state_dir),
         workers=config.ingest_workers,
         sweep_upload_leftovers=config.writable,
+        feed_retention_events=config.feed_retention_events,
     )
     if isinstance(store, LocalBlockStore):
         index.forget_missing_objects(store.exists)
@@ -192,15 +194,19 @@ async def serve(config: ServeConfig) -> int:
     )
     if config.faults.active:
         log.warning("TEST FAULT INJECTION IS ON: %s", config.faults)
+    if config.faults.count_requests:
+        log.info("TEST ONLY: counting requests, answered at %s", COUNTS_PATH)
     if config.writable:
         log.info("writes are on: the portal user may PUT, MKCOL, DELETE, MOVE and PROPPATCH in %s", config.root)
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     rescan_requested = asyncio.Event()
+    reset_requested = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     loop.add_signal_handler(signal.SIGHUP, rescan_requested.set)
+    loop.add_signal_handler(signal.SIGUSR2, reset_requested.set)
 
     # First scan. A signal during it exits at once: the ingest thread cannot be interrupted, and every committed
     # batch of the index is consistent (objects are written before the rows that name them).
@@ -238,15 +244,26 @@ async def serve(config: ServeConfig) -> int:
             except Exception:  # a failed scan keeps the last good snapshot; the next one tries again
                 log.exception("rescan failed")
 
+    async def reset_loop() -> None:
+        while True:
+            await reset_requested.wait()
+            reset_requested.clear()
+            try:
+                await portal.reset_feed()
+            except Exception:
+                log.exception("resetting the change feed failed")
+
     rescanner = asyncio.ensure_future(rescan_loop())
+    resetter = asyncio.ensure_future(reset_loop())
     try:
         await stop.wait()
     finally:
         log.info("stopping")
         await portal.stop()
-        rescanner.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await rescanner
+        for task in (rescanner, resetter):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         await runner.cleanup()
         if portal.scan_lock.locked():
             # A scan thread is mid-file and cannot be interrupted; waiting for it could take minutes. Committed

@@ -12,6 +12,12 @@ another command (e.g. ``unshare`` with a small tmpfs over the tree, to fill the 
 credentials (never the printed demo ones) and its own state dir unless one is given
 (pass the same ``state_dir`` twice to test restarts). The subprocess's stderr goes to a file that is attached to
 the error when it fails to start, and is readable afterwards as ``portal.stderr_text()``.
+
+The change feed (docs/serve-feed.md): ``portal.feed_list()``/``feed_drain()``/``feed_longpoll()`` call it,
+``portal.reset_feed()`` makes every cursor so far answer 410 (SIGUSR2, waited for), and with ``feed_faults=True``
+``portal.set_feed_down(True)`` takes the feed down (connections closed; ``status=503`` answers that instead) until
+``set_feed_down(False)``. Every portal counts its requests (``--count-requests``): ``portal.request_count("PROPFIND",
+"/ServicesPortal/webdav/many/")`` is the number received so far, exact as soon as the client has its answers.
 """
 
 from __future__ import annotations
@@ -42,6 +48,9 @@ DAV = "DAV:"
 CTERA = "http://www.ctera.com/ns"
 WEBDAV_ROOT = "/ServicesPortal/webdav"
 LISTENING_PREFIX = "directfs serve: listening on "
+FEED_LIST = "/ServicesPortal/v2/api/metadata/list"
+FEED_LONGPOLL = "/ServicesPortal/v2/api/metadata/longpoll"
+COUNTS_PATH = "/directfs/test/requests"  # --count-requests (directfs/server/app.py)
 # Start-up includes the first ingest: generous, since a 2-core CI box also runs SeaweedFS and the test itself.
 DEFAULT_START_TIMEOUT_SECONDS = 120.0
 
@@ -55,6 +64,7 @@ class DavEntry:
     file_id: str | None
     etag: str | None
     lastmodified: str | None
+    guid: str | None = None  # ctera:guid
 
 
 @dataclass
@@ -69,6 +79,7 @@ class Portal:
     state_dir: Path
     proc: subprocess.Popen[bytes]
     stderr_path: Path
+    feed_down_path: Path | None = None  # start_portal(feed_faults=True): --fault-feed-down-file
 
     @property
     def auth(self) -> tuple[str, str]:
@@ -76,7 +87,8 @@ class Portal:
 
     def client(self, **kwargs: object) -> httpx.Client:
         kwargs.setdefault("verify", shared_ssl_context())
-        return httpx.Client(base_url=self.url, auth=self.auth, timeout=30, **kwargs)  # type: ignore[arg-type]
+        kwargs.setdefault("timeout", 30)
+        return httpx.Client(base_url=self.url, auth=self.auth, **kwargs)  # type: ignore[arg-type]
 
     def dav_url(self, relpath: str, *, folder: bool = False) -> str:
         quoted = "/".join(urllib.parse.quote(p, safe="") for p in relpath.split("/") if p)
@@ -101,6 +113,82 @@ class Portal:
 
     def stderr_text(self) -> str:
         return self.stderr_path.read_text(errors="replace")
+
+    # --- server-side request counts (--count-requests) ---
+
+    def request_count(self, method: str | None = None, path_prefix: str = "") -> int:
+        """Requests the portal received so far with ``method`` (any if None) whose decoded path starts with
+        ``path_prefix`` (e.g. ``"/ServicesPortal/webdav/many/"``), whatever their answer; this query is not counted.
+        A request is counted when it arrives, so everything a client already has an answer to is in the count."""
+        params = {"prefix": path_prefix} | ({"method": method} if method is not None else {})
+        with self.client() as client:
+            response = client.get(COUNTS_PATH, params=params)
+        response.raise_for_status()
+        return int(response.json()["count"])
+
+    # --- the change feed ---
+
+    def feed_list(
+        self, cursor: str | None = None, *, folder_ids: Sequence[int] = (), max_results: int = 2000
+    ) -> dict[str, object]:
+        """One ``/metadata/list`` answer (``entries``, ``cursor``, ``has_more``); an HTTPStatusError for 4xx/5xx."""
+        body = {"folder_ids": list(folder_ids), "cursor": cursor, "max_results": max_results}
+        with self.client() as client:
+            response = client.post(FEED_LIST, json=body)
+        response.raise_for_status()
+        reply: dict[str, object] = response.json()
+        return reply
+
+    def feed_drain(
+        self, cursor: str | None = None, *, folder_ids: Sequence[int] = (), max_results: int = 2000
+    ) -> tuple[list[dict[str, object]], str]:
+        """Every event after ``cursor`` (``list`` until ``has_more`` is false) and the cursor to go on from."""
+        entries: list[dict[str, object]] = []
+        while True:
+            reply = self.feed_list(cursor, folder_ids=folder_ids, max_results=max_results)
+            entries += reply["entries"]  # type: ignore[arg-type]
+            cursor = str(reply["cursor"])
+            if not reply["has_more"]:
+                return entries, cursor
+
+    def feed_cursor(self) -> str:
+        """A cursor of the current feed at its newest event (drains the retained events: cheap on small trees)."""
+        return self.feed_drain(None, max_results=10000)[1]
+
+    def feed_longpoll(
+        self, cursor: str | None, *, timeout_ms: float = 10000, folder_ids: Sequence[int] = ()
+    ) -> httpx.Response:
+        """One ``/metadata/longpoll`` (``{"changes": bool}`` on 200); the HTTP timeout allows for ``timeout_ms``."""
+        body = {"folder_ids": list(folder_ids), "cursor": cursor, "timeout": timeout_ms}
+        with self.client(timeout=timeout_ms / 1000 + 30) as client:
+            return client.post(FEED_LONGPOLL, json=body)
+
+    def reset_feed(self, *, timeout_seconds: float = 30) -> None:
+        """End the feed (SIGUSR2) and wait until it is done: every cursor handed out before answers 410 (a client
+        following the feed must reset), parked long-polls answer ``{"changes": true}``, and the new feed starts
+        empty."""
+        old = str(self.feed_list(None, max_results=1)["cursor"])
+        self.proc.send_signal(signal.SIGUSR2)
+        deadline = time.monotonic() + timeout_seconds
+        while True:
+            with self.client() as client:
+                status = client.post(FEED_LIST, json={"cursor": old}).status_code
+            if status == 410:
+                return
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the feed was not reset within {timeout_seconds} s (list answers {status})")
+            time.sleep(0.02)
+
+    def set_feed_down(self, down: bool, *, status: int | None = None) -> None:
+        """Take the change feed down (``down``) or bring it back (start_portal(feed_faults=True)). Down: list and
+        long-poll requests, parked ones within 0.1 s, get their connection closed without an answer, or ``status``
+        (e.g. 503) as a JSON error. Takes effect at once for new requests."""
+        if self.feed_down_path is None:
+            raise AssertionError("start the portal with start_portal(..., feed_faults=True)")
+        if down:
+            self.feed_down_path.write_text("" if status is None else str(status))
+        else:
+            self.feed_down_path.unlink(missing_ok=True)
 
 
 @functools.cache
@@ -136,6 +224,7 @@ def parse_multistatus(body: bytes) -> list[DavEntry]:
                 lastmodified=(
                     props[f"{{{DAV}}}getlastmodified"].text if f"{{{DAV}}}getlastmodified" in props else None
                 ),
+                guid=(props[f"{{{CTERA}}}guid"].text if f"{{{CTERA}}}guid" in props else None),
             )
         )
     return entries
@@ -161,8 +250,13 @@ def start_portal(
     timeout_seconds: float = DEFAULT_START_TIMEOUT_SECONDS,
     writable: bool = False,
     command_prefix: Sequence[str] = (),
+    count_requests: bool = True,
+    feed_faults: bool = False,
 ) -> Iterator[Portal]:
-    """Run ``directfs serve tree --listen 127.0.0.1:0`` until the block exits; yield a :class:`Portal`."""
+    """Run ``directfs serve tree --listen 127.0.0.1:0`` until the block exits; yield a :class:`Portal`.
+
+    ``count_requests``: ``--count-requests`` (for :meth:`Portal.request_count`). ``feed_faults``:
+    ``--fault-feed-down-file`` in the scratch dir (for :meth:`Portal.set_feed_down`)."""
     with contextlib.ExitStack() as stack:
         scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="directfs-portal-")))
         state = state_dir if state_dir is not None else scratch / "state"
@@ -175,6 +269,7 @@ def start_portal(
         }
         full_env = {**os.environ, **creds, **(env or {})}
         stderr_path = scratch / "stderr.log"
+        feed_down_path = scratch / "feed-down" if feed_faults else None
         stderr_file = stack.enter_context(open(stderr_path, "wb"))
         argv = [
             *command_prefix,
@@ -190,6 +285,8 @@ def start_portal(
             "--failed-auth-delay",
             "0",
             *(["--writable"] if writable else []),
+            *(["--count-requests"] if count_requests else []),
+            *(["--fault-feed-down-file", str(feed_down_path)] if feed_down_path is not None else []),
             *extra_args,
         ]
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=stderr_file, env=full_env)
@@ -206,6 +303,7 @@ def start_portal(
                 state_dir=state,
                 proc=proc,
                 stderr_path=stderr_path,
+                feed_down_path=feed_down_path,
             )
         finally:
             if proc.poll() is None:
