@@ -6,9 +6,11 @@ unexpected is logged with its traceback and answered ``EIO``, so one bug costs o
 Exception groups from nurseries are unwrapped: only our errors inside means their errno, anything else means EIO.
 ``trio.Cancelled`` (shutdown) passes through untouched. ``forget`` never raises.
 
-Kernel page-cache invalidation runs in ``drain_invalidations``, a task of its own, never inside a handler (the
-kernel would wait on the very request we are answering). Each call runs in a worker thread: libfuse's notify
-blocks in the kernel, and the trio thread must keep serving requests meanwhile.
+Kernel invalidation runs in ``drain_invalidations``, a task of its own, never inside a handler (the kernel would
+wait on the very request we are answering): page caches of changed files, and the change feed's dentries
+(``invalidate_entry``) and attributes. The calls run in a worker thread, a batch of queued notes per thread call:
+libfuse's notify blocks in the kernel (``invalidate_entry`` until a lookup of that folder in progress is answered),
+and the trio thread must keep serving requests meanwhile.
 """
 
 from __future__ import annotations
@@ -19,14 +21,14 @@ import logging
 import os
 import time
 from collections.abc import Callable, Coroutine, Sequence
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, Final, ParamSpec, TypeVar
 
 import pyfuse3
 import trio
 
 from .errors import EntryNotFoundError, InvalidArgumentError, errno_of, log_level_of, ours_only
 from .metrics import OpStats
-from .vfs import Attributes, FileSystem, OpenAnswer
+from .vfs import Absent, Attributes, AttrNote, EntryNote, FileSystem, KernelInvalidation, OpenAnswer
 
 log = logging.getLogger(__name__)
 
@@ -144,14 +146,16 @@ class Operations(pyfuse3.Operations):
     @_boundary
     async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         try:
-            attrs = await self.fs.lookup(parent_inode, _decode(name))
+            answer = await self.fs.lookup_or_absent(parent_inode, _decode(name))
         except EntryNotFoundError:
-            # A negative entry (st_ino 0) lets the kernel cache the miss for the negative TTL, not count a lookup.
+            answer = Absent(self.negative_ttl_seconds)
+        if isinstance(answer, Absent):
+            # A negative entry (st_ino 0) lets the kernel cache the miss for the answer's TTL, not count a lookup.
             negative = pyfuse3.EntryAttributes()
             negative.st_ino = 0
-            negative.entry_timeout = self.negative_ttl_seconds
+            negative.entry_timeout = answer.ttl_seconds
             return negative
-        return self._entry_attributes(attrs)
+        return self._entry_attributes(answer)
 
     @_boundary
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
@@ -191,14 +195,23 @@ class Operations(pyfuse3.Operations):
         out.f_namemax = fs.name_max
         return out
 
+    # --xattrs off: ENOSYS means "not implemented", and the kernel remembers it for the whole connection
+    # (fc->no_getxattr / no_listxattr in fs/fuse/xattr.c), answering EOPNOTSUPP itself from then on. So the mount gets
+    # one getxattr and one listxattr in its life instead of two probes per entry of every ls -l (security.selinux,
+    # system.posix_acl_access). EOPNOTSUPP or ENODATA from us would be asked again for every name.
+
     @_boundary
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
         await trio.lowlevel.checkpoint()
+        if not self.fs.settings.xattrs:
+            raise pyfuse3.FUSEError(errno.ENOSYS)
         return self.fs.getxattr(inode, name.decode("utf-8", "surrogateescape"))
 
     @_boundary
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> Sequence[bytes]:
         await trio.lowlevel.checkpoint()
+        if not self.fs.settings.xattrs:
+            raise pyfuse3.FUSEError(errno.ENOSYS)
         return [name.encode() for name in self.fs.listxattr(inode)]
 
     # --- data ----------------------------------------------------------------------------------------------------
@@ -311,18 +324,40 @@ class Operations(pyfuse3.Operations):
         self.fs.refuse_write()
 
 
-def _invalidate(inode: int) -> None:
+# Notes per worker-thread call: a feed outage invalidates every long timeout at once (two notes per inode the kernel
+# holds); 1,000 notify calls take a few ms, and the thread hop (~0.1 ms) is paid once per batch, not per note.
+INVALIDATION_BATCH: Final = 1000
+
+
+def _invalidate(note: KernelInvalidation) -> None:
     try:
-        pyfuse3.invalidate_inode(inode, attr_only=False)
+        if isinstance(note, EntryNote):
+            pyfuse3.invalidate_entry(note.parent_inode, note.name.encode())
+        elif isinstance(note, AttrNote):
+            pyfuse3.invalidate_inode(note.inode, attr_only=True)
+        else:
+            pyfuse3.invalidate_inode(note, attr_only=False)
     except OSError as exc:
-        # ENOENT: the kernel already forgot the inode, so there is nothing cached to drop.
+        # ENOENT: the kernel already forgot the inode or the name, so there is nothing cached to drop.
         if exc.errno != errno.ENOENT:
-            log.warning("could not invalidate the kernel cache of inode %d: %s", inode, os.strerror(exc.errno or 0))
+            log.warning("could not invalidate the kernel cache (%r): %s", note, os.strerror(exc.errno or 0))
+
+
+def _invalidate_all(notes: list[KernelInvalidation]) -> None:
+    for note in notes:
+        _invalidate(note)
 
 
 async def drain_invalidations(fs: FileSystem) -> None:
-    """Drop the kernel's cached pages of every inode the filesystem reports changed; runs until cancelled."""
+    """Apply every kernel invalidation the filesystem queues (changed pages, the feed's dentries and attributes),
+    in order, in batches; runs until cancelled."""
     async with fs.invalidation_requests:
-        async for inode in fs.invalidation_requests:
-            log.debug("invalidating kernel cache of inode %d", inode)
-            await trio.to_thread.run_sync(_invalidate, inode)
+        async for first in fs.invalidation_requests:
+            batch = [first]
+            while len(batch) < INVALIDATION_BATCH:
+                try:
+                    batch.append(fs.invalidation_requests.receive_nowait())
+                except (trio.WouldBlock, trio.EndOfChannel):
+                    break
+            log.debug("invalidating %d kernel cache entries (first: %r)", len(batch), first)
+            await trio.to_thread.run_sync(_invalidate_all, batch)

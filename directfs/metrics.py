@@ -134,6 +134,9 @@ class Sources:
     write_statistics: Callable[[], Mapping[str, int]] | None = None  # --rw: directfs.writeback.WriteBack
     op_stats: OpStats | None = None
     http: Callable[[], HTTPStatistics] | None = None  # the HTTP layer's attempt/retry counts
+    # The change-feed follower's counters and state (directfs.sources.ctera.feed.PortalFeed.statistics); None: no
+    # feed for this mount (--change-feed off, or a store without one).
+    feed_statistics: Callable[[], Mapping[str, float | str]] | None = None
 
 
 class DirectfsCollector:
@@ -249,6 +252,9 @@ class DirectfsCollector:
             yield gauge("spooled_bytes", "Bytes in spool files", w["spooled_bytes"])
             yield gauge("dirty_spools", "Spool files not uploaded yet", w["dirty"])
 
+        if self.sources.feed_statistics is not None:
+            yield from self._feed(dict(self.sources.feed_statistics()))
+
         if self.sources.http is not None:
             h = self.sources.http()
             yield counter(
@@ -256,6 +262,47 @@ class DirectfsCollector:
             )
             yield counter("http_retries", "HTTP attempts retried (timeouts, resets, 5xx, 429)", h.retries)
             yield counter("http_gave_up", "HTTP operations that failed after their retries or budget", h.gave_up)
+
+    @staticmethod
+    def _feed(f: dict[str, float | str]) -> Iterator[Metric]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        def number(key: str) -> float:
+            value = f.get(key, 0.0)
+            return value if isinstance(value, float | int) else 0.0
+
+        yield GaugeMetricFamily(
+            f"{PREFIX}_feed_up", "1 while the change feed is followed and caught up (long TTL), else 0", number("up")
+        )
+        state = GaugeMetricFamily(
+            f"{PREFIX}_feed_state", "The change feed's state (1 for the current one)", labels=["state"]
+        )
+        state.add_metric([str(f.get("state", "stopped"))], 1.0)
+        yield state
+        for key, doc in (
+            ("events", "Change-feed events received"),
+            ("invalidations", "Cache records (attributes, listings, negative names) dropped for change-feed events"),
+            ("lists", "Change-feed list calls"),
+            ("longpolls", "Change-feed long-polls"),
+            ("failures", "Change-feed calls that failed (transport, deadline, status, bad reply)"),
+            ("downs", "Times the change feed went down after being up"),
+            ("resets", "Cursors the Portal refused: every cache dropped, a new cursor started"),
+            ("unusable", "Change-feed entries without a usable guid (each batch of them drops every cache)"),
+        ):
+            yield CounterMetricFamily(f"{PREFIX}_feed_{key}", doc, value=number(key))
+        yield GaugeMetricFamily(
+            f"{PREFIX}_feed_lag_seconds",
+            "From the Portal's time of the newest change of the last batch to its invalidation here (NaN: none yet)",
+            number("lag_seconds"),
+        )
+        yield GaugeMetricFamily(
+            f"{PREFIX}_feed_last_reply_seconds",
+            "Seconds since the Portal last answered the change feed (NaN: never)",
+            number("last_reply_seconds"),
+        )
+        yield GaugeMetricFamily(
+            f"{PREFIX}_feed_state_seconds", "Seconds in the current change-feed state", number("state_seconds")
+        )
 
 
 def build_registry(sources: Sources) -> CollectorRegistry:

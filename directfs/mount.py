@@ -6,9 +6,11 @@ Order of a mount (``run_mount``)::
     build the source, stat its root              wrong URL/credentials fail here, before anything is mounted
     trio.run:
       nursery: read engine, invalidation drain, signal watcher
+      --change-feed on: follow the source's change feed until it is caught up (failing: the mount fails)
       pyfuse3.init(ro, default_permissions, fsname=directfs:<url>, subtype=directfs[, allow_other])
       raise bdi read_ahead_kb to 1024            1 MiB READs, not 128 KiB (docs/testbed.md §3); root only, else warns
       report "ready" on --ready-fd
+      --change-feed auto: follow the change feed in the background, where the source has one
       pyfuse3.main(max_tasks=MAX_TASKS)           returns when someone unmounts us
     SIGTERM/SIGINT: cancel the nursery (stops the request loop and in-flight work), close handles,
     pyfuse3.close(unmount=True), exit 0.
@@ -34,7 +36,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, Literal
 
 import trio
 
@@ -44,7 +46,7 @@ from .engine.reader import ReadEngine, ReadSettings
 from .errors import ConfigError, DirectFSError, NamespaceTimeout, ours_only
 from .logs import dump_tasks_on_sigusr1
 from .notify import Notifier
-from .sources.base import Preparable, Source, SourceOptions, Writable
+from .sources.base import ChangeFeed, ChangeFollower, ChangeSink, Preparable, Source, SourceOptions, Writable
 from .vfs import VfsSettings
 from .writeback import WriteBack, WriteSettings, default_spool_dir
 
@@ -79,6 +81,9 @@ class MountConfig:
     ready_fd: int | None = None
     metrics_address: tuple[str, int] | None = None  # opt-in Prometheus endpoint (directfs.metrics)
     metrics_allow_remote: bool = False
+    # auto: follow the source's change feed when it has one and it answers (CTERA Portals), the short TTL otherwise;
+    # a mount is then both fresher and cheaper than polling, and nothing breaks where there is no feed.
+    change_feed: Literal["on", "off", "auto"] = "auto"
 
 
 # --- mountpoint helpers ------------------------------------------------------------------------------------------
@@ -268,6 +273,10 @@ async def _serve(config: MountConfig, readiness: _Readiness, state: _State) -> N
                     await nursery.start(writeback.run)
                 fs = FileSystem(source, engine, config.vfs_settings, writeback)
                 await fs.start()
+                follower = _follower(source, config.change_feed)
+                if follower is not None and config.change_feed == "on":
+                    await nursery.start(_follow, follower, fs, True)  # ConfigError: the mount fails before it lives
+                    await fs.refresh_root()  # stamped under the feed now: trusted long like everything else
                 op_stats = metrics.OpStats()
                 registry = metrics.build_registry(
                     metrics.Sources(
@@ -276,6 +285,7 @@ async def _serve(config: MountConfig, readiness: _Readiness, state: _State) -> N
                         write_statistics=writeback.statistics if writeback is not None else None,
                         op_stats=op_stats,
                         http=lambda: http.STATISTICS,
+                        feed_statistics=follower.statistics if follower is not None else None,
                     )
                 )
                 await _start_metrics(nursery, config, registry, exits)
@@ -313,6 +323,8 @@ async def _serve(config: MountConfig, readiness: _Readiness, state: _State) -> N
                 notifier.ready(f"serving {source.display_url} on {config.mountpoint}")
                 if isinstance(source, Preparable):
                     nursery.start_soon(_prepare, source)  # the first open then finds its clients built
+                if follower is not None and config.change_feed == "auto":
+                    nursery.start_soon(_follow, follower, fs, False)
         finally:
             if state.mounted:
                 notifier.stopping(f"unmounting {config.mountpoint}")
@@ -327,6 +339,50 @@ async def _serve(config: MountConfig, readiness: _Readiness, state: _State) -> N
             writeback.close_folder()
         with trio.CancelScope(shield=True):
             await source.aclose()
+
+
+def _follower(source: Source, mode: str) -> ChangeFollower | None:
+    """The change-feed follower of the mount (``--change-feed``), or None: the short TTL only."""
+    if mode == "off":
+        return None
+    if not isinstance(source, ChangeFeed):
+        if mode == "on":
+            raise ConfigError(f"--change-feed on: {source.display_url} has no change feed (only CTERA Portals do)")
+        return None
+    return source.change_follower()
+
+
+class _Started:
+    """A ``task_status`` that remembers whether ``started`` was called (``_follow``)."""
+
+    def __init__(self, status: trio.TaskStatus[None]) -> None:
+        self._status = status
+        self.done = False
+
+    def started(self, value: None = None) -> None:
+        self.done = True
+        self._status.started()
+
+
+async def _follow(
+    follower: ChangeFollower,
+    sink: ChangeSink,
+    required: bool,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run the follower. A failure after it came up costs the feed (the mount keeps serving with the short TTL; the
+    follower told the sink the feed is down), never the mount; with ``required``, its failure to come up is the
+    mount's error (``ConfigError``)."""
+    status = _Started(task_status)
+    try:
+        await follower.run(sink, required=required, task_status=status)
+    except Exception:
+        if required and not status.done:
+            raise
+        log.exception("the change feed stopped; metadata is trusted for --metadata-ttl from now on")
+    if not status.done:
+        task_status.started()
 
 
 def _writeback(source: Source, config: MountConfig) -> WriteBack | None:

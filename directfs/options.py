@@ -42,6 +42,7 @@ from .units import format_duration, format_size, parse_duration_seconds, parse_s
 from .values import parse_block_size, parse_endpoint_url, parse_metrics_address, shown_endpoint_url
 
 LOG_LEVELS: Final = ("debug", "info", "warning", "error")
+CHANGE_FEED_MODES: Final = ("on", "off", "auto")
 SECRET_KEYS: Final = ("access_key_id", "secret_access_key", "password", "token")
 
 Parser = Callable[[object], Any]
@@ -163,6 +164,12 @@ def _as_umask(value: object) -> int:
 def _as_log_level(value: object) -> str:
     if not isinstance(value, str) or value.lower() not in LOG_LEVELS:
         raise ValueError(f"expected one of {', '.join(LOG_LEVELS)}")
+    return value.lower()
+
+
+def _as_change_feed(value: object) -> str:
+    if not isinstance(value, str) or value.lower() not in CHANGE_FEED_MODES:
+        raise ValueError(f"expected one of {', '.join(CHANGE_FEED_MODES)}")
     return value.lower()
 
 
@@ -522,6 +529,37 @@ TABLE: Final[tuple[Option, ...]] = (
         reason="remote changes show up within seconds while repeated ls/stat calls cost one server request",
     ),
     _row(
+        "metadata_ttl_with_feed",
+        "mount",
+        _as_ttl_seconds,
+        "how long listings, attributes and 'no such file' answers are trusted while the store's change feed is up "
+        "(CTERA); the kernel's entry/attribute timeouts follow it",
+        kind="duration",
+        home=_home(f"{_VFS}metadata_ttl_with_feed_seconds"),
+        unit="DURATION",
+        flag=True,
+        env=True,
+        o=True,
+        toml="mount",
+        reason="each remote change is invalidated by its event within about a second, so this only bounds what a "
+        "missed event could cost, and a find repeated within the hour asks the Portal nothing",
+    ),
+    _row(
+        "change_feed",
+        "mount",
+        _as_change_feed,
+        "follow the store's change feed (CTERA Portal Notification Service): auto uses it when the store has one "
+        "and it answers, on makes a feed that fails at start an error, off never uses it",
+        home=_home(f"{_MOUNT}change_feed"),
+        unit="on/off/auto",
+        flag=True,
+        choices=CHANGE_FEED_MODES,
+        env=True,
+        o=True,
+        toml="mount",
+        reason="fresher and cheaper than polling where a feed exists, and the short TTL where none does",
+    ),
+    _row(
         "allow_other",
         "mount",
         _as_bool,
@@ -634,6 +672,24 @@ TABLE: Final[tuple[Option, ...]] = (
         o=True,
         toml="mount",
         reason="a read-only tree hides nothing from users who may see the mount",
+    ),
+    _row(
+        "xattrs",
+        "mount",
+        _as_bool,
+        "extended attributes: on answers user.ctera.fileid and user.etag; off answers the first getxattr/listxattr "
+        "ENOSYS, so the kernel stops asking for the rest of the mount: ls -l no longer sends two getxattr per entry "
+        "(security.selinux, system.posix_acl_access), and getfattr shows nothing (file ids stay in `directfs ls -l`)",
+        kind="switch",
+        home=_home(f"{_VFS}xattrs"),
+        unit="on/off",
+        flag=True,
+        choices=("on", "off"),
+        env=True,
+        o=True,
+        toml="mount",
+        reason="scripts read a file's id and ETag with getfattr; off makes a warm ls -l of a big folder several "
+        "times faster",
     ),
     _row(
         "log_level",

@@ -14,6 +14,33 @@ Metadata cache
     total number of entries) and negative lookups (``negative_ttl_seconds``). A fresh listing of the parent answers
     a lookup (positive or negative) without asking the store, so ``ls -l`` of a big folder costs one listing.
 
+Change feed (a source with ``ChangeFeed``: CTERA; the follower is ``directfs.sources.ctera.feed``)
+    The filesystem is the feed's ``ChangeSink``. While the feed is up, an answer is trusted for
+    ``metadata_ttl_with_feed_seconds`` (1 h) instead of the short TTL, and the kernel gets that long entry/attr
+    timeout too, when three things hold: it *started* after the feed's current cursor chain was caught up (its
+    ``_Stamp.epoch`` is the current epoch), nothing invalidated its path or its folder while it ran
+    (``_Stamp.generation`` against ``_touched``), and the change feed can name it (the entry's ``guid`` is known; a
+    listing's folder's guid, a negative answer's parent's guid). Anything else keeps the short TTL, as without a
+    feed.
+
+    - ``apply_changes``: each event is placed by guid (``_guid_paths``, learnt from every PROPFIND answer) and by
+      ``parent_guid`` + ``name``; the entry's attributes, its negative entry and its parent's listing are dropped,
+      at the old place and the new one for a rename or move, for the whole subtree when a folder moves or goes. The
+      kernel's dentry (``EntryNote``) and attributes (``AttrNote``) are queued for ``fuse_ops.drain_invalidations``;
+      cached pages go when the refreshed entry shows a new version (see Versions). An event naming only unknown
+      guids touches nothing: nothing of it is cached.
+    - ``feed_down``: the short TTL applies again at once (the same records, judged by their short expiry), and every
+      long timeout handed to the kernel (nodes marked ``kernel_long``, ``_kernel_negatives``) is invalidated, since
+      the kernel would otherwise keep them for up to an hour. ``feed_up(new_cursor=False)`` (the feed resumed its old
+      cursor and missed nothing): records of the same epoch are trusted again.
+    - ``feed_reset`` (the cursor was refused, so changes may have been missed): every cache is dropped, the epoch
+      ends, the kernel's long timeouts are invalidated; ``feed_up(new_cursor=True)`` begins a new epoch.
+    - A guid seen at a new path (a rename learnt from a PROPFIND before its event) invalidates its old place.
+    - An event whose state every cache record already shows (same guid, file id, size, mtime to the second: our own
+      --rw change coming back) drops nothing. That is safe because the kernel is told whenever the cache learns a
+      change before its event: a node handed out long whose entry changes (``AttrNote``), a long negative dentry
+      whose name a new answer shows (``EntryNote``).
+
 Versions
     ``Entry.version`` names the content (CTERA: file id + size + mtime + ETag). When a refresh shows a new version for
     a known inode, new handles get the new version and the inode is sent on ``invalidation_requests``: the FUSE
@@ -33,6 +60,16 @@ Writes (``--rw``: a ``WriteBack`` given; directfs.writeback has the model)
 Concurrency (every ``await`` is an interleaving point; handlers run concurrently on one trio thread)
     - The inode table, the caches and the handle tables change only in synchronous code between awaits, so no lock
       is needed: each handler re-reads the state it needs after an await (``_remember`` after every store call).
+    - Who changes what: FUSE handlers fill the caches and the inode table; the feed's task (the only caller of the
+      ``ChangeSink`` methods, all synchronous) drops cache records, ends epochs and queues kernel notes; the drain task
+      (``fuse_ops.drain_invalidations``) only reads the notes channel. Nobody else writes here.
+    - An invalidation racing a store call: the call's ``_Stamp`` is taken before its first await (by the
+      single-flight leader, whose answer its followers share); an event that touches its path, its folder or a guid
+      in its answer meanwhile bumps ``_touched``/``_touched_guids`` past the stamp's generation, and the answer is
+      then returned to its caller but stored already expired (kernel timeout 0), never with the long TTL. The
+      touch records are kept while a stamp older than them is alive (``_live``: store calls in flight, open folder
+      handles) and pruned after; past ``MAX_TOUCHED`` they are dropped all at once and every live stamp counts as
+      raced (``_floor``).
     - Store calls for the same path are single-flight (``_SingleFlight``): N concurrent lookups of one name cost one
       ``stat``; a cancelled leader lets its followers retry instead of failing them.
     - Every store call has a deadline (``metadata_deadline_seconds``); overrunning it is ``NamespaceTimeout``.
@@ -40,14 +77,16 @@ Concurrency (every ``await`` is an interleaving point; handlers run concurrently
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import dataclasses
 import itertools
 import logging
 import math
 import os
-from collections.abc import Awaitable, Callable, Hashable, Iterable
+from collections.abc import Awaitable, Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Final, Generic, NoReturn, Protocol, TypeVar
+from typing import Final, Generic, NamedTuple, NoReturn, Protocol, TypeVar
 
 import cachetools
 import trio
@@ -68,7 +107,7 @@ from .errors import (
     WriteNotSupportedError,
     replay_error,
 )
-from .sources.base import Entry, OpenFile, Source, Writable, join, valid_name
+from .sources.base import ChangeEvent, Entry, OpenFile, Source, Writable, join, valid_name
 from .writeback import Spool, WriteBack
 
 log = logging.getLogger(__name__)
@@ -106,6 +145,10 @@ class VfsSettings:
     # 5 s: another user's change shows up within seconds, while a script that stats the same tree repeatedly (ls,
     # make, rsync) asks the Portal once per 5 s instead of once per call. Also the kernel's entry/attr timeout.
     metadata_ttl_seconds: float = 5.0
+    # 1 h while the change feed is up: a remote change is invalidated by its event within about a second whatever
+    # this says, so it only bounds what one missed event could cost; a find/ls -lR repeated within the hour sends no
+    # PROPFIND. The kernel's entry/attr timeouts follow it, and feed loss invalidates them (see the module docstring).
+    metadata_ttl_with_feed_seconds: float = 3600.0
     # None = the metadata TTL: a name created remotely appears as fast as a change to an existing one does.
     negative_ttl_seconds: float | None = None
     # Deadline for one store call (stat, open, one listing page): under the ~25 s per-read budget
@@ -119,6 +162,9 @@ class VfsSettings:
     listing_cache_entries: int = 200_000
     # Negative lookups remembered at once (shell completion and PATH searches make many).
     negative_cache_names: int = 100_000
+    # Extended attributes answered (user.ctera.fileid, user.etag): on, since scripts read ids with getfattr. Off,
+    # fuse_ops answers getxattr/listxattr ENOSYS and the kernel stops sending them (ls -l probes two per entry).
+    xattrs: bool = True
 
     @property
     def negative_ttl(self) -> float:
@@ -143,6 +189,32 @@ class Attributes:
 
 
 @dataclass(frozen=True, slots=True)
+class Absent:
+    """A lookup's "no such name", with how long the kernel may cache that."""
+
+    ttl_seconds: float
+
+
+class EntryNote(NamedTuple):
+    """Kernel note: forget the dentry ``name`` in folder ``parent_inode`` (positive or negative): pyfuse3
+    ``invalidate_entry``."""
+
+    parent_inode: int
+    name: str
+
+
+class AttrNote(NamedTuple):
+    """Kernel note: forget the cached attributes of ``inode`` (not its pages): ``invalidate_inode(attr_only=True)``."""
+
+    inode: int
+
+
+# What ``FileSystem.invalidation_requests`` carries: a bare inode is "drop its attributes and cached pages" (a file
+# whose content changed); the notes above are the change feed's.
+KernelInvalidation = int | EntryNote | AttrNote
+
+
+@dataclass(frozen=True, slots=True)
 class StatFs:
     block_size: int
     fragment_size: int
@@ -157,15 +229,37 @@ class StatFs:
 # --- internal state ----------------------------------------------------------------------------------------------
 
 
-class _Node:
-    __slots__ = ("entry", "expires_at", "fetched_at", "inode", "lookups", "path", "served_version")
+class _Stamp(NamedTuple):
+    """Where an answer comes from: when its store call started, the feed epoch and the invalidation generation then."""
 
-    def __init__(self, inode: int, path: str, entry: Entry, fetched_at: float, expires_at: float) -> None:
+    at: float
+    epoch: int | None
+    generation: int
+
+
+class _Node:
+    __slots__ = (
+        "entry",
+        "epoch",
+        "expires_at",
+        "fetched_at",
+        "inode",
+        "kernel_long",
+        "lookups",
+        "path",
+        "served_version",
+    )
+
+    def __init__(
+        self, inode: int, path: str, entry: Entry, fetched_at: float, expires_at: float, epoch: int | None = None
+    ) -> None:
         self.inode = inode
         self.path = path
         self.entry = entry
         self.fetched_at = fetched_at
-        self.expires_at = expires_at
+        self.expires_at = expires_at  # the short TTL's expiry; 0.0 = ask the store again
+        self.epoch = epoch  # the feed epoch it is trusted under (long TTL); None = not trusted long
+        self.kernel_long = False  # the kernel was given the long timeout for it (feed loss must invalidate it)
         self.lookups = 0
         # The version whose bytes the kernel may hold in its page cache (set by open); None = never opened.
         self.served_version: str | None = None
@@ -178,6 +272,20 @@ class _Listing:
     fetched_at: float
     expires_at: float
     shared: bool = False  # ``entries`` is a directory handle's snapshot too
+    epoch: int | None = None  # trusted long under this feed epoch (None: the short TTL only)
+    generation: int = 0  # the invalidation generation when its store call started
+
+    @property
+    def stamp(self) -> _Stamp:
+        return _Stamp(self.fetched_at, self.epoch, self.generation)
+
+
+class _Absent(NamedTuple):
+    """A negative cache record: the short expiry, when it was learnt, the epoch it is trusted long under."""
+
+    expires_at: float
+    at: float
+    epoch: int | None
 
 
 @dataclass
@@ -185,6 +293,7 @@ class _DirHandle:
     path: str
     entries: list[Entry]  # snapshot taken at opendir: readdir offsets index into it, so they stay stable
     fetched_at: float
+    stamp: _Stamp  # the listing's: its entries are remembered as of then (and it keeps touch records alive)
 
 
 @dataclass
@@ -218,6 +327,13 @@ class OpenAnswer:
 # rename(2) flags (linux/fs.h): pyfuse3 passes them through.
 RENAME_NOREPLACE: Final = 1
 RENAME_EXCHANGE: Final = 2
+
+# Touch records (paths and guids invalidated, by generation) kept at most; past it they are dropped at once and every
+# store call in flight counts as raced (its answer is not kept long). 100,000 records are ~15 MB; pruning (records
+# no live stamp is older than) keeps far fewer unless a folder handle stays open for hours.
+MAX_TOUCHED: Final = 100_000
+# Long negative dentries handed to the kernel that feed loss can invalidate; past it, negatives get the short TTL.
+MAX_KERNEL_NEGATIVES: Final = 100_000
 
 # How an in-place update reads the old content into the spool: one engine read at a time (the engine's read-ahead
 # keeps the next blocks coming).
@@ -309,29 +425,57 @@ class FileSystem:
         self._listings: cachetools.LRUCache[str, _Listing] = cachetools.LRUCache(
             maxsize=self.settings.listing_cache_entries, getsizeof=_listing_size
         )
-        self._negative: cachetools.LRUCache[str, float] = cachetools.LRUCache(
+        self._negative: cachetools.LRUCache[str, _Absent] = cachetools.LRUCache(
             maxsize=self.settings.negative_cache_names
         )
-        self._stat_flights: _SingleFlight[Entry] = _SingleFlight()
+        self._stat_flights: _SingleFlight[tuple[Entry, _Stamp]] = _SingleFlight()
         self._list_flights: _SingleFlight[_Listing] = _SingleFlight()
         # Unbounded on purpose: one item per remote change we notice, and dropping one would leave stale pages.
-        send, receive = trio.open_memory_channel[int](math.inf)
+        send, receive = trio.open_memory_channel[KernelInvalidation](math.inf)
         self._invalidate_send = send
-        self.invalidation_requests: trio.MemoryReceiveChannel[int] = receive
-        self.counters: dict[str, int] = {"stat": 0, "list": 0, "open": 0, "invalidations": 0, "store_changes": 0}
+        self.invalidation_requests: trio.MemoryReceiveChannel[KernelInvalidation] = receive
+        self.counters: dict[str, int] = {
+            "stat": 0,
+            "list": 0,
+            "open": 0,
+            "invalidations": 0,
+            "store_changes": 0,
+            "feed_invalidations": 0,  # cache records dropped for change-feed events
+            "kernel_notes": 0,  # dentry/attribute invalidations queued for the kernel
+        }
+        # --- the change feed (module docstring "Change feed"); written only by the ChangeSink methods and the
+        # store-call bookkeeping below, all synchronous code on the trio thread.
+        self._feed_epoch: int | None = None  # the cursor chain answers are stamped with; None: none yet
+        self._feed_healthy = False  # the feed is up: answers of the current epoch are trusted long
+        self._epochs = itertools.count(1)
+        self._generation = 0  # bumped by every invalidation
+        self._floor = 0  # a path or guid without a touch record counts as touched at this generation
+        self._touched: dict[str, int] = {}  # path -> generation of its last invalidation
+        self._touched_guids: dict[str, int] = {}  # guid -> generation of its last event
+        self._prune_at = 1024
+        self._live: collections.Counter[int] = collections.Counter()  # generations of stamps still in use
+        self._guid_paths: dict[str, str] = {}  # guid -> the path it was last seen at (PROPFIND answers, events)
+        self._guid_gc_at = 4096
+        self._kernel_negatives: dict[tuple[int, str], float] = {}  # long negative dentries -> their expiry
 
     # --- lifecycle -----------------------------------------------------------------------------------------------
 
     async def start(self) -> None:
         """Stat the root so a wrong URL or credentials fail the mount before it goes live."""
-        entry = await self._stat("")
+        entry, stamp = await self._stat("")
         if not entry.is_dir:
             raise NotADirectory("the source root is not a folder", filename="/")
-        now = trio.current_time()
-        root = _Node(ROOT_INODE, "", entry, now, now + self.settings.metadata_ttl_seconds)
+        root = _Node(ROOT_INODE, "", entry, stamp.at, stamp.at + self.settings.metadata_ttl_seconds)
         root.lookups = 1  # the kernel holds the root from mount to unmount
         self._nodes[ROOT_INODE] = root
         self._by_path[""] = ROOT_INODE
+        if entry.guid is not None:
+            self._guid_paths[entry.guid] = ""
+
+    async def refresh_root(self) -> None:
+        """Ask the store for the root again, so that its answer is stamped under the feed (``--change-feed on``: the
+        feed comes up after ``start``'s stat, which therefore is never trusted long)."""
+        await self._fresh_node(self._nodes[ROOT_INODE], force=True)
 
     async def aclose(self) -> None:
         """Close every open handle (unmount with files still open); idempotent. Writers are detached without an
@@ -344,6 +488,8 @@ class FileSystem:
                 if self.writeback is not None:
                     self.writeback.detach(handle.spool, writer=handle.writer)
             self._spool_handles.clear()
+        for dir_handle in self._dirs.values():
+            self._end(dir_handle.stamp)
         self._dirs.clear()
         self._invalidate_send.close()
 
@@ -355,22 +501,42 @@ class FileSystem:
             "open_dirs": len(self._dirs),
             "cached_listings": len(self._listings),
             "negative_names": len(self._negative),
+            "guids_known": len(self._guid_paths),
+            "feed_trusted": int(self._feed_healthy),
         }
 
     # --- store calls (deadline + single-flight) ------------------------------------------------------------------
 
-    async def _stat(self, path: str) -> Entry:
-        async def call() -> Entry:
+    async def _stat(self, path: str) -> tuple[Entry, _Stamp]:
+        """The store's entry at ``path`` and the stamp of the call that fetched it (the single-flight leader's, so a
+        follower never dates an older answer later). An absent name is remembered here, by the leader."""
+
+        async def call() -> tuple[Entry, _Stamp]:
             self.counters["stat"] += 1
-            with trio.move_on_after(self.settings.metadata_deadline_seconds):
-                return await self.source.stat(path)
-            raise NamespaceTimeout(filename=path or "/")
+            stamp = self._begin()
+            try:
+                with trio.move_on_after(self.settings.metadata_deadline_seconds):
+                    try:
+                        return await self.source.stat(path), stamp
+                    except EntryNotFoundError:
+                        self._remember_absent(path, stamp)
+                        raise
+                raise NamespaceTimeout(filename=path or "/")
+            finally:
+                self._end(stamp)
 
         return await self._stat_flights.run(path, call)
 
     async def _list(self, path: str) -> _Listing:
         async def call() -> _Listing:
             self.counters["list"] += 1
+            stamp = self._begin()
+            try:
+                return await fetch(stamp)
+            finally:
+                self._end(stamp)
+
+        async def fetch(stamp: _Stamp) -> _Listing:
             entries: list[Entry] = []
             by_name: dict[str, Entry] = {}
             iterator = aiter(self.source.list_dir(path))
@@ -403,35 +569,58 @@ class FileSystem:
                     if parent == path and spool.base is None and name not in by_name:
                         by_name[name] = _spool_entry(spool)
                         entries.append(by_name[name])
-            now = trio.current_time()
-            listing = _Listing(entries, by_name, now, now + self.settings.metadata_ttl_seconds)
-            if _listing_size(listing) <= self.settings.listing_cache_entries:
-                self._listings[path] = listing
+            raced = self._raced(path, stamp, entries)
+            expires_at = 0.0 if raced else stamp.at + self.settings.metadata_ttl_seconds
+            epoch = stamp.epoch if not raced and self._folder_named(path) else None
+            listing = _Listing(entries, by_name, stamp.at, expires_at, epoch=epoch, generation=stamp.generation)
+            if not raced:
+                for entry in entries:
+                    if entry.guid is not None:
+                        self._learn_guid(entry.guid, join(path, entry.name))
+                    if self._kernel_negatives:
+                        self._kernel_negative_gone(path, entry.name)
+                if _listing_size(listing) <= self.settings.listing_cache_entries:
+                    self._listings[path] = listing
             return listing
 
         return await self._list_flights.run(path, call)
 
     # --- metadata cache ------------------------------------------------------------------------------------------
 
+    def _fresh(self, expires_at: float, epoch: int | None, at: float) -> bool:
+        """Whether a cache record may answer now: within its short expiry, or trusted under the live feed epoch and
+        within the long TTL."""
+        now = trio.current_time()
+        return now < expires_at or (self._trusted(epoch) and now < at + self.settings.metadata_ttl_with_feed_seconds)
+
+    def _trusted(self, epoch: int | None) -> bool:
+        return epoch is not None and self._feed_healthy and epoch == self._feed_epoch
+
     def _fresh_listing(self, path: str) -> _Listing | None:
         listing = self._listings.get(path)
-        if listing is not None and listing.expires_at > trio.current_time():
+        if listing is not None and self._fresh(listing.expires_at, listing.epoch, listing.fetched_at):
             return listing
         return None
 
-    async def _resolve(self, path: str) -> tuple[Entry, float]:
-        """The entry at ``path`` and when it was fetched, from the caches when fresh, else from the store (a new file
-        still in its spool: the spool's)."""
-        now = trio.current_time()
+    def _absent_record(self, path: str) -> _Absent | None:
+        """The negative record of ``path`` while it holds (an expired one is dropped)."""
+        record = self._negative.get(path)
+        if record is None:
+            return None
+        if self._fresh(record.expires_at, record.epoch, record.at):
+            return record
+        self._negative.pop(path, None)
+        return None
+
+    async def _resolve(self, path: str) -> tuple[Entry, _Stamp]:
+        """The entry at ``path`` and the stamp of the answer, from the caches when fresh, else from the store (a new
+        file still in its spool: the spool's, never trusted long)."""
         spool = self._active_spool(path)
         if spool is not None and spool.base is None:
             await trio.lowlevel.checkpoint()
-            return _spool_entry(spool), now
-        expiry = self._negative.get(path)
-        if expiry is not None:
-            if expiry > now:
-                raise EntryNotFoundError(filename=path)
-            self._negative.pop(path, None)
+            return _spool_entry(spool), _Stamp(trio.current_time(), None, self._generation)
+        if self._absent_record(path) is not None:
+            raise EntryNotFoundError(filename=path)
         if path:
             parent, _, name = path.rpartition("/")
             listing = self._fresh_listing(parent)
@@ -439,18 +628,34 @@ class FileSystem:
                 found = listing.by_name.get(name)
                 if found is None:
                     raise EntryNotFoundError(filename=path)
-                return found, listing.fetched_at
-        try:
-            entry = await self._stat(path)
-        except EntryNotFoundError:
-            self._negative[path] = trio.current_time() + self.settings.negative_ttl
-            raise
-        return entry, trio.current_time()
+                return found, listing.stamp
+        return await self._stat(path)
 
-    def _remember(self, path: str, entry: Entry, fetched_at: float) -> _Node:
-        """Record what the store said about ``path``; returns the (possibly new) inode for it."""
+    def _remember_absent(self, path: str, stamp: _Stamp) -> None:
+        """The store said ``path`` does not exist (answer stamped ``stamp``)."""
+        raced = self._raced(path, stamp, parent=True)
+        parent = path.rpartition("/")[0] if path else None
+        named = parent is not None and self._folder_named(parent)
+        self._negative[path] = _Absent(
+            0.0 if raced else stamp.at + self.settings.negative_ttl,
+            stamp.at,
+            stamp.epoch if named and not raced else None,
+        )
+
+    def _remember(self, path: str, entry: Entry, stamp: _Stamp | float) -> _Node:
+        """Record what the store said about ``path`` (an answer stamped ``stamp``; a bare time: our own change, known
+        then); returns the (possibly new) inode for it. An answer raced by an invalidation is kept already expired."""
+        if not isinstance(stamp, _Stamp):
+            stamp = _Stamp(stamp, self._feed_epoch, self._generation)
         self._negative.pop(path, None)
-        expires_at = fetched_at + self.settings.metadata_ttl_seconds
+        fetched_at = stamp.at
+        raced = self._raced(path, stamp, (entry,), parent=True)
+        expires_at = 0.0 if raced else fetched_at + self.settings.metadata_ttl_seconds
+        epoch = stamp.epoch if entry.guid is not None and not raced else None
+        if entry.guid is not None and not raced:
+            self._learn_guid(entry.guid, path)
+        if self._kernel_negatives and path:
+            self._kernel_negative_gone(path.rpartition("/")[0], path.rpartition("/")[2])
         inode = self._by_path.get(path)
         node = self._nodes.get(inode) if inode is not None else None
         if node is not None and node.entry.is_dir != entry.is_dir:
@@ -459,12 +664,17 @@ class FileSystem:
             del self._by_path[path]
             node = None
         if node is None:
-            node = _Node(next(self._next_inode), path, entry, fetched_at, expires_at)
+            node = _Node(next(self._next_inode), path, entry, fetched_at, expires_at, epoch)
             self._nodes[node.inode] = node
             self._by_path[path] = node.inode
             return node
         if fetched_at < node.fetched_at:
             return node  # an older snapshot (a long readdir) must not roll back a newer answer
+        if node.kernel_long and _shown(node.entry) != _shown(entry):
+            # The kernel holds the old attributes for the long TTL: it must ask again (its event may already be
+            # applied, or be skipped as "already shown" when it comes: apply_changes).
+            node.kernel_long = False
+            self._note(AttrNote(node.inode))
         if node.entry.version != entry.version and not entry.is_dir:
             log.info("%r changed on the server (version %s -> %s)", path, node.entry.version, entry.version)
             if node.served_version is not None and node.served_version != entry.version:
@@ -473,7 +683,14 @@ class FileSystem:
         node.entry = entry
         node.fetched_at = fetched_at
         node.expires_at = expires_at
+        node.epoch = epoch
         return node
+
+    def _kernel_negative_gone(self, folder: str, name: str) -> None:
+        """``name`` exists in ``folder`` after all: a long negative dentry the kernel holds for it must go."""
+        parent = self._by_path.get(folder)
+        if parent is not None and self._kernel_negatives.pop((parent, name), None) is not None:
+            self._note(EntryNote(parent, name))
 
     def _node(self, inode: int) -> _Node:
         node = self._nodes.get(inode)
@@ -483,17 +700,17 @@ class FileSystem:
 
     async def _fresh_node(self, node: _Node, *, force: bool = False) -> _Node:
         """``node`` with an entry no older than the TTL (re-asking the store when expired or ``force``)."""
-        if not force and node.expires_at > trio.current_time():
+        if not force and self._fresh(node.expires_at, node.epoch, node.fetched_at):
             return node
         if self._active_spool(node.path) is not None:
             return node  # being written here: the store has nothing newer to say until the upload lands
         if force:
             self._negative.pop(node.path, None)
             self._listings.pop(node.path.rpartition("/")[0] if node.path else "", None)
-        entry, fetched_at = await self._resolve(node.path)
+        entry, stamp = await self._resolve(node.path)
         if node.inode == ROOT_INODE and not entry.is_dir:
             raise NotADirectory("the source root is no longer a folder", filename="/")
-        current = self._remember(node.path, entry, fetched_at)
+        current = self._remember(node.path, entry, stamp)
         if current is not node and node.inode != ROOT_INODE:
             raise StaleFileError("the entry changed type on the server", filename=node.path)
         return node
@@ -526,8 +743,21 @@ class FileSystem:
             nlink=nlink,
             blksize=BLKSIZE_BYTES,
             blocks=(size + 511) // 512,
-            ttl_seconds=self.settings.metadata_ttl_seconds,
+            ttl_seconds=self._kernel_ttl(node),
         )
+
+    def _kernel_ttl(self, node: _Node) -> float:
+        """The entry/attr timeout handed to the kernel with ``node``'s attributes: what is left of the long TTL while
+        the feed vouches for it (marked ``kernel_long``: feed loss invalidates it), 0 for an answer an invalidation
+        raced (the kernel asks again), else the short TTL, as without a feed."""
+        if self._trusted(node.epoch):
+            left = node.fetched_at + self.settings.metadata_ttl_with_feed_seconds - trio.current_time()
+            if left > self.settings.metadata_ttl_seconds:
+                node.kernel_long = True
+                return left
+        if node.expires_at == 0.0:
+            return 0.0
+        return self.settings.metadata_ttl_seconds
 
     # --- namespace operations ------------------------------------------------------------------------------------
 
@@ -539,10 +769,50 @@ class FileSystem:
         if not valid_name(name):
             raise EntryNotFoundError(filename=join(parent.path, name))
         path = join(parent.path, name)
-        entry, fetched_at = await self._resolve(path)
-        node = self._remember(path, entry, fetched_at)
+        entry, stamp = await self._resolve(path)
+        node = self._remember(path, entry, stamp)
         node.lookups += 1
         return self._attributes(node)
+
+    async def lookup_or_absent(self, parent_inode: int, name: str) -> Attributes | Absent:
+        """``lookup``, with an absent name answered as ``Absent`` and how long the kernel may cache the miss: the long
+        TTL while the feed vouches for the miss (recorded in ``_kernel_negatives``, so feed loss can invalidate it),
+        else the negative TTL."""
+        try:
+            return await self.lookup(parent_inode, name)
+        except EntryNotFoundError:
+            parent = self._nodes.get(parent_inode)
+            if parent is None:
+                raise
+            return Absent(self._negative_kernel_ttl(parent, name))
+
+    def _negative_kernel_ttl(self, parent: _Node, name: str) -> float:
+        path = join(parent.path, name)
+        now = trio.current_time()
+        at: float | None = None
+        record = self._negative.get(path)
+        if record is not None and self._trusted(record.epoch):
+            at = record.at
+        else:
+            listing = self._listings.get(parent.path)
+            if listing is not None and self._trusted(listing.epoch) and name not in listing.by_name:
+                at = listing.fetched_at
+        short = self.settings.negative_ttl
+        full = len(self._kernel_negatives) >= MAX_KERNEL_NEGATIVES
+        if at is None or (full and not self._prune_kernel_negatives()):
+            return short
+        left = at + self.settings.metadata_ttl_with_feed_seconds - now
+        if left <= short:
+            return short
+        self._kernel_negatives[(parent.inode, name)] = now + left
+        return left
+
+    def _prune_kernel_negatives(self) -> bool:
+        """Drop the records of long negatives the kernel has let go of; True when there is room again."""
+        now = trio.current_time()
+        for key in [key for key, expiry in self._kernel_negatives.items() if expiry <= now]:
+            del self._kernel_negatives[key]
+        return len(self._kernel_negatives) < MAX_KERNEL_NEGATIVES
 
     def forget(self, inode_counts: Iterable[tuple[int, int]]) -> None:
         """The kernel dropped ``count`` references to each inode; never raises (it has no way to answer)."""
@@ -575,7 +845,9 @@ class FileSystem:
         listing = self._fresh_listing(node.path) or await self._list(node.path)
         fh = next(self._next_fh)
         listing.shared = True  # a change of this listing copies it first (_listing_put): the snapshot stays stable
-        self._dirs[fh] = _DirHandle(node.path, listing.entries, listing.fetched_at)
+        stamp = listing.stamp
+        self._live[stamp.generation] += 1  # its entries are remembered later: keep the touch records it needs
+        self._dirs[fh] = _DirHandle(node.path, listing.entries, listing.fetched_at, stamp)
         return fh
 
     def readdir(self, fh: int, start_id: int, emit: Callable[[str, Attributes, int], bool]) -> None:
@@ -591,7 +863,7 @@ class FileSystem:
         for index in range(start_id, len(handle.entries)):
             entry = handle.entries[index]
             path = join(handle.path, entry.name)
-            node = self._remember(path, entry, handle.fetched_at)
+            node = self._remember(path, entry, handle.stamp)
             if not emit(entry.name, self._attributes(node), index + 1):
                 if node.lookups == 0:
                     self.forget([(node.inode, 0)])
@@ -599,7 +871,9 @@ class FileSystem:
             node.lookups += 1
 
     def releasedir(self, fh: int) -> None:
-        self._dirs.pop(fh, None)
+        handle = self._dirs.pop(fh, None)
+        if handle is not None:
+            self._end(handle.stamp)
 
     # --- file data -----------------------------------------------------------------------------------------------
 
@@ -750,11 +1024,11 @@ class FileSystem:
         """``path`` is gone (unlink, rmdir, rename away): the inode stays for open handles, the name answers ENOENT."""
         inode = self._by_path.pop(path, None)
         if inode is not None and (node := self._nodes.get(inode)) is not None:
-            node.expires_at = 0.0
+            _expire(node)
         self._listings.pop(path, None)
         self._listing_put(path, None)
         self._modes.pop(path, None)
-        self._negative[path] = trio.current_time() + self.settings.negative_ttl
+        self._remember_absent(path, _Stamp(trio.current_time(), self._feed_epoch, self._generation))
 
     def _committed(self, spool: Spool, entry: Entry) -> None:
         """An upload landed (the write-back layer's hook): new opens read the new version; stale pages are dropped."""
@@ -1001,7 +1275,7 @@ class FileSystem:
         """The inode table and caches after ``old`` became ``new`` (and, for a folder, everything below it)."""
         replaced = self._by_path.pop(new, None)
         if replaced is not None and (gone := self._nodes.get(replaced)) is not None:
-            gone.expires_at = 0.0
+            _expire(gone)
         moves = [(old, self._by_path.pop(old, None))]
         if entry.is_dir:
             prefix = old + "/"
@@ -1020,12 +1294,306 @@ class FileSystem:
             if path == old:
                 node.entry = moved
             self._by_path[node.path] = inode
+            if node.entry.guid is not None:
+                self._guid_paths[node.entry.guid] = node.path  # the feed's events for it name the new place
         for path in [p for p in self._modes if p == old or p.startswith(old + "/")]:
             self._modes[new + path[len(old) :]] = self._modes.pop(path)
         self._listing_put(old, None)
         self._listing_put(new, moved)
         self._negative.pop(new, None)
-        self._negative[old] = trio.current_time() + self.settings.negative_ttl
+        self._remember_absent(old, _Stamp(trio.current_time(), self._feed_epoch, self._generation))
+
+    # --- the change feed (ChangeSink; module docstring "Change feed") ---------------------------------------------
+
+    def _begin(self) -> _Stamp:
+        """The stamp of a store call starting now; ``_end`` it when the call is over."""
+        stamp = _Stamp(trio.current_time(), self._feed_epoch, self._generation)
+        self._live[stamp.generation] += 1
+        return stamp
+
+    def _end(self, stamp: _Stamp) -> None:
+        left = self._live[stamp.generation] - 1
+        if left > 0:
+            self._live[stamp.generation] = left
+        else:
+            del self._live[stamp.generation]
+
+    def _raced(self, path: str, stamp: _Stamp, entries: Iterable[Entry] = (), *, parent: bool = False) -> bool:
+        """Whether something invalidated ``path`` (and with ``parent`` its folder), or one of the guids of
+        ``entries``, after the call stamped ``stamp`` began."""
+        generation = stamp.generation
+        if self._touched.get(path, self._floor) > generation:
+            return True
+        if parent and path and self._touched.get(path.rpartition("/")[0], self._floor) > generation:
+            return True
+        if self._touched_guids:
+            for entry in entries:
+                if entry.guid is not None and self._touched_guids.get(entry.guid, self._floor) > generation:
+                    return True
+        elif self._floor > generation:
+            return True
+        return False
+
+    def _touch(self, path: str | None = None, guid: str | None = None) -> None:
+        self._generation += 1
+        if path is not None:
+            self._touched[path] = self._generation
+        if guid is not None:
+            self._touched_guids[guid] = self._generation
+        if len(self._touched) + len(self._touched_guids) > self._prune_at:
+            self._prune_touched()
+
+    def _prune_touched(self) -> None:
+        """Forget touch records no live stamp is older than; past ``MAX_TOUCHED`` forget them all and raise the
+        floor, so every live stamp counts as raced."""
+        oldest = min(self._live, default=None)
+        if oldest is None:
+            self._touched.clear()
+            self._touched_guids.clear()
+        else:
+            self._touched = {k: g for k, g in self._touched.items() if g > oldest}
+            self._touched_guids = {k: g for k, g in self._touched_guids.items() if g > oldest}
+        if len(self._touched) + len(self._touched_guids) > MAX_TOUCHED:
+            self._touch_everything()
+        self._prune_at = max(1024, 2 * (len(self._touched) + len(self._touched_guids)))
+
+    def _touch_everything(self) -> None:
+        self._generation += 1
+        self._floor = self._generation
+        self._touched.clear()
+        self._touched_guids.clear()
+
+    def _folder_named(self, path: str) -> bool:
+        """Whether events can name the folder ``path`` (its guid is known to be there): its listing and the absent
+        names in it may then be trusted long."""
+        inode = self._by_path.get(path)
+        node = self._nodes.get(inode) if inode is not None else None
+        guid = node.entry.guid if node is not None else None
+        return guid is not None and self._guid_paths.get(guid) == path
+
+    def _learn_guid(self, guid: str, path: str) -> None:
+        """``guid`` is at ``path`` now (a store answer no invalidation raced). Seen elsewhere before: it was renamed
+        or moved, and its old place is dropped now, before its event comes."""
+        old = self._guid_paths.get(guid)
+        if old == path:
+            return
+        self._guid_paths[guid] = path
+        if old is not None:
+            self.counters["feed_invalidations"] += self._invalidate(old, subtree=self._cached_dir(old))
+        if len(self._guid_paths) > self._guid_gc_at:
+            self._collect_guids()
+
+    def _collect_guids(self) -> None:
+        """Rebuild ``_guid_paths`` from what is cached (nodes and listings): guids of evicted listings go. What stays
+        covers every record the feed must be able to reach."""
+        known: dict[str, str] = {}
+        for node in self._nodes.values():
+            if node.entry.guid is not None and self._by_path.get(node.path) == node.inode:
+                known[node.entry.guid] = node.path
+        for folder, listing in self._listings.items():
+            for entry in listing.entries:
+                if entry.guid is not None:
+                    known.setdefault(entry.guid, join(folder, entry.name))
+        self._guid_paths = known
+        self._guid_gc_at = max(4096, 2 * len(known))
+
+    def _cached_dir(self, path: str) -> bool:
+        inode = self._by_path.get(path)
+        node = self._nodes.get(inode) if inode is not None else None
+        return (node is not None and node.entry.is_dir) or path in self._listings
+
+    def _note(self, note: KernelInvalidation) -> None:
+        self.counters["kernel_notes"] += 1
+        with contextlib.suppress(trio.ClosedResourceError):  # unmounting: the kernel forgets everything anyway
+            self._invalidate_send.send_nowait(note)
+
+    def _kernel_forget(self, node: _Node) -> None:
+        """Queue the kernel's forgetting of ``node``'s dentry (in its folder) and of its attributes."""
+        if node.inode != ROOT_INODE and self._by_path.get(node.path) == node.inode:
+            folder, _, name = node.path.rpartition("/")
+            parent = self._by_path.get(folder)
+            if parent is not None:
+                self._note(EntryNote(parent, name))
+        self._note(AttrNote(node.inode))
+
+    def _invalidate(self, path: str, *, subtree: bool = False) -> int:
+        """Drop what is cached about ``path`` here and in the kernel: its attributes, its negative entry, its folder's
+        listing and its dentry there; with ``subtree`` (a folder that moved or went) everything below it too. Returns
+        how many cache records were dropped."""
+        dropped = 0
+        folder = path.rpartition("/")[0] if path else None
+        self._touch(path)
+        if folder is not None:
+            self._touch(folder)
+        inode = self._by_path.get(path)
+        node = self._nodes.get(inode) if inode is not None else None
+        if node is not None:
+            if node.expires_at or node.epoch is not None:
+                dropped += 1
+            _expire(node)
+            node.kernel_long = False
+            self._note(AttrNote(node.inode))
+        if self._negative.pop(path, None) is not None:
+            dropped += 1
+        if folder is not None:
+            if self._listings.pop(folder, None) is not None:
+                dropped += 1
+            parent = self._by_path.get(folder)
+            if parent is not None:
+                name = path.rpartition("/")[2]
+                self._kernel_negatives.pop((parent, name), None)
+                self._note(EntryNote(parent, name))  # the kernel's dentry of it, positive or negative
+        if subtree:
+            dropped += self._sweep({path})
+        return dropped
+
+    def _sweep(self, folders: set[str]) -> int:
+        """Drop everything cached below ``folders`` (folders that moved or went) in one pass over the caches, however
+        many folders: a moved tree's events name each of its folders, and one pass each would cost O(cache x
+        folders). Returns how many cache records were dropped."""
+        tops = {f for f in folders if not any(_below(f, other) for other in folders if other != f)}
+        if not tops:
+            return 0
+        self._touch_everything()  # whatever is being fetched below them now is raced
+
+        def inside(path: str) -> bool:
+            return any(path == top or _below(path, top) for top in tops)
+
+        dropped = 0
+        for key in [key for key in self._listings if inside(key)]:
+            self._listings.pop(key, None)
+            dropped += 1
+        for key in [key for key in self._negative if inside(key)]:
+            self._negative.pop(key, None)
+            dropped += 1
+        below = {inode for p, inode in self._by_path.items() if p not in tops and inside(p)}
+        for inode in below:
+            if (child := self._nodes.get(inode)) is not None:
+                _expire(child)
+                child.kernel_long = False
+                dropped += 1
+                self._note(AttrNote(inode))  # the folder's dentry going drops the dentries below it
+        for dentry in [dentry for dentry in self._kernel_negatives if dentry[0] in below]:
+            del self._kernel_negatives[dentry]
+        return dropped
+
+    def _already_shown(self, event: ChangeEvent, path: str) -> bool:
+        """Whether every cache record of ``path`` already shows the state ``event`` reports (our own upload, mkdir or
+        PROPPATCH coming back through the feed, or a repeated event): the same guid, kind, file id and size, and the
+        same mtime to the second (all PROPFIND has). Then there is nothing to drop, and a ``tar -x`` through a --rw
+        mount does not lose its folder's listing to the events of its own files."""
+        if event.deleted or event.size is None or event.mtime_ns is None:
+            return False
+        if not event.is_dir and event.file_id is None:
+            return False
+        shown: list[Entry] = []
+        inode = self._by_path.get(path)
+        node = self._nodes.get(inode) if inode is not None else None
+        if node is not None and (node.expires_at or node.epoch is not None):
+            shown.append(node.entry)
+        folder, _, name = path.rpartition("/")
+        listing = self._listings.get(folder) if path else None
+        if listing is not None and (entry := listing.by_name.get(name)) is not None:
+            shown.append(entry)
+        elif listing is not None:
+            return False  # the listing does not show it at all
+        return bool(shown) and all(
+            entry.guid == event.guid
+            and entry.is_dir == event.is_dir
+            and (entry.is_dir or (entry.file_id == event.file_id and entry.size == event.size))
+            and entry.mtime_ns // 10**9 == event.mtime_ns // 10**9
+            for entry in shown
+        )
+
+    def apply_changes(self, events: Sequence[ChangeEvent]) -> int:
+        """Invalidate what each event changed (ChangeSink); returns the cache records dropped. Subtrees of folders
+        that moved or went are swept once for the batch, at its end (nothing runs in between: no await here)."""
+        dropped = 0
+        swept: set[str] = set()
+        for event in events:
+            guid = event.guid or None
+            old = self._guid_paths.get(guid) if guid is not None else None
+            folder = self._guid_paths.get(event.parent_guid) if event.parent_guid is not None else None
+            new = join(folder, event.name) if folder is not None and valid_name(event.name) else None
+            if guid is not None:
+                self._touch(guid=guid)
+            if old is not None and new == old and self._already_shown(event, old):
+                self._touch(old)  # nothing to drop; an answer in flight for it is still treated as raced
+                continue
+            if new is not None:
+                moved = new != old
+            elif event.deleted or old is None:
+                moved = True
+            elif old == "":
+                moved = False  # the mount root: its folder is above the mount, and only its attributes changed
+            elif folder is None:
+                moved = event.name != old.rpartition("/")[2]  # in a folder we cannot name: moved if renamed
+            else:
+                moved = True  # to a name we cannot use
+            if old is not None:
+                dropped += self._invalidate(old)
+                if (event.deleted or moved) and (event.is_dir or self._cached_dir(old)):
+                    swept.add(old)
+            if new is not None and new != old:
+                dropped += self._invalidate(new)
+                if self._cached_dir(new):
+                    swept.add(new)  # a folder replaced: what was below it is not what is there now
+            elif folder is not None and new is None:
+                # A name we cannot use: the folder's listing still changed.
+                self._touch(folder)
+                if self._listings.pop(folder, None) is not None:
+                    dropped += 1
+            if guid is not None:
+                if event.deleted:
+                    if old is not None:
+                        del self._guid_paths[guid]
+                elif new is not None:
+                    self._guid_paths[guid] = new
+                elif old is not None and moved:
+                    del self._guid_paths[guid]  # moved somewhere we cannot name
+        dropped += self._sweep(swept)
+        self.counters["feed_invalidations"] += dropped
+        return dropped
+
+    def feed_up(self, *, new_cursor: bool) -> None:
+        """The feed is caught up (ChangeSink): answers stamped from now on are trusted long; with ``new_cursor`` a
+        new epoch begins, so nothing stamped before is."""
+        if new_cursor or self._feed_epoch is None:
+            self._feed_epoch = next(self._epochs)
+        self._feed_healthy = True
+
+    def feed_down(self) -> None:
+        """The feed stopped (ChangeSink): the short TTL applies again, and the kernel forgets the long timeouts."""
+        self._feed_healthy = False
+        self._kernel_fallback()
+
+    def feed_reset(self) -> None:
+        """Changes may have been missed (ChangeSink): nothing cached is trusted; the epoch ends."""
+        self._feed_healthy = False
+        self._feed_epoch = None
+        self.counters["feed_invalidations"] += len(self._listings) + len(self._negative)
+        self._listings.clear()
+        self._negative.clear()
+        for node in self._nodes.values():
+            _expire(node)
+        self._touch_everything()
+        self._kernel_fallback()
+
+    def _kernel_fallback(self) -> None:
+        """Invalidate every long timeout handed to the kernel: dentries and attributes of ``kernel_long`` nodes and
+        the recorded long negatives."""
+        for node in self._nodes.values():
+            if node.kernel_long:
+                node.kernel_long = False
+                self._kernel_forget(node)
+        for parent, name in self._kernel_negatives:
+            self._note(EntryNote(parent, name))
+        self._kernel_negatives.clear()
+
+    @property
+    def feed_trusted(self) -> bool:
+        """Whether answers are being trusted long now (the feed is up)."""
+        return self._feed_healthy
 
     # --- everything else -----------------------------------------------------------------------------------------
 
@@ -1079,20 +1647,40 @@ def _spool_entry(spool: Spool) -> Entry:
 
 
 def _renamed(entry: Entry, name: str) -> Entry:
-    return Entry(name, entry.is_dir, entry.size, entry.mtime_ns, entry.version, entry.file_id, entry.xattrs)
+    return dataclasses.replace(entry, name=name)
 
 
 def _with_mtime(entry: Entry, mtime_ns: int) -> Entry:
-    return Entry(entry.name, entry.is_dir, entry.size, mtime_ns, entry.version, entry.file_id, entry.xattrs)
+    return dataclasses.replace(entry, mtime_ns=mtime_ns)
+
+
+def _shown(entry: Entry) -> tuple[bool, int, int, str]:
+    """What the kernel shows of an entry (stat) and caches with it."""
+    return entry.is_dir, entry.size, entry.mtime_ns, entry.version
+
+
+def _below(path: str, folder: str) -> bool:
+    """Whether ``path`` lies inside ``folder`` (the root ``""`` holds everything but itself)."""
+    return path.startswith(folder + "/") if folder else path != ""
+
+
+def _expire(node: _Node) -> None:
+    """Ask the store again before ``node`` answers anything."""
+    node.expires_at = 0.0
+    node.epoch = None
 
 
 __all__ = [
     "BLKSIZE_BYTES",
     "FILEID_XATTR",
     "ROOT_INODE",
+    "Absent",
+    "AttrNote",
     "Attributes",
+    "EntryNote",
     "FileReader",
     "FileSystem",
+    "KernelInvalidation",
     "OpenAnswer",
     "ReadEngineLike",
     "StatFs",

@@ -19,7 +19,9 @@ from typing import Any
 
 from ..options import add_flags
 
-HELP = "Show a running mount's counters: reads, cache, prefetch, store calls, FUSE requests and latency."
+HELP = (
+    "Show a running mount's counters: reads, cache, prefetch, store calls, the change feed, FUSE requests and latency."
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -71,6 +73,35 @@ def _duration(seconds: float | None) -> str:
     return f"<={seconds * 1000:g} ms" if seconds < 1 else f"<={seconds:g} s"
 
 
+def _seconds(value: float | None) -> str:
+    if value is None or math.isnan(value):
+        return "-"
+    return f"{value * 1000:.0f} ms" if value < 1 else f"{value:.1f} s"
+
+
+def _feed_line(values: dict[str, float], states: list[tuple[dict[str, str], float]]) -> str:
+    """The change feed's state, how long it has been in it, and its lag (``directfs.sources.ctera.feed``)."""
+    state = next((labels["state"] for labels, n in states if n), "stopped")
+    meaning = {
+        "up": "long TTL",
+        "starting": "catching up; short TTL",
+        "down": "short TTL until it is back",
+        "unsupported": "the Portal has none; short TTL",
+        "stopped": "short TTL",
+    }.get(state, "")
+
+    def count(name: str) -> int:
+        value = values.get(f"feed_{name}_total", 0.0)
+        return 0 if math.isnan(value) else int(value)
+
+    return (
+        f"  change feed    {state} for {_seconds(values.get('feed_state_seconds'))} ({meaning}), "
+        f"lag {_seconds(values.get('feed_lag_seconds'))}, last reply {_seconds(values.get('feed_last_reply_seconds'))}"
+        f" ago; {count('events')} events, {count('invalidations')} invalidations, {count('resets')} resets, "
+        f"{count('downs')} outages"
+    )
+
+
 def summarize(text: str, *, mountpoint: str) -> str:
     """The human summary of exposition ``text``."""
     from prometheus_client.parser import text_string_to_metric_families
@@ -112,6 +143,8 @@ def summarize(text: str, *, mountpoint: str) -> str:
         calls = ", ".join(f"{labels['kind']} {int(n)}" for labels, n in labelled["source_calls_total"])
         lines.append(f"  store calls    {calls}")
         lines.append(f"  open           {v('open_files')} files, {v('open_dirs')} folders, {v('inodes')} inodes known")
+    if "feed_state" in labelled:
+        lines.append(_feed_line(values, labelled["feed_state"]))
     if "http_retries_total" in values:
         lines.append(f"  http retries   {v('http_retries_total')}")
     per_op: dict[str, dict[str, int]] = defaultdict(dict)

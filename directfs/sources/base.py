@@ -14,12 +14,15 @@ Errors: sources raise only ``directfs.errors.DirectFSError`` subclasses (with th
 from __future__ import annotations
 
 import bisect
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Final, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Final, Protocol, runtime_checkable
 
 from ..errors import InvalidArgumentError
 from ..http import HTTPSettings
+
+if TYPE_CHECKING:
+    import trio
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +38,9 @@ class Entry:
     version: str
     file_id: str | None = None  # CTERA Direct IO file id (the xattr user.ctera.fileid); None elsewhere
     xattrs: tuple[tuple[str, bytes], ...] = ()  # extra read-only extended attributes, e.g. ("user.etag", b"...")
+    # The store's stable identity of the item across renames and new versions (CTERA ``ctera:guid``), which its change
+    # feed names (``ChangeEvent``); None where the store has none. Only entries with one can be kept long (vfs).
+    guid: str | None = None
 
 
 # Characters no name in the tree may hold (issue 13 L6): C0 controls (NUL, newline, ESC of terminal escapes...),
@@ -178,6 +184,70 @@ class Source(Protocol):
         ...
 
     async def aclose(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class ChangeEvent:
+    """One change a store's change feed reports (CTERA's Notification Service, docs/ctera-direct-io.md §8.3): the
+    item ``guid`` now is ``name`` in the folder ``parent_guid`` (or is gone, ``deleted``). A rename or a move is an
+    event of the same guid with a new name or parent. The other fields describe the new state when the store says;
+    nothing may be assumed from them beyond "this changed"."""
+
+    guid: str
+    parent_guid: str | None
+    name: str
+    deleted: bool
+    is_dir: bool
+    file_id: str | None = None
+    size: int | None = None
+    mtime_ns: int | None = None  # the item's own time (CTERA ``file_timestamp``)
+    changed_at_ns: int | None = None  # when the store recorded the change (``portal_modified_date``): feed lag
+
+
+class ChangeSink(Protocol):
+    """What a change feed tells the filesystem (``directfs.vfs.FileSystem`` implements it). Called from the feed's
+    task on the trio thread; no method awaits, so each one is atomic with respect to the FUSE handlers."""
+
+    def feed_up(self, *, new_cursor: bool) -> None:
+        """The feed is caught up: every change from now on will be reported. ``new_cursor``: a new cursor chain began
+        (the first start, or after ``feed_reset``), so answers that started before this call are not covered by it;
+        False: the feed resumed its old cursor after ``feed_down`` and missed nothing."""
+        ...
+
+    def feed_down(self) -> None:
+        """The feed stopped answering (its state unknown): fall back to the short TTL now."""
+        ...
+
+    def feed_reset(self) -> None:
+        """The store refused the cursor (expired): changes may have been missed, so nothing cached is trusted."""
+        ...
+
+    def apply_changes(self, events: Sequence[ChangeEvent]) -> int:
+        """Invalidate what ``events`` changed; returns how many cached items were dropped."""
+        ...
+
+
+@runtime_checkable
+class ChangeFollower(Protocol):
+    """One mount's follower of a change feed (built by ``ChangeFeed.change_follower``)."""
+
+    async def run(self, sink: ChangeSink, *, required: bool, task_status: trio.TaskStatus[None] = ...) -> None:
+        """Follow the feed until cancelled, telling ``sink``. ``task_status.started()`` once the feed is first up, or
+        once it is known to be missing or failing (``required`` False: the mount goes on with the short TTL). With
+        ``required``, a feed that is missing or fails before it is first up raises ``ConfigError``."""
+        ...
+
+    def statistics(self) -> Mapping[str, float]:
+        """Counters and state for metrics (never blocks)."""
+        ...
+
+
+@runtime_checkable
+class ChangeFeed(Protocol):
+    """Optional capability of a ``Source`` that publishes a change feed (CTERA Portals); check with ``isinstance``.
+    Entries of such a source carry ``guid``s, which the feed's events name."""
+
+    def change_follower(self) -> ChangeFollower: ...
 
 
 @dataclass(frozen=True, slots=True)

@@ -31,7 +31,7 @@ CTERA_NS = "http://www.ctera.com/ns"
 PROPFIND_BODY = (
     '<?xml version="1.0" encoding="utf-8"?>'
     f'<D:propfind xmlns:D="DAV:" xmlns:C="{CTERA_NS}"><D:prop>'
-    "<D:resourcetype/><D:getcontentlength/><D:getlastmodified/><D:getetag/><D:displayname/><C:fileid/>"
+    "<D:resourcetype/><D:getcontentlength/><D:getlastmodified/><D:getetag/><D:displayname/><C:fileid/><C:guid/>"
     "</D:prop></D:propfind>"
 ).encode()
 
@@ -65,6 +65,7 @@ class DavResource:
     etag: str | None
     file_id: str | None
     display_name: str | None
+    guid: str | None = None  # ctera:guid: how the Portal's change feed names the item (docs/ctera-direct-io.md §8.3)
 
 
 def _tag(ns: str, name: str) -> str:
@@ -244,6 +245,7 @@ def _resource_of(response: ET.Element) -> DavResource | None:
         log.warning("PROPFIND: skipping %r: %s", path, exc)
         return None
     file_id = _text(props, CTERA_NS, "fileid")
+    guid = _text(props, CTERA_NS, "guid")
     return DavResource(
         path=path,
         is_collection=is_collection,
@@ -252,6 +254,7 @@ def _resource_of(response: ET.Element) -> DavResource | None:
         etag=_text(props, DAV, "getetag"),
         file_id=file_id.strip() if file_id and file_id.strip() else None,
         display_name=_text(props, DAV, "displayname"),
+        guid=guid.strip() if guid and guid.strip() else None,
     )
 
 

@@ -4,9 +4,13 @@ URL: ``ctera+https://HOST[:PORT][/sub/folder]`` (``ctera+http://`` only for loop
 The mount root is ``/ServicesPortal/webdav/`` or the named sub-folder; a URL that already spells out
 ``/ServicesPortal/webdav/...`` means the same.
 
-* Listing: ``PROPFIND`` Depth 1 (folders) and Depth 0 (one entry) with the standard DAV properties and
-  ``ctera:fileid``; HTTP Basic (``username``/``password``) or Bearer (``token``, or a rotating ``token_file``)
-  auth, the plain stores' ``HTTPAuth``.
+* Listing: ``PROPFIND`` Depth 1 (folders) and Depth 0 (one entry) with the standard DAV properties,
+  ``ctera:fileid`` and ``ctera:guid`` (on ``Entry.guid``: what the change feed names); HTTP Basic
+  (``username``/``password``) or Bearer (``token``, or a rotating ``token_file``) auth, the plain stores'
+  ``HTTPAuth``.
+* Change feed (``base.ChangeFeed``): ``change_follower`` builds the Notification Service follower (``.feed``) for
+  the cloud folder holding the mount root (``cloud_folder_ids``: the top-level folder's ``ctera:fileid``, or every
+  folder when the root is the top).
 * Data: every regular file's ``fileid`` is its Direct IO id (``.client``). A file whose blocks are not on a
   Direct-mode storage node (Portal 422), or that has no ``fileid`` in the listing, is read with ranged WebDAV GETs
   instead, as Cyberduck does (the plain stores' ``plain_file``, in worker threads); a warning says so once per
@@ -46,6 +50,7 @@ from ..base import Entry, OpenFile, SourceOptions
 from ..httprange import RangeFile
 from ..httpstore import DavStore, HTTPAuth, plain_file, propfind
 from .client import DirectIOClient, DirectIOSettings
+from .feed import FeedSettings, PortalFeed
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +154,14 @@ class CteraSource(DavStore):
     def _entry(self, name: str, resource: davxml.DavResource) -> Entry:
         mtime_ns = resource.mtime_ns or 0
         if resource.is_collection:
-            return Entry(name=name, is_dir=True, size=0, mtime_ns=mtime_ns, version=f"dir:{resource.etag or ''}")
+            return Entry(
+                name=name,
+                is_dir=True,
+                size=0,
+                mtime_ns=mtime_ns,
+                version=f"dir:{resource.etag or ''}",
+                guid=resource.guid,
+            )
         size = resource.size if resource.size is not None else 0
         return Entry(
             name=name,
@@ -159,6 +171,7 @@ class CteraSource(DavStore):
             version=_entry_version(resource, size, mtime_ns),
             file_id=resource.file_id,
             xattrs=(("user.etag", resource.etag.encode()),) if resource.etag else (),
+            guid=resource.guid,
         )
 
     async def stat(self, path: str) -> Entry:
@@ -178,6 +191,43 @@ class CteraSource(DavStore):
             raise NotADirectory(filename=path)
         for name, resource in davxml.children_of(folder, iter(resources)):
             yield self._entry(name, resource)
+
+    # --- change feed (base.ChangeFeed) ---
+
+    def change_follower(self, settings: FeedSettings | None = None) -> PortalFeed:
+        """A follower of this Portal's Notification Service for the folders under the mount root (``.feed``). Its
+        requests carry the WebDAV credentials (Basic or Bearer: docs/ctera-direct-io.md §14) on a client
+        of their own, so a parked long-poll never holds one of the listing connections."""
+        return PortalFeed(
+            self._origin,
+            self._auth,
+            self._options.http_settings(),
+            folder_ids=self.cloud_folder_ids,
+            settings=settings,
+            display_url=self.display_url,
+        )
+
+    async def cloud_folder_ids(self) -> list[int]:
+        """The Notification Service's ``folder_ids`` covering the mount root: ``[]`` (every cloud folder) when the root
+        is the top of the namespace; else the id (``ctera:fileid``) of the top-level folder the root lies in, the
+        cloud folder that holds it. ``[]`` as well when that folder has no numeric id: the feed then reports every
+        folder, which costs bandwidth, never correctness (events of unknown items are ignored)."""
+        top = self._root[len(WEBDAV_ROOT) :].strip("/").split("/", 1)[0]
+        if not top:
+            return []
+        url = self._origin + quote(f"{WEBDAV_ROOT}/{top}", safe="/")
+        reply, resources = await propfind(self._http(), url, depth=0, auth=self._auth, policy=self._retry, path=top)
+        if reply.status_code != 207:
+            raise namespace_status_error(
+                reply.status_code, what=f"PROPFIND {redact_url(url)}", filename=top, hint="check the Portal credentials"
+            )
+        wanted = davxml.normalize_path(f"{WEBDAV_ROOT}/{top}")
+        for resource in resources:
+            file_id = resource.file_id
+            if resource.path == wanted and file_id is not None and file_id.isascii() and file_id.isdigit():
+                return [int(file_id)]
+        log.debug("the cloud folder %r has no numeric id; the change feed will report every folder", top)
+        return []
 
     # --- data ---
 
