@@ -23,6 +23,11 @@ Sections (``--only`` picks some):
                  cterasdk at its best max_workers, MB/s and ratios, with the daemon's CPU per block and per MiB and
                  its peak RSS against ``--cache-size``; for 1 MiB blocks also time to first byte and the block GETs
                  one cold 4 KiB random read causes (counted in the portal's access log). Runs only its own portals.
+* ``listing``    listings at scale over WebDAV (issue 15, benchmarks/listing.py): ``ls -lR`` and ``find`` over a
+                 50,000-entry tree and ``ls -l`` of a 10,000-entry folder, cold and warm, through ``directfs mount
+                 webdav://`` (defaults, ``--xattrs off``, and ``--metadata-ttl 5m`` as rclone's listing cache) and
+                 ``rclone mount`` of the same nginx, with ratios; daemon RSS per entry while a 1,000,000-entry folder
+                 lists (opt-in: ``--listing-folder 1000000``), and where a listing's bytes go. Own nginx only.
 
 Resource use: every measurement made through a daemon records the daemon's peak RSS (VmHWM, MiB, since the mount
 started) and the CPU seconds it spent during that measurement (/proc/PID/stat utime+stime delta). Read amplification =
@@ -1032,6 +1037,13 @@ def cold_random_4k(ctx: Context, bp: BlocksPortal, name: str, seed: int) -> tupl
     return latency, gets, started, fetched
 
 
+def section_listing(ctx: Context) -> None:
+    """Issue 15: listings at scale over WebDAV, directfs against rclone (benchmarks/listing.py)."""
+    from benchmarks.listing import section_listing as run  # imported here: it imports this module's helpers
+
+    run(ctx)
+
+
 def section_blocks(ctx: Context) -> None:
     """Issue 11: per block layout, in one run on one file, a fresh-mount cold ``cat`` against the Streamer API, a
     naive one-connection client (benchmarks/naive.py) and cterasdk's Blocks API at its best setting, with the
@@ -1239,6 +1251,7 @@ SECTIONS: dict[str, Callable[[Context], None]] = {
     "s3": section_s3,
     "metadata": section_metadata,
     "blocks": section_blocks,
+    "listing": section_listing,
 }
 
 
@@ -1257,6 +1270,7 @@ class Context:
     tree_entries: int
     versions: dict[str, str | None]
     blocks_size: int = 256 * MiB
+    listing_folder: int = 0  # entries of the listing section's big folder (0: skip it; opt-in, ~10 min for 1M)
     table: Table = field(default_factory=Table)
     peers: dict[str, str] = field(default_factory=dict)  # short row label -> exact version and options
     summaries: list[str] = field(default_factory=list)  # markdown blocks printed and written after the table
@@ -1325,6 +1339,9 @@ def render(table: Table, meta: dict[str, Any], summaries: Sequence[str] = ()) ->
     info = meta["machine"]
     if meta["sections"] == ["blocks"]:
         data = f"blocks section only: one {meta['blocks_size_mib']:g} MiB file (half random, half text)."
+    elif meta["sections"] == ["listing"]:
+        big = f" and a {meta['listing_folder']:,}-entry folder" if meta["listing_folder"] else ""
+        data = f"listing section only: a {meta['tree']:,}-file tree, a {meta['many']:,}-entry folder{big} over nginx WebDAV."
     else:
         data = (
             f"large file {meta['size_mib']} MiB (half random, half text), {meta['random_ios']} random reads per pass"
@@ -1386,6 +1403,14 @@ def main(argv: list[str] | None = None) -> int:
         metavar="SIZE",
         help="size of the blocks section's file, K/M/G (default 256M, issue 11)",
     )
+    parser.add_argument(
+        "--listing-folder",
+        type=int,
+        default=0,
+        metavar="N",
+        help="listing section: also list a folder of N empty files (made once, ~40 s for 1000000) for the daemons' "
+        "RSS per entry (issue 15: 1000000); opt-in, since 1000000 takes ~10 minutes (default 0: skipped)",
+    )
     parser.add_argument("--only", nargs="*", choices=sorted(SECTIONS), help="run only these sections")
     parser.add_argument("--workdir", default=str(HERE / "work"), help="data and state, kept between runs")
     parser.add_argument("--results", default=str(RESULTS), help="where latest.json and latest.md go")
@@ -1412,7 +1437,7 @@ def main(argv: list[str] | None = None) -> int:
         versions["SeaweedFS"] = next((w for w in weed.stdout.split() if w[:1].isdigit() and "." in w), None)
     size = args.size_mib * MiB
     big_name = f"big-{args.size_mib}MiB.bin"
-    needs_main_portal = any(name != "blocks" for name in sections)  # blocks runs portals of its own
+    needs_main_portal = any(name not in ("blocks", "listing") for name in sections)  # those run their own servers
     if needs_main_portal:
         make_data(tree / big_name, size)
         make_tree(tree / "many", args.many, args.many, lambda i: i % 100)
@@ -1426,6 +1451,7 @@ def main(argv: list[str] | None = None) -> int:
             p, work, tree, mountpoint, logs, big_name, size, args.runs, args.random_ios, args.many, args.tree, versions
         )
         ctx.blocks_size = args.blocks_size
+        ctx.listing_folder = args.listing_folder
         for name in sections:
             print(f"running {name} ...", flush=True)
             t1 = time.monotonic()
@@ -1438,6 +1464,7 @@ def main(argv: list[str] | None = None) -> int:
         "runs": args.runs,
         "size_mib": args.size_mib,
         "blocks_size_mib": args.blocks_size / MiB,
+        "listing_folder": args.listing_folder,
         "random_ios": args.random_ios,
         "many": args.many,
         "tree": args.tree,
