@@ -459,6 +459,30 @@ class Index:
         top = path.split("/", 1)[0] if "/" in path else ""
         return ids.get(top, ids.get("", FIRST_NODE_ID))
 
+    def _row_event(
+        self,
+        path: str,
+        row: Any,
+        ids: dict[str, int],
+        guids: dict[str, str],
+        *,
+        deleted: bool,
+        mtime_ns: int | None = None,
+    ) -> None:
+        """The feed event of the node ``row`` (a ``nodes`` row: path, id, guid, is_dir, size, mtime_ns...) at
+        ``path``, with its mtime unless ``mtime_ns`` says another."""
+        self._event(
+            path=path,
+            node_id=int(row[1]),
+            guid=str(row[2]),
+            parent_guid=guids.get(_parent(path)) if path else None,
+            is_dir=bool(row[3]),
+            size=int(row[4]),
+            mtime_ns=int(row[5]) if mtime_ns is None else mtime_ns,
+            deleted=deleted,
+            folder_id=self._folder_id_of(path, ids),
+        )
+
     def _event(
         self,
         *,
@@ -859,17 +883,7 @@ class Index:
         """Forget the node ``row`` at ``path`` (its children first: parent ids must still resolve for folder_id)."""
         self._db.execute("DELETE FROM blocks WHERE file_id=?", (int(row[1]),))
         self._db.execute("DELETE FROM nodes WHERE path=?", (path,))
-        self._event(
-            path=path,
-            node_id=int(row[1]),
-            guid=str(row[2]),
-            parent_guid=guids.get(_parent(path)) if path else None,
-            is_dir=bool(row[3]),
-            size=int(row[4]),
-            mtime_ns=int(row[5]),
-            deleted=True,
-            folder_id=self._folder_id_of(path, ids),
-        )
+        self._row_event(path, row, ids, guids, deleted=True)
 
     def _touch_folder(self, path: str, row: Any, st: _Stat, ids: dict[str, int], guids: dict[str, str]) -> None:
         """The folder ``row`` at ``path`` has a new mtime: record its stat, with an event under its unchanged id."""
@@ -1260,18 +1274,7 @@ class Index:
             for row in rows:
                 ids[str(row[0])], guids[str(row[0])] = int(row[1]), str(row[2])
             for row in reversed(rows):
-                old = str(row[0])
-                self._event(
-                    path=old,
-                    node_id=int(row[1]),
-                    guid=str(row[2]),
-                    parent_guid=guids.get(_parent(old)),
-                    is_dir=bool(row[3]),
-                    size=int(row[4]),
-                    mtime_ns=int(row[5]),
-                    deleted=True,
-                    folder_id=self._folder_id_of(old, ids),
-                )
+                self._row_event(str(row[0]), row, ids, guids, deleted=True)
             self._ensure_folders(_parent(dst), ids, guids)
             for row in rows:
                 old = str(row[0])
@@ -1283,18 +1286,7 @@ class Index:
                 # did not describe the file on disk keeps its old stat, and the next scan encodes the file again.)
                 self._db.execute("UPDATE nodes SET ctime_ns=? WHERE path=?", (after.st_ctime_ns, dst))
             for row in rows:
-                new = dst + str(row[0])[len(src) :]
-                self._event(
-                    path=new,
-                    node_id=int(row[1]),
-                    guid=str(row[2]),
-                    parent_guid=guids.get(_parent(new)),
-                    is_dir=bool(row[3]),
-                    size=int(row[4]),
-                    mtime_ns=int(row[5]),
-                    deleted=False,
-                    folder_id=self._folder_id_of(new, ids),
-                )
+                self._row_event(dst + str(row[0])[len(src) :], row, ids, guids, deleted=False)
         self._reload([src, dst])
 
     def record_times(self, path: str, before: os.stat_result, after: os.stat_result) -> None:
@@ -1310,17 +1302,7 @@ class Index:
             )
             if path:  # the root is not an item of the feed
                 ids, guids = self._context([path])
-                self._event(
-                    path=path,
-                    node_id=int(row[1]),
-                    guid=str(row[2]),
-                    parent_guid=guids.get(_parent(path)),
-                    is_dir=bool(row[3]),
-                    size=int(row[4]),
-                    mtime_ns=after.st_mtime_ns,
-                    deleted=False,
-                    folder_id=self._folder_id_of(path, ids),
-                )
+                self._row_event(path, row, ids, guids, deleted=False, mtime_ns=after.st_mtime_ns)
         self._reload([path])
 
     # --- snapshot --------------------------------------------------------------------------------------------
