@@ -1341,7 +1341,9 @@ def render(table: Table, meta: dict[str, Any], summaries: Sequence[str] = ()) ->
         data = f"blocks section only: one {meta['blocks_size_mib']:g} MiB file (half random, half text)."
     elif meta["sections"] == ["listing"]:
         big = f" and a {meta['listing_folder']:,}-entry folder" if meta["listing_folder"] else ""
-        data = f"listing section only: a {meta['tree']:,}-file tree, a {meta['many']:,}-entry folder{big} over nginx WebDAV."
+        data = (
+            f"listing section only: a {meta['tree']:,}-file tree, a {meta['many']:,}-entry folder{big}, nginx WebDAV."
+        )
     else:
         data = (
             f"large file {meta['size_mib']} MiB (half random, half text), {meta['random_ios']} random reads per pass"
