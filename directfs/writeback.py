@@ -245,10 +245,13 @@ class WriteBack:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Own the background work (early parts, uploads at release) until cancelled."""
-        async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            task_status.started()
-            await trio.sleep_forever()
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                task_status.started()
+                await trio.sleep_forever()
+        finally:
+            self._nursery = None  # a closed nursery takes no new task: what is left waits for drain
 
     def statistics(self) -> dict[str, int]:
         return {
@@ -327,10 +330,7 @@ class WriteBack:
             else:
                 await trio.lowlevel.checkpoint()
             return
-        if self._nursery is None:  # no background (tests without run): upload here
-            with contextlib.suppress(DirectFSError):
-                await self.commit(spool)
-            return
+        # Without a running ``run`` (unmounting) the spool stays dirty: ``drain`` uploads it within its timeout.
         self._start_background(self._upload_at_release, spool)
         await trio.lowlevel.checkpoint()
 
