@@ -32,7 +32,8 @@ runs in worker threads under the one limiter (``workers.worker_limiter``), never
 before the handler answers. ``Spool.lock`` serialises uploads of one spool (a flush and an fsync at once); writes
 wait for a running upload (``Spool.lock``) so no upload reads bytes that change under it, and the filesystem holds it
 around an unlink or rename of the spool's path (an upload landing after the move would bring the old name back).
-``join`` runs under one lock, so two opens of a path at once share one spool. Background work (early
+``join`` runs under one lock, so two opens of a path at once share one spool. States, owners, the unmount path and a
+reviewer checklist: docs/engine-concurrency.md, "The write-back layer". Background work (early
 parts, uploads at release) runs in the ``WriteBack.run`` nursery.
 """
 
