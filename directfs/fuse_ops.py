@@ -221,7 +221,7 @@ class Operations(pyfuse3.Operations):
         info = pyfuse3.FileInfo(fh=answer.fh)
         info.keep_cache = answer.keep_cache
         # Off for plain reads: direct_io breaks mmap and bypasses the page cache (docs/design-notes.md §1). On for
-        # writers and for readers beside another version (vfs.OpenAnswer), so no handle sees a mix of versions.
+        # writers and for readers opened while a writer is active (vfs.OpenAnswer), so no handle sees a mix of versions.
         info.direct_io = answer.direct_io
         info.nonseekable = False
         return info
