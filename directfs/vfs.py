@@ -1033,7 +1033,7 @@ class FileSystem:
     def _committed(self, spool: Spool, entry: Entry) -> None:
         """An upload landed (the write-back layer's hook): new opens read the new version; stale pages are dropped."""
         path = spool.path
-        named = entry if entry.name == path.rpartition("/")[2] else _renamed(entry, path.rpartition("/")[2])
+        named = dataclasses.replace(entry, name=path.rpartition("/")[2])  # the name it has here (a renamed spool)
         self._negative.pop(path, None)
         self._remember(path, named, trio.current_time())
         self._listing_put(path, named)
@@ -1195,7 +1195,7 @@ class FileSystem:
                 path = node.path
                 kept = await self._store_call(path, lambda: store.set_mtime(path, mtime_ns))
                 if kept:
-                    node.entry = _with_mtime(node.entry, mtime_ns)
+                    node.entry = dataclasses.replace(node.entry, mtime_ns=mtime_ns)
         await trio.lowlevel.checkpoint()
         return self._attributes(node)
 
@@ -1205,7 +1205,7 @@ class FileSystem:
         if await self._exists(path) is not None:
             raise EntryExistsError(filename=path)
         entry = await self._store_call(path, lambda: store.make_dir(path))
-        node = self._created(path, _renamed(entry, name) if entry.name != name else entry)
+        node = self._created(path, dataclasses.replace(entry, name=name))
         self._modes[path] = mode & 0o7777
         return self._attributes(node)
 
@@ -1278,12 +1278,11 @@ class FileSystem:
             _expire(gone)
         moves = [(old, self._by_path.pop(old, None))]
         if entry.is_dir:
-            prefix = old + "/"
-            moves += [(p, self._by_path.pop(p)) for p in [p for p in self._by_path if p.startswith(prefix)]]
-            for cached in [p for p in self._listings if p == old or p.startswith(prefix)]:
+            moves += [(p, self._by_path.pop(p)) for p in [p for p in self._by_path if _below(p, old)]]
+            for cached in [p for p in self._listings if p == old or _below(p, old)]:
                 self._listings.pop(cached, None)
         name = new.rpartition("/")[2]
-        moved = _renamed(entry, name)
+        moved = dataclasses.replace(entry, name=name)
         for path, inode in moves:
             if inode is None:
                 continue
@@ -1644,14 +1643,6 @@ def _spool_entry(spool: Spool) -> Entry:
         mtime_ns=spool.modified_ns,
         version=f"spool:{spool.id}",
     )
-
-
-def _renamed(entry: Entry, name: str) -> Entry:
-    return dataclasses.replace(entry, name=name)
-
-
-def _with_mtime(entry: Entry, mtime_ns: int) -> Entry:
-    return dataclasses.replace(entry, mtime_ns=mtime_ns)
 
 
 def _shown(entry: Entry) -> tuple[bool, int, int, str]:
