@@ -280,7 +280,8 @@ class DirectfsCollector:
         state.add_metric([str(f.get("state", "stopped"))], 1.0)
         yield state
         for key, doc in (
-            ("events", "Change-feed events received"),
+            ("events", "Change-feed events received and applied"),
+            ("replayed", "Change-feed events of a replay from a null cursor (history: counted, not applied)"),
             ("invalidations", "Cache records (attributes, listings, negative names) dropped for change-feed events"),
             ("lists", "Change-feed list calls"),
             ("longpolls", "Change-feed long-polls"),

@@ -23,8 +23,11 @@ Service loop (``PortalFeed.run``), cterasdk's loop with deadlines and a state ma
 
 * The first ``list`` has a null cursor. docs/ctera-direct-io.md §8.3 has no way to start at the current end of the
   feed, so the Portal replays what it keeps (the reference portal: its last 100,000 events, ``--feed-retention``,
-  ~450 bytes each) and the loop pages through it at ``max_results`` per call, applying each page (at start nothing is
-  cached, so that costs dictionary lookups, not requests). The mount trusts nothing for long until the replay is done.
+  ~450 bytes each) and the loop pages through it at ``max_results`` per call. The replay is history, not news: its
+  events are counted and not applied. What the mount cached before the feed came up is trusted for the short TTL
+  only (its stamps carry no epoch), exactly as without a feed, so a replayed event has nothing long-trusted to correct;
+  applying it would only drop fresh answers, which then fail while the Portal is down (a listing made in the first
+  second of a mount, tests/mount/test_faults_mount.py). The mount trusts nothing for long until the replay is done.
 * Deadlines: a ``list`` call has ``list_deadline_seconds`` for all its attempts; a long-poll asks the Portal to wait
   ``longpoll_timeout_ms`` and is given that plus ``longpoll_margin_seconds`` (a Portal that stops answering is "down"
   within one long-poll deadline); resolving the cloud folder ids is one PROPFIND under the source's deadlines.
@@ -289,6 +292,7 @@ class PortalFeed:
         self._lag_seconds = math.nan
         self._counts = {
             "events": 0,
+            "replayed": 0,  # events of a replay from a null cursor: counted, not applied
             "invalidations": 0,
             "unusable": 0,
             "lists": 0,
@@ -382,8 +386,12 @@ class PortalFeed:
             self.state = state
             self._state_since = time.monotonic()
 
-    def _apply(self, sink: ChangeSink, batch: ChangeBatch) -> bool:
-        """Tell ``sink`` about one page; True when it had to resynchronise (entries that cannot be placed)."""
+    def _apply(self, sink: ChangeSink, batch: ChangeBatch, *, replay: bool) -> bool:
+        """Tell ``sink`` about one page; True when it had to resynchronise (entries that cannot be placed). A page of
+        the replay from a null cursor is only counted (module docstring)."""
+        if replay:
+            self._counts["replayed"] += len(batch.events) + batch.unusable
+            return False
         if batch.unusable:
             # A change we cannot place may be anywhere: drop every cache rather than keep one stale for an hour.
             self._counts["unusable"] += batch.unusable
@@ -405,11 +413,12 @@ class PortalFeed:
         """``list`` until ``has_more`` is false, applying each page and then keeping its cursor (as cterasdk saves it
         only once a batch is processed): (learnt anything, had to resynchronise), or the failure."""
         learnt = resynced = False
+        replay = self.cursor is None
         while True:
             batch = await self.list_changes(self.cursor)
             if isinstance(batch, FeedFailure):
                 return batch
-            resynced = self._apply(sink, batch) or resynced
+            resynced = self._apply(sink, batch, replay=replay) or resynced
             learnt = learnt or bool(batch.events) or bool(batch.unusable)
             self.cursor = batch.cursor
             if not batch.has_more:
