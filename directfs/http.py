@@ -549,6 +549,58 @@ class _Decoder:
             raise BadBody("the compressed body ended early")
 
 
+class BodyPieces:
+    """A reply body as it arrives, decoded and bounded as ``read_body`` reads it: ``await next()`` gives the next
+    piece, or None at the end. For parsers that hand on what each piece completes (a listing streamed to its reader)
+    instead of waiting for the whole body. ``BodyTooLarge`` past ``limit_bytes``, ``BadBody`` for an encoding we cannot
+    decode; transport failures are httpx's, for the caller's edge to translate."""
+
+    def __init__(self, response: httpx.Response, limit_bytes: int) -> None:
+        self._response = response
+        encoding = response.headers.get("content-encoding", "")
+        declared = parse_decimal(response.headers.get("content-length", ""))
+        if not encoding and declared is not None and declared > limit_bytes:
+            raise BodyTooLarge(declared)
+        self._decoder = _Decoder(encoding)
+        self._raw = response.aiter_raw()
+        self._limit_bytes = limit_bytes
+        self.produced_bytes = 0
+        self._pending: Iterator[bytes] = iter(())
+        self._ended = False
+
+    async def next(self) -> bytes | None:
+        while True:
+            for piece in self._pending:
+                self.produced_bytes += len(piece)
+                if self.produced_bytes > self._limit_bytes:
+                    raise BodyTooLarge(self.produced_bytes)
+                return piece
+            if self._ended:
+                return None
+            try:
+                raw = await anext(self._raw)
+            except StopAsyncIteration:
+                self._ended = True
+                self._decoder.close()
+                return None
+            self._pending = self._decoder.feed(raw, self._limit_bytes - self.produced_bytes)
+
+    async def aclose(self) -> None:
+        """Stop reading: close the response and end httpx's chain of async generators under ``aiter_raw``. Closing
+        only the outer one leaves the inner ones suspended, and trio warns when the garbage collector finds them
+        (ResourceWarning); one more read of the closed stream ends every one of them (with an error, ignored)."""
+        if self._ended:
+            return
+        self._ended = True
+        with trio.CancelScope(shield=True):
+            await self._response.aclose()
+            with contextlib.suppress(Exception), trio.move_on_after(1.0):
+                await anext(self._raw)
+            aclose = getattr(self._raw, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
+
 async def read_body(
     response: httpx.Response,
     limit_bytes: int,
@@ -575,29 +627,19 @@ async def read_body(
             feed(content)
             return bytearray()
         return bytearray(content)
-    encoding = response.headers.get("content-encoding", "")
-    declared = parse_decimal(response.headers.get("content-length", ""))
-    if not (encoding or prefix) and declared is not None and declared > limit_bytes:
-        raise BodyTooLarge(declared)
-    decoder = _Decoder(encoding)
-    body = bytearray()
-    produced = 0
     # A body cut off here (too large) leaves httpx's nested async generators suspended; trio's GC hook closes them
     # and warns (ResourceWarning). Closing only the outer one would not reach the inner ones, so tests that cut a
     # body off say so with a filterwarnings mark.
-    async for raw in response.aiter_raw():
-        for piece in decoder.feed(raw, limit_bytes - produced):
-            produced += len(piece)
-            if produced > limit_bytes:
-                if prefix:
-                    body += piece[: len(piece) - (produced - limit_bytes)]
-                    return body
-                raise BodyTooLarge(produced)
-            if feed is not None:
-                feed(piece)
-            else:
-                body += piece
-    decoder.close()
+    pieces = BodyPieces(response, limit_bytes if not prefix else 2**63 - 1)
+    body = bytearray()
+    while (piece := await pieces.next()) is not None:
+        if prefix and pieces.produced_bytes > limit_bytes:
+            body += piece[: len(piece) - (pieces.produced_bytes - limit_bytes)]
+            return body
+        if feed is not None:
+            feed(piece)
+        else:
+            body += piece
     return body
 
 
@@ -608,6 +650,7 @@ __all__ = [
     "RETRY_STATUSES",
     "STATISTICS",
     "BadBody",
+    "BodyPieces",
     "BodyTooLarge",
     "HTTPSettings",
     "HTTPStatistics",

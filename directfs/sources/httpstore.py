@@ -33,7 +33,7 @@ import contextlib
 import dataclasses
 import logging
 import os
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import AsyncGenerator, Awaitable, Callable, Collection
 from dataclasses import dataclass
 from email.utils import formatdate, parsedate_to_datetime
 from typing import Any, Final
@@ -53,6 +53,7 @@ from ..errors import (
     InvalidArgumentError,
     IsADirectory,
     MalformedListingError,
+    NamespaceTimeout,
     NotADirectory,
     UploadError,
     WriteAccessError,
@@ -61,6 +62,7 @@ from ..errors import (
 from ..http import (
     RETRY_STATUSES,
     BadBody,
+    BodyPieces,
     BodyTooLarge,
     HTTPSettings,
     RetryPolicy,
@@ -302,6 +304,127 @@ async def propfind(
         sink=sink,
     )
     return reply, attempts[-1].close() if reply.status_code == 207 else []
+
+
+# A listing's body may take as long as it needs while it keeps coming: past the retry budget (which covers reaching
+# the status line) it must average at least this. A Depth-1 PROPFIND of 1,000,000 entries is ~340 MB: 20 s at the
+# 17 MB/s nginx gave here, 90 min at this floor (a link slower than 0.5 Mbit/s). A stall is cut sooner, by the
+# per-read timeout (--read-timeout).
+MIN_LISTING_BYTES_PER_SECOND: Final = 64 * 1024
+
+
+@dataclass
+class _Opened:
+    """One attempt's response, its body not read yet, and what closes it."""
+
+    status_code: int
+    headers: httpx.Headers
+    response: httpx.Response
+    close: contextlib.AsyncExitStack
+
+
+async def propfind_pages(
+    client: httpx.AsyncClient,
+    url: str,
+    *,
+    depth: int,
+    auth: HTTPAuth,
+    policy: RetryPolicy,
+    path: str,
+    hint: str = "check the credentials",
+) -> AsyncGenerator[list[davxml.DavResource], None]:
+    """A ``PROPFIND``'s resources as the 207 body arrives, a list per network piece that completed any: a folder of a
+    million entries reaches its reader while the rest is still on the wire, and is never one body in memory.
+
+    Attempts, auth and the one token re-read after 401/403 are ``request``'s; the retry budget covers reaching a
+    status line that is not retried. The body then has no fixed deadline but a pace: ``MIN_LISTING_BYTES_PER_SECOND``
+    on average after the budget, and the per-read timeout between pieces. A failure in the body ends the listing
+    (what was yielded cannot be taken back; the reader lists again). A status other than 207 is raised mapped
+    (``http.namespace_status_error`` with ``hint``)."""
+    what = f"PROPFIND {redact_url(url)}"
+    headers = {"Depth": str(depth), "Content-Type": "application/xml; charset=utf-8"}
+
+    async def attempt() -> _Opened:
+        stack = contextlib.AsyncExitStack()
+        try:
+            all_headers = {**(await auth.headers()), **headers}
+            stream = open_stream(client, "PROPFIND", url, headers=all_headers, content=davxml.PROPFIND_BODY)
+            response = await stack.enter_async_context(stream)
+            if response.status_code != 207:
+                await stack.aclose()  # only a 207's body is read; a retried or mapped status needs none
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await stack.aclose()
+            raise
+        return _Opened(response.status_code, response.headers, response, stack)
+
+    async def once() -> _Opened:
+        try:
+            return await send_with_retries(attempt, policy=policy, what=what)
+        except httpx.HTTPError as exc:
+            raise transport_error(exc, subject="namespace", what=what, filename=path) from exc
+
+    started = trio.current_time()
+    opened = await once()
+    if opened.status_code in (401, 403) and await auth.refresh():
+        opened = await once()
+    async with opened.close:
+        if opened.status_code != 207:
+            raise namespace_status_error(opened.status_code, what=what, filename=path, hint=hint)
+        parser = davxml.MultistatusParser()
+        pieces: BodyPieces | None = None
+        try:
+            pieces = BodyPieces(opened.response, davxml.MAX_PROPFIND_BODY_BYTES)
+            while (piece := await pieces.next()) is not None:
+                allowed = policy.total_budget_seconds + pieces.produced_bytes / MIN_LISTING_BYTES_PER_SECOND
+                if trio.current_time() - started > allowed:
+                    raise NamespaceTimeout(
+                        f"{what}: the reply came slower than {MIN_LISTING_BYTES_PER_SECOND // 1024} KiB/s",
+                        filename=path,
+                    )
+                if resources := parser.feed(piece):
+                    yield resources
+            resources = parser.close()
+        except BodyTooLarge:
+            raise MalformedListingError(
+                f"{what}: reply larger than {davxml.MAX_PROPFIND_BODY_BYTES} bytes", filename=path
+            ) from None
+        except BadBody as exc:
+            raise MalformedListingError(f"{what}: {exc}", filename=path) from None
+        except httpx.HTTPError as exc:
+            raise transport_error(exc, subject="namespace", what=what, filename=path) from exc
+        finally:
+            if pieces is not None:
+                await pieces.aclose()  # a reply cut off (an error here, or the reader left): nothing left suspended
+    if resources:
+        yield resources
+
+
+async def dav_children(
+    client: httpx.AsyncClient,
+    url: str,
+    folder_path: str,
+    *,
+    auth: HTTPAuth,
+    policy: RetryPolicy,
+    path: str,
+    hint: str = "check the credentials",
+    empty_is_missing: bool = False,
+) -> AsyncGenerator[list[tuple[str, davxml.DavResource]], None]:
+    """The children of the folder at ``url`` (``folder_path``: its unquoted server path) as ``davxml.Children`` pages,
+    streamed from ``propfind_pages``. NotADirectory when the reply describes a file (read to its end first: a body
+    cut off warns); with ``empty_is_missing`` a reply of no resources at all is ENOENT (nginx)."""
+    children = davxml.Children(folder_path)
+    pages = propfind_pages(client, url, depth=1, auth=auth, policy=policy, path=path, hint=hint)
+    async with contextlib.aclosing(pages):
+        async for resources in pages:
+            page = children.take(resources)
+            if page and (children.itself is None or children.itself.is_collection):
+                yield page
+    if children.itself is not None and not children.itself.is_collection:
+        raise NotADirectory(filename=path)  # Depth 1 on a file describes just the file
+    if empty_is_missing and children.resources == 0:
+        raise EntryNotFoundError(filename=path)
 
 
 def raise_for_status(reply: Reply, what: str, path: str) -> None:

@@ -35,10 +35,11 @@ the few facts the write side remembers (``httpstore.DavStore``) change only on t
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 from urllib.parse import quote
 
-from ..errors import EntryNotFoundError, MalformedListingError, NotADirectory
+from ..errors import MalformedListingError
 from ..http import redact_url
 from ..values import parse_decimal
 from . import davxml
@@ -48,6 +49,7 @@ from .httpstore import (
     PlainHTTPStore,
     Reply,
     check_url,
+    dav_children,
     http_mtime_ns,
     propfind,
     raise_for_status,
@@ -132,16 +134,21 @@ class WebDAVSource(PlainHTTPStore, DavStore):
         raise MalformedListingError(f"PROPFIND Depth 0 of {path or '/'!r} did not describe it", filename=path or "/")
 
     async def list_dir(self, path: str) -> AsyncIterator[Entry]:
-        resources = await self._propfind(path, 1)
-        folder = self._abs(path)  # unquoted absolute path, as davxml.children_of expects
-        wanted = davxml.normalize_path(folder)
-        itself = next((r for r in resources if r.path == wanted), None)
-        if itself is not None and not itself.is_collection:  # Depth 1 on a file describes just the file
-            raise NotADirectory(filename=path)
-        if itself is None and not resources:
-            raise EntryNotFoundError(filename=path or "/")
-        for name, resource in davxml.children_of(folder, iter(resources)):
-            yield await self._entry(f"{path}/{name}" if path else name, name, resource)
+        # Streamed: entries reach the reader as the reply is parsed (httpstore.propfind_pages).
+        url = self._url(path, collection=True)
+        pages = dav_children(
+            self._http(),
+            url,
+            self._abs(path),
+            auth=self._auth,
+            policy=self._retry,
+            path=path or "/",
+            empty_is_missing=True,
+        )
+        async with contextlib.aclosing(pages):
+            async for page in pages:
+                for name, resource in page:
+                    yield await self._entry(f"{path}/{name}" if path else name, name, resource)
 
 
 def create(url: str, options: SourceOptions) -> WebDAVSource:
