@@ -1252,6 +1252,7 @@ SECTIONS: dict[str, Callable[[Context], None]] = {
     "metadata": section_metadata,
     "blocks": section_blocks,
     "listing": section_listing,
+    "diskcache": lambda ctx: __import__("benchmarks.diskcache").diskcache.section_diskcache(ctx),  # --disk-cache
 }
 
 

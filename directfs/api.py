@@ -21,6 +21,12 @@ closes it, in the same task, as ``async with`` guarantees. ``blocks()`` and ``st
 that own a nursery for the stream's waiting tasks; the iterators never yield from inside it
 (``directfs.engine.streams``).
 Unless ``DirectIOSettings.tune_allocator`` is off, entering applies ``directfs.engine.allocator.tune_allocator``.
+
+Disk cache: ``DirectIO(..., disk_cache=DiskCacheSettings(directory=...))`` gives the engine the same disk cache a
+mount's ``--disk-cache`` does (``directfs.engine.diskcache``, docs/disk-cache.md): encrypted files are kept as the
+ciphertext fetched, native ones sealed with the cache key. Blocks are named by the Portal's URL, the file id and
+the version, so a second program (or run) on the same folder reads them without a GET. A mount names its blocks by
+path and listing version instead, so the two do not share entries.
 """
 
 from __future__ import annotations
@@ -34,10 +40,12 @@ import httpx
 import trio
 
 from .engine.allocator import tune_allocator
+from .engine.diskcache import DiskCacheSettings, DiskTier, open_disk_cache
 from .engine.reader import FileReader, ReadEngine, ReadSettings
 from .engine.streams import Block, BlockStream, ByteRange, FragmentStream, check_workers, select_blocks
 from .errors import raise_single
 from .sources.ctera.client import Chunk, DirectIOClient, DirectIOFile, DirectIOSettings, FileMetadata
+from .sources.ctera.source import raw_capable
 
 # The mount's read settings with two changes. A smaller cache, 64 MiB (prefetch budget half of it, as the mount's):
 # caching is not free, every cached block is first-touch memory (~1.2 ms per MiB here, docs/testbed.md §9), and a
@@ -55,8 +63,9 @@ API_READ_SETTINGS: Final = ReadSettings(
 class DirectIO(DirectIOClient):
     """Async context manager: the Direct IO client of one account with its own read engine (see the module doc).
 
-    ``read_settings`` sizes the engine's cache (default :data:`API_READ_SETTINGS`). ``portal_transport`` and
-    ``storage_transport`` replace the network (``httpx.MockTransport`` in tests)."""
+    ``read_settings`` sizes the engine's cache (default :data:`API_READ_SETTINGS`); ``disk_cache`` adds a disk cache
+    under it (off unless its ``directory`` is set). ``portal_transport`` and ``storage_transport`` replace the network
+    (``httpx.MockTransport`` in tests)."""
 
     def __init__(
         self,
@@ -66,6 +75,7 @@ class DirectIO(DirectIOClient):
         *,
         settings: DirectIOSettings | None = None,
         read_settings: ReadSettings | None = None,
+        disk_cache: DiskCacheSettings | None = None,
         portal_transport: httpx.AsyncBaseTransport | None = None,
         storage_transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
@@ -78,6 +88,7 @@ class DirectIO(DirectIOClient):
             storage_transport=storage_transport,
         )
         self.read_settings = read_settings or API_READ_SETTINGS
+        self.disk_cache = disk_cache
         self._engine: ReadEngine | None = None
         self._engine_nursery: trio.Nursery | None = None
         self._stack: contextlib.AsyncExitStack | None = None
@@ -87,14 +98,17 @@ class DirectIO(DirectIOClient):
             tune_allocator()
         await super().__aenter__()
         stack = contextlib.AsyncExitStack()
+        disk = None
         try:
+            if self.disk_cache is not None and self.disk_cache.directory is not None:
+                disk = DiskTier(await open_disk_cache(self.disk_cache), f"directio:{self.portal_url}")
             self._engine_nursery = await stack.enter_async_context(trio.open_nursery())
         except BaseException:
             with trio.CancelScope(shield=True):
                 await super().aclose()
             raise
         self._stack = stack
-        self._engine = ReadEngine(self.read_settings, self._engine_nursery)
+        self._engine = ReadEngine(self.read_settings, self._engine_nursery, disk=disk)
         return self
 
     async def aclose(self) -> None:
@@ -117,7 +131,7 @@ class DirectIO(DirectIOClient):
     def reader(self, opened: DirectIOFile) -> FileReader:
         """A reader of an opened file through the engine (``read(offset, size)`` with read-ahead); close it with
         ``aclose`` before the file."""
-        return self.engine.open(opened, ("directio", opened.metadata.file_id))
+        return self.engine.open(raw_capable(opened), ("directio", opened.metadata.file_id))
 
     @asynccontextmanager
     async def blocks(
@@ -171,6 +185,7 @@ __all__ = [
     "DirectIO",
     "DirectIOFile",
     "DirectIOSettings",
+    "DiskCacheSettings",
     "FileMetadata",
     "FragmentStream",
 ]

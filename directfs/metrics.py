@@ -215,6 +215,31 @@ class DirectfsCollector:
             yield gauge("prefetch_reserved_bytes", "Prefetch budget in use", s.gate.reserved_bytes)
             yield gauge("prefetch_budget_bytes", "Prefetch budget", s.gate.budget_bytes)
             yield gauge("open_readers", "Open file readers", s.open_readers)
+            if s.disk is not None:  # --disk-cache (directfs.engine.diskcache): this process's view of DIR
+                d = s.disk
+                yield counter("disk_cache_hits", "Blocks read from the disk cache instead of the store", d.hits)
+                yield counter("disk_cache_misses", "Disk cache lookups that found no usable file", d.misses)
+                yield counter("disk_cache_writes", "Blocks written to the disk cache", d.writes)
+                yield counter(
+                    "disk_cache_written_bytes", "Bytes written to the disk cache (headers included)", d.written_bytes
+                )
+                yield counter(
+                    "disk_cache_skipped_writes",
+                    "Blocks not written (queue full, no free space, write error)",
+                    d.skipped_writes,
+                )
+                yield counter(
+                    "disk_cache_evictions", "Disk cache files removed to stay under size and free space", d.evictions
+                )
+                yield counter(
+                    "disk_cache_corrupt", "Damaged disk cache files deleted (the block was fetched again)", d.corrupt
+                )
+                yield counter("disk_cache_read_errors", "I/O errors reading disk cache files", d.read_errors)
+                yield gauge(
+                    "disk_cache_size_bytes", "Bytes in the disk cache folder, as this process knows it", d.size_bytes
+                )
+                yield gauge("disk_cache_capacity_bytes", "Disk cache size bound (--disk-cache-size)", d.capacity_bytes)
+                yield gauge("disk_cache_entries", "Files in the disk cache folder, as this process knows it", d.entries)
 
         if self.sources.vfs_statistics is not None:
             v = dict(self.sources.vfs_statistics())

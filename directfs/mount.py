@@ -42,6 +42,7 @@ import trio
 
 from . import http, metrics
 from .engine.allocator import tune_allocator
+from .engine.diskcache import DiskCacheSettings, DiskTier, open_disk_cache
 from .engine.reader import ReadEngine, ReadSettings
 from .errors import ConfigError, DirectFSError, NamespaceTimeout, ours_only
 from .logs import dump_tasks_on_sigusr1
@@ -84,6 +85,7 @@ class MountConfig:
     # auto: follow the source's change feed when it has one and it answers (CTERA Portals), the short TTL otherwise;
     # a mount is then both fresher and cheaper than polling, and nothing breaks where there is no feed.
     change_feed: Literal["on", "off", "auto"] = "auto"
+    disk_cache: DiskCacheSettings = field(default_factory=DiskCacheSettings)  # --disk-cache (off: no directory)
 
 
 # --- mountpoint helpers ------------------------------------------------------------------------------------------
@@ -215,7 +217,7 @@ class _Readiness:
 # --- the mount ---------------------------------------------------------------------------------------------------
 
 
-def _read_engine(nursery: trio.Nursery, config: MountConfig) -> ReadEngine:
+def _read_engine(nursery: trio.Nursery, config: MountConfig, disk: DiskTier | None = None) -> ReadEngine:
     # drop_behind: the kernel's page cache (keep_cache) holds what a sequential reader has read; see ReadSettings.
     defaults = ReadSettings(drop_behind=True)
     overrides: dict[str, Any] = {}  # ReadSettings field -> value (validated by ReadSettings)
@@ -227,7 +229,7 @@ def _read_engine(nursery: trio.Nursery, config: MountConfig) -> ReadEngine:
     if config.read_ahead_max_bytes is not None:
         overrides["read_ahead_max_bytes"] = config.read_ahead_max_bytes
     settings = dataclasses.replace(defaults, **overrides)  # ReadSettings validates: ConfigError (EINVAL)
-    return ReadEngine(settings, nursery)
+    return ReadEngine(settings, nursery, disk=disk)
 
 
 async def _watch_signals(cancel_scope: trio.CancelScope) -> None:
@@ -268,7 +270,10 @@ async def _serve(config: MountConfig, readiness: _Readiness, state: _State) -> N
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_watch_signals, nursery.cancel_scope)
                 nursery.start_soon(dump_tasks_on_sigusr1)
-                engine = _read_engine(nursery, config)
+                disk = None
+                if config.disk_cache.directory is not None:  # blocks keyed by the source's URL (no credentials)
+                    disk = DiskTier(await open_disk_cache(config.disk_cache), source.display_url)
+                engine = _read_engine(nursery, config, disk)
                 if writeback is not None:
                     await nursery.start(writeback.run)
                 fs = FileSystem(source, engine, config.vfs_settings, writeback)

@@ -48,6 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def mount_config(settings: Settings, *, ready_fd: int | None = None) -> MountConfig:
     """The daemon's config from ``settings``: every option nobody gave keeps its settings dataclass's default.
     Reads the secret files (so a wrong path fails here, before a daemon is started)."""
+    from ..engine.diskcache import DiskCacheSettings
     from ..mount import MountConfig
     from ..vfs import VfsSettings
     from ..writeback import WriteSettings
@@ -63,6 +64,7 @@ def mount_config(settings: Settings, *, ready_fd: int | None = None) -> MountCon
         source_options=common.build_source_options(settings, credentials),
         vfs_settings=VfsSettings(**settings.kwargs("VfsSettings")),
         write_settings=WriteSettings(**settings.kwargs("WriteSettings")),
+        disk_cache=DiskCacheSettings(**settings.kwargs("DiskCacheSettings")),
         ready_fd=ready_fd,
         **settings.kwargs("ReadSettings"),  # cache_size_bytes, read_ahead_max_bytes: the read engine's fields
         **fields,

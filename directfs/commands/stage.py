@@ -9,7 +9,9 @@ Each PATH is one of:
   this command's ``--staging-deadline``.
 
 What it does *not* do: keep everything in memory. The mount's cache holds only what fits in its ``--cache-size``
-(256 MiB by default), and without a mount nothing is kept at all. On a tape system the lasting effect is that the
+(256 MiB by default), and without a mount nothing is kept at all, unless ``--disk-cache DIR`` is given: then the
+blocks are written to that disk cache, named as a mount of the same source URL names them, so a later mount sharing
+DIR reads them without a GET (``cp.open_disk``). On a tape system the lasting effect is that the
 store stages the files to its disk tier, where later reads find them quickly; that is the point of this command.
 
 Output: one line per file, ``ready PATH`` or ``failed PATH: <errno message>`` (ETIMEDOUT: not online within the
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
@@ -30,6 +33,7 @@ from typing import TYPE_CHECKING, Final
 from . import common
 
 if TYPE_CHECKING:
+    from ..engine.diskcache import DiskCache
     from ..sources.base import Entry, Source, SourceOptions
     from .progress import Progress
 
@@ -60,6 +64,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=DEFAULT_MAX_WORKERS,
         metavar="N",
         help=f"files read at once (default {DEFAULT_MAX_WORKERS}); without a mount also the blocks in flight",
+    )
+    parser.add_argument(
+        "-q", "--quiet", action="store_true", help="no progress bar (the ready and failed lines are still printed)"
     )
     common.add_source_arguments(parser)
     parser.epilog = (
@@ -136,6 +143,7 @@ class _Stager:
         self.failed = 0
         self.bytes_read = 0
         self.progress: Progress | None = None
+        self.disk: DiskCache | None = None  # --disk-cache: blocks read and written there as a mount's are
 
     def report(self, place: str, error: OSError | None) -> None:
         from .storeio import describe
@@ -185,10 +193,12 @@ class _Stager:
             progress.advance(len(data))
             await trio.lowlevel.checkpoint()
 
+        from .cp import disk_tier
+
         try:
             handle = await source.open(path, entry)
             try:
-                await fetch_blocks(handle, self.block_slots, discard)
+                await fetch_blocks(handle, self.block_slots, discard, disk=disk_tier(self.disk, source), path=path)
             finally:
                 with trio.CancelScope(shield=True):
                     await handle.aclose()
@@ -236,10 +246,16 @@ async def _stage(args: argparse.Namespace, jobs: list[_Job]) -> int:
     import trio
 
     from ..errors import DirectFSError
+    from .cp import open_disk
     from .progress import Progress
     from .storeio import describe, open_target, walk, where
 
     stager = _Stager(args.max_workers)
+    try:
+        stager.disk = await open_disk(args)
+    except DirectFSError as exc:
+        print(f"directfs stage: {exc}", file=sys.stderr)
+        return 1
     # Plan every job first (listings), so the progress line knows the totals; then read everything.
     local_files: list[tuple[str, int]] = []
     remote: list[tuple[Source, str, Entry, str]] = []
@@ -275,7 +291,7 @@ async def _stage(args: argparse.Namespace, jobs: list[_Job]) -> int:
                     full = f"{target.path}/{rel}" if target.path else rel
                     remote.append((target.source, full, entry, where(job.url, rel)))
         total = sum(size for _, size in local_files) + sum(entry.size for _, _, entry, _ in remote)
-        stager.progress = Progress("stage", files=len(local_files) + len(remote), total_bytes=total)
+        stager.progress = Progress("stage", files=len(local_files) + len(remote), total_bytes=total, quiet=args.quiet)
         for place, problem in early:
             stager.failed += 1
             stager.progress.line(f"failed {describe(problem, place)}")  # the bar is on screen already

@@ -20,7 +20,8 @@ from typing import Any
 from ..options import add_flags
 
 HELP = (
-    "Show a running mount's counters: reads, cache, prefetch, store calls, the change feed, FUSE requests and latency."
+    "Show a running mount's counters: reads, cache, disk cache, prefetch, store calls, the change feed, FUSE "
+    "requests and latency."
 )
 
 
@@ -139,6 +140,14 @@ def summarize(text: str, *, mountpoint: str) -> str:
             f"{v('prefetch_wasted_total')} wasted, {v('prefetch_outstanding')} outstanding, "
             f"{_size(v('prefetch_reserved_bytes'))} of {_size(v('prefetch_budget_bytes'))} budget",
         ]
+    if "disk_cache_hits_total" in values:
+        disk_hits, disk_misses = v("disk_cache_hits_total"), v("disk_cache_misses_total")
+        lines.append(
+            f"  disk cache     {disk_hits} hits, {disk_misses} misses, {_size(v('disk_cache_written_bytes_total'))} "
+            f"written, {v('disk_cache_evictions_total')} evictions, {v('disk_cache_corrupt_total')} corrupt dropped, "
+            f"{_size(v('disk_cache_size_bytes'))} of {_size(v('disk_cache_capacity_bytes'))} in "
+            f"{v('disk_cache_entries')} files"
+        )
     if "source_calls_total" in labelled:
         calls = ", ".join(f"{labels['kind']} {int(n)}" for labels, n in labelled["source_calls_total"])
         lines.append(f"  store calls    {calls}")

@@ -32,6 +32,7 @@ from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 import trio
 
+from ..engine.diskcache import DiskTier
 from ..engine.reader import ReadEngine, ReadSettings
 from ..engine.streams import fetch_all
 from ..errors import (
@@ -303,16 +304,22 @@ async def fetch_blocks(
     handle: OpenFile,
     slots: trio.Semaphore,
     deliver: Callable[[int, memoryview], Awaitable[None]],
+    *,
+    disk: DiskTier | None = None,
+    path: str = "",
 ) -> None:
     """Fetch every block of ``handle`` through the block engine (length-checked, single-flight), calling
     ``deliver(offset, data)`` for each, in any order. At most ``slots`` blocks (shared with the caller's other files)
-    are fetched or held at once. Raises one ``DirectFSError`` (the first of a failed file's blocks), never a group."""
+    are fetched or held at once. Raises one ``DirectFSError`` (the first of a failed file's blocks), never a group.
+    ``disk``: read and fill that disk cache (``--disk-cache``); ``path`` (the file's path in its source) and the
+    version then name its blocks as a mount of the same source names them, so a stage warms that mount."""
     try:
         async with trio.open_nursery() as nursery:
-            engine = ReadEngine(COMMAND_READ_SETTINGS, nursery)
-            reader = engine.open(handle, "file")
+            engine = ReadEngine(COMMAND_READ_SETTINGS, nursery, disk=disk)
+            reader = engine.open(handle, (path, handle.layout.version) if disk is not None else "file")
             try:
                 await fetch_all(reader, slots, deliver)
+                await engine.flush_disk_writes()  # --disk-cache: what was fetched is on disk before the engine closes
             finally:
                 with trio.CancelScope(shield=True):
                     await reader.aclose()

@@ -70,7 +70,7 @@ from typing import Final
 import cachetools
 import trio
 
-from ..errors import DirectFSError, InvalidArgumentError, replay_error, unwrap_error
+from ..errors import DirectFSError, InvalidArgumentError, RangeNotSupportedError, replay_error, unwrap_error
 
 logger = logging.getLogger(__name__)
 
@@ -398,8 +398,10 @@ class BlockCache:
             error = unwrap_error(exc, context=f"fetching block {flight.key.index}")
             flight.error = error
             self._failed += 1
-            # Rule: remember only what a reader saw fail (the kernel's retry fails fast: docs/design-notes.md §5).
-            if flight.demand_waiters > 0:
+            # Rule: remember only what a reader saw fail (the kernel's retry fails fast: docs/design-notes.md §5),
+            # and only a failure of the block itself: a refusal for where a no-range stream is now (EOPNOTSUPP) says
+            # nothing about the next read of that block, which the stream may serve.
+            if flight.demand_waiters > 0 and not isinstance(error, RangeNotSupportedError):
                 self._remember_failure(flight.key, error)
         finally:
             self._finish(flight)

@@ -26,6 +26,14 @@ Concurrency rules: a ``FileReader`` may be read from many tasks at once (the ker
 handle); all shared state is in the cache and the prefetcher, which are only touched synchronously between awaits.
 Cancelling a ``read`` (the kernel interrupted it) only stops that read's waiting, never a fetch others need.
 
+Disk cache (``ReadEngine(..., disk=DiskTier)``, :mod:`.diskcache`): a second level under the memory cache. It lives
+*inside* the fetch callable a flight runs (``_fetch_through_disk``), so single-flight, cancellation and the length
+check cover it unchanged: the fetch first looks the block up on disk (a worker thread), and on a miss fetches it and
+hands it to a background write (the reader never waits for the disk). ``RawBlocks`` files (encrypted CTERA) are
+fetched raw, decoded in a codec job, and their object is what is written. Without a disk tier the fetch callable is
+``_fetch_verified`` as before: no extra await, thread or call per block. Ranges (step 3) are not disk-cached; a
+non-sequential read takes whole blocks when the disk holds them.
+
 Ownership: the caller owns the ``OpenFile`` and closes it after ``FileReader.aclose``. Blocks are shared between
 handles by ``identity`` (and the layout's version), so one handle's fetch may serve another handle's read; therefore
 ``aclose`` cancels this handle's prefetches that nobody waits for and then waits until no fetch that uses this
@@ -42,8 +50,10 @@ from dataclasses import dataclass
 import trio
 
 from ..errors import BlockValidationError, ConfigError, DirectFSError, InvalidArgumentError, unwrap_error
-from ..sources.base import BlockLayout, OpenFile, RangeReadable
+from ..sources.base import BlockLayout, OpenFile, RangeReadable, RawBlocks
+from ..workers import run_codec
 from .cache import BlockCache, BlockData, BlockFetch, BlockKey, CacheStatistics, FetchOutcome
+from .diskcache import KIND_RAW, KIND_SEALED, DiskStatistics, DiskTier, stable_identity
 from .prefetch import FilePrefetcher, GateStatistics, PrefetchCounters, PrefetchGate, PrefetchPolicy
 
 MiB = 1024 * 1024
@@ -133,6 +143,7 @@ class ReadStatistics:
     window_resets: int
     gate: GateStatistics
     open_readers: int
+    disk: DiskStatistics | None = None  # None: no disk cache (--disk-cache not given)
 
     @property
     def read_amplification(self) -> float:
@@ -144,8 +155,10 @@ class ReadEngine:
     """Shared read machinery of one mount. Background fetches run in ``nursery``, which must outlive every reader:
     cancel it (after closing the readers) to stop all fetching."""
 
-    def __init__(self, settings: ReadSettings, nursery: trio.Nursery) -> None:
+    def __init__(self, settings: ReadSettings, nursery: trio.Nursery, *, disk: DiskTier | None = None) -> None:
         self.settings = settings
+        self.disk = disk
+        self._nursery = nursery
         self._cache = BlockCache(
             settings.cache_size_bytes,
             nursery=nursery,
@@ -173,6 +186,14 @@ class ReadEngine:
         self._open_readers += 1
         return FileReader(self, file, identity)
 
+    async def flush_disk_writes(self) -> None:
+        """Wait until the disk cache's background writes have ended (none without a disk cache). For a command that
+        closes its engine next (``cp``, ``stage``): cancelling the nursery would drop the writes still queued."""
+        if self.disk is not None:
+            await self.disk.cache.flush()
+        else:
+            await trio.lowlevel.checkpoint()
+
     def statistics(self) -> ReadStatistics:
         counters = self._prefetch_counters
         cache = self._cache.statistics()
@@ -189,6 +210,7 @@ class ReadEngine:
             window_resets=counters.window_resets,
             gate=self._gate.statistics(),
             open_readers=self._open_readers,
+            disk=self.disk.cache.statistics() if self.disk is not None else None,
         )
 
 
@@ -210,6 +232,14 @@ class FileReader:
         # The cheap first fetch (module docstring, step 3): only for stores that serve any byte range.
         self._range_bytes = engine.settings.random_read_bytes
         self._ranges: RangeReadable | None = file if self._range_bytes > 0 and isinstance(file, RangeReadable) else None
+        # The fetch a flight runs: through the disk cache when there is one and this file has a stable identity.
+        self._fetch_impl: Callable[[int], Awaitable[BlockData]] = self._fetch_verified
+        self._disk = engine.disk
+        self._disk_identity = stable_identity(identity) if self._disk is not None else None
+        self._raw: RawBlocks | None = None
+        if self._disk is not None and self._disk_identity is not None:
+            self._raw = file if isinstance(file, RawBlocks) else None
+            self._fetch_impl = self._fetch_through_disk
         self._prefetcher = FilePrefetcher(
             layout=layout,
             cache=engine._cache,
@@ -279,8 +309,11 @@ class FileReader:
         if (end - 1) // self._range_bytes - offset // self._range_bytes >= MAX_RANGES_PER_READ:
             return False
         offsets = self._offsets
+        disk = self._disk.cache if self._disk is not None and self._disk_identity is not None else None
         return any(
-            offsets[index + 1] > offsets[index] and not self._cache.is_pending(self._key(index))
+            offsets[index + 1] > offsets[index]
+            and not self._cache.is_pending(self._key(index))
+            and (disk is None or self._disk_name(index) not in disk)
             for index in range(first, last + 1)
         )
 
@@ -392,7 +425,41 @@ class FileReader:
         return BlockKey(self._identity, self._version, index)
 
     def _fetcher(self, index: int) -> BlockFetch:
-        return functools.partial(self._fetch_verified, index)
+        return functools.partial(self._fetch_impl, index)
+
+    def _disk_name(self, index: int) -> bytes:
+        assert self._disk is not None and self._disk_identity is not None
+        return self._disk.cache.name_of(self._disk.scope, self._disk_identity, self._version, index)
+
+    async def _fetch_through_disk(self, index: int) -> BlockData:
+        """Block ``index`` from the disk cache, else fetched and written there in the background (module docstring).
+        A damaged cache file is a miss (``DiskCache.load``): the reader never sees it."""
+        assert self._disk is not None
+        disk = self._disk.cache
+        name = self._disk_name(index)
+        expected = self._offsets[index + 1] - self._offsets[index]
+        raw_file = self._raw
+        self._fetching += 1
+        try:
+            decode = functools.partial(raw_file.decode_raw, index) if raw_file is not None else None
+            data = await disk.load(name, expected, decode)
+            if data is not None:
+                return data
+            if raw_file is None:
+                data = await self._file.fetch_block(index)
+                kind, payload = KIND_SEALED, data
+            else:
+                payload = await raw_file.fetch_raw(index)
+                data = await run_codec(functools.partial(raw_file.decode_raw, index, payload), input_bytes=len(payload))
+                kind = KIND_RAW
+        finally:
+            self._fetching -= 1
+            if self._fetching == 0 and self._drained is not None:
+                self._drained.set()
+        if len(data) != expected:
+            raise BlockValidationError(f"source returned {len(data)} bytes for block {index}, expected {expected}")
+        disk.save_later(self._engine._nursery, name, kind, expected, payload)
+        return data
 
     async def _fetch_verified(self, index: int) -> BlockData:
         self._fetching += 1

@@ -156,6 +156,24 @@ class RangeReadable(Protocol):
 
 
 @runtime_checkable
+class RawBlocks(Protocol):
+    """Optional capability of an ``OpenFile`` whose stored objects are already encrypted at rest (CTERA ``ctera+``
+    files with a file key): the disk cache (``directfs.engine.diskcache``, docs/disk-cache.md) keeps such an object
+    exactly as fetched, so a copy of the cache folder is as protected as the store, and decodes it on each use. Check
+    with ``isinstance``; files without it are cached encrypted under the cache's own key."""
+
+    async def fetch_raw(self, index: int) -> bytes | bytearray:
+        """Block ``index``'s stored object as fetched (checked against the storage digest where there is one), not
+        decoded; the same retries, deadlines and URL refresh as ``fetch_block``. Raises ``DirectFSError``."""
+        ...
+
+    def decode_raw(self, index: int, raw: bytes | bytearray | memoryview) -> bytes | bytearray:
+        """``raw`` (from ``fetch_raw``) as the exact plaintext ``fetch_block`` returns, or a ``BlockError``. Pure and
+        synchronous, safe in any thread (callers run it in a worker); releases the GIL in its heavy parts."""
+        ...
+
+
+@runtime_checkable
 class Preparable(Protocol):
     """Optional capability of a ``Source`` that can build what its first ``open`` needs (HTTP clients, TLS contexts)
     ahead of time: the mount calls it in the background once it serves, so the first read does not pay for it. Errors
@@ -368,6 +386,11 @@ class SourceOptions:
     # Nearline stores (tape): how long one block read waits for data to come online before ETIMEDOUT. 5 minutes covers
     # a disk-cache recall on tape systems while a stuck read still ends; bigger recalls: `directfs stage` ahead.
     staging_deadline_seconds: float = 300.0
+    # http(s):// servers that ignore Range (200 to a ranged GET): a read is served by reading the one stream from byte
+    # 0 up to it only when that is at most this much further (never below a block). 64 MiB covers the 32 MiB read-ahead
+    # window plus a block, so a sequential reader's prefetches are never refused, and bounds a random read's wait to
+    # under a second at 1 Gb/s; further reads fail with EOPNOTSUPP instead of silently streaming gigabytes.
+    no_range_max_size_bytes: int = 64 * 1024 * 1024
     allow_plain_http: bool = False  # ctera+http:// only for loopback unless this is set
     # file:// only: symlinks leading out of the source folder are refused unless set (issue 13 M8): whoever can write
     # into the tree could otherwise link to any file the daemon may read.

@@ -13,7 +13,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from directfs.engine.cache import BlockCache, BlockData, BlockKey, FetchOutcome
-from directfs.errors import BlockInfo, DirectFSError, DownloadError, DownloadTimeout, unwrap_error
+from directfs.errors import (
+    BlockInfo,
+    DirectFSError,
+    DownloadError,
+    DownloadTimeout,
+    RangeNotSupportedError,
+    unwrap_error,
+)
 
 
 def key(index: int, version: str = "v1") -> BlockKey:
@@ -259,6 +266,18 @@ async def test_error_delivered_to_all_waiters_not_cached_and_remembered(
         assert fetch.calls == 2
         stats = cache.statistics()
         assert (stats.failed_fetches, stats.fetches_started) == (1, 2)
+
+
+async def test_a_no_range_refusal_is_not_remembered(autojump_clock: trio.testing.MockClock) -> None:
+    """EOPNOTSUPP depends on where a no-range stream is, not on the block: the next read tries again at once."""
+    async with trio.open_nursery() as nursery:
+        cache = BlockCache(100, nursery=nursery, failed_block_memory_seconds=5.0)
+        fetch = Fetcher(error=RangeNotSupportedError("too far ahead of the stream"))
+        with pytest.raises(RangeNotSupportedError):
+            await cache.get_or_fetch(key(0), fetch)
+        fetch.error = None
+        assert await cache.get_or_fetch(key(0), fetch) == fetch.data
+        assert fetch.calls == 2 and cache.statistics().fast_failures == 0
 
 
 async def test_failure_memory_disabled_by_default() -> None:

@@ -852,6 +852,15 @@ def _decoder(meta: FileMetadata, chunk: Chunk) -> Callable[[bytearray], Plaintex
     )
 
 
+def _as_fetched(meta: FileMetadata, chunk: Chunk) -> Callable[[bytearray], Plaintext]:
+    """The "decoder" of ``fetch_raw``: the object as fetched (its digest is checked before a decoder is called)."""
+    return _same_bytes
+
+
+def _same_bytes(body: bytearray) -> bytearray:
+    return body
+
+
 # S3 server-side encryption with KMS or customer keys makes the ETag something other than the MD5 of the object.
 _SSE_OPAQUE_ETAG: Final = ("aws:kms", "aws:kms:dsse")
 
@@ -923,6 +932,32 @@ class DirectIOFile:
         return self._meta.size
 
     async def fetch_block(self, index: int) -> bytes | bytearray:
+        return await self._fetch(index, _decoder)
+
+    async def fetch_raw(self, index: int) -> bytes | bytearray:
+        """Block ``index``'s stored object as fetched, its storage digest checked and nothing decoded (the disk
+        cache keeps it: ``sources.ctera.source.CipherFile``); ``decode_raw`` turns it into the plaintext."""
+        return await self._fetch(index, _as_fetched)
+
+    def decode_raw(self, index: int, raw: bytes | bytearray | memoryview) -> bytes | bytearray:
+        """The plaintext of block ``index`` from its object as ``fetch_raw`` gave it (CPU-heavy: a codec job)."""
+        meta = self._meta
+        chunk = meta.chunks[index]
+        try:
+            return codec.decode_block(
+                raw,
+                key=meta.file_key,
+                compression=meta.compression,
+                expected_length=chunk.length,
+                azure_md5_prefix=meta.azure,
+            )
+        except BlockError as exc:
+            clone = exc.with_block(BlockInfo(meta.file_id, chunk.number, chunk.offset, chunk.length))
+            raise clone from exc
+
+    async def _fetch(
+        self, index: int, decoder_of: Callable[[FileMetadata, Chunk], Callable[[bytearray], Plaintext]]
+    ) -> bytes | bytearray:
         if not 0 <= index < len(self._meta.chunks):
             raise InvalidArgumentError(
                 f"block index {index} outside 0..{len(self._meta.chunks) - 1}", filename=self._meta.file_id
@@ -931,12 +966,12 @@ class DirectIOFile:
         chunk = meta.chunks[index]
         info = BlockInfo(meta.file_id, chunk.number, chunk.offset, chunk.length)
         try:
-            data = await self._client._get_block(chunk, info, _decoder(meta, chunk))
+            data = await self._client._get_block(chunk, info, decoder_of(meta, chunk))
             if data is None:
                 await self._refresh(generation)
                 meta = self._meta
                 chunk = meta.chunks[index]
-                data = await self._client._get_block(chunk, info, _decoder(meta, chunk))
+                data = await self._client._get_block(chunk, info, decoder_of(meta, chunk))
                 if data is None:
                     raise DownloadError("storage refused a freshly issued URL (HTTP 403/400)", block=info)
         except BlockError as exc:

@@ -23,10 +23,17 @@ Writes (``Writable``): through the Portal's WebDAV, as Cyberduck uploads, with t
 Portal gives a changed file a new ``fileid``; the entry after an upload is a PROPFIND, so it carries the new id, and
 the new blocks are read through Direct IO like any other file's. ``keeps_mtime``: the Portal takes the PROPPATCH
 (the reference portal does); errors name the Portal credentials.
+
+Disk cache (``base.RawBlocks``, docs/disk-cache.md): an *encrypted* Direct IO file opens as a :class:`CipherFile`,
+which can hand out a block's stored object as fetched (``fetch_raw``: the storage digest checked, nothing decoded) and
+decode such an object later (``decode_raw``: the codec with the file key the Portal gave at open). The disk cache keeps
+that ciphertext, so what lies on disk is protected by the per-file key, which lives only in memory. Native
+(unencrypted) files open as plain ``DirectIOFile``s and are sealed by the disk cache with its own key.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from urllib.parse import quote, unquote, urlsplit
@@ -36,7 +43,6 @@ import trio
 from ...errors import (
     ConfigError,
     MalformedListingError,
-    NotADirectory,
     UnsupportedStorageError,
 )
 from ...http import (
@@ -46,10 +52,10 @@ from ...http import (
     redact_url,
 )
 from .. import davxml
-from ..base import Entry, OpenFile, SourceOptions
+from ..base import BlockLayout, Entry, OpenFile, SourceOptions
 from ..httprange import RangeFile
-from ..httpstore import DavStore, HTTPAuth, plain_file, propfind
-from .client import DirectIOClient, DirectIOSettings
+from ..httpstore import DavStore, HTTPAuth, dav_children, plain_file, propfind
+from .client import DirectIOClient, DirectIOFile, DirectIOSettings, FileMetadata
 from .feed import FeedSettings, PortalFeed
 
 log = logging.getLogger(__name__)
@@ -183,14 +189,17 @@ class CteraSource(DavStore):
         raise MalformedListingError(f"PROPFIND Depth 0 of {path or '/'!r} did not describe it")
 
     async def list_dir(self, path: str) -> AsyncIterator[Entry]:
-        resources = await self._propfind(path, 1)
+        # Streamed: entries reach the reader as the reply is parsed (httpstore.propfind_pages).
         folder = f"{self._root}/{path}" if path else self._root
-        wanted = davxml.normalize_path(folder)
-        itself = next((r for r in resources if r.path == wanted), None)
-        if itself is not None and not itself.is_collection:  # Depth 1 on a file describes just the file
-            raise NotADirectory(filename=path)
-        for name, resource in davxml.children_of(folder, iter(resources)):
-            yield self._entry(name, resource)
+        hint = "check the Portal credentials"
+        url = self._url(path, collection=True)
+        pages = dav_children(
+            self._http(), url, folder, auth=self._auth, policy=self._retry, path=path or "/", hint=hint
+        )
+        async with contextlib.aclosing(pages):
+            async for page in pages:
+                for name, resource in page:
+                    yield self._entry(name, resource)
 
     # --- change feed (base.ChangeFeed) ---
 
@@ -239,7 +248,7 @@ class CteraSource(DavStore):
             return await self._webdav_file(path, entry)
         dio = await self._direct_io()
         try:
-            return await dio.open(entry.file_id, version=entry.version, expected_size=entry.size)
+            return raw_capable(await dio.open(entry.file_id, version=entry.version, expected_size=entry.size))
         except UnsupportedStorageError:
             if path not in self._warned_fallback:
                 self._warned_fallback.add(path)
@@ -258,3 +267,41 @@ class CteraSource(DavStore):
             staging=None,
             getter=await self._data_getter(),
         )
+
+
+# --- the disk cache's view of an encrypted file (base.RawBlocks) --------------------------------------------------
+
+
+def raw_capable(opened: DirectIOFile) -> OpenFile:
+    """``opened`` as a :class:`CipherFile` when its objects are encrypted (they may then be cached as fetched), else
+    as it is (a native file's objects are plaintext: the disk cache seals those itself)."""
+    meta = opened.metadata
+    if meta.encrypted and meta.file_key is not None and meta.chunks:
+        return CipherFile(opened)
+    return opened
+
+
+class CipherFile:
+    """An encrypted Direct IO file (``OpenFile`` + ``RawBlocks``): ``fetch_block`` is the file's own; ``fetch_raw``
+    and ``decode_raw`` are its two halves (``DirectIOFile``), so the disk cache can keep the object in between. Only
+    encrypted files are wrapped: ``RawBlocks`` is what tells the disk cache their objects may be stored as fetched."""
+
+    def __init__(self, inner: DirectIOFile) -> None:
+        self._inner = inner
+        self.layout: BlockLayout = inner.layout
+
+    @property
+    def metadata(self) -> FileMetadata:
+        return self._inner.metadata
+
+    async def fetch_block(self, index: int) -> bytes | bytearray:
+        return await self._inner.fetch_block(index)
+
+    async def fetch_raw(self, index: int) -> bytes | bytearray:
+        return await self._inner.fetch_raw(index)
+
+    def decode_raw(self, index: int, raw: bytes | bytearray | memoryview) -> bytes | bytearray:
+        return self._inner.decode_raw(index, raw)
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
