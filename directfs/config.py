@@ -90,7 +90,8 @@ ENV_KEYS: Final[Mapping[str, str]] = {name: option.name for name, option in ENV_
 # credentials are built, so they never sit in Settings).
 _ENV_READ_ELSEWHERE: Final = frozenset({"config", *SECRET_KEYS})
 # Other variables of ours, known so they do not draw the "unknown variable" warning.
-OTHER_ENV: Final = frozenset({"DIRECTFS_RUNTIME_DIR"})  # directfs.metrics: where control sockets live
+# directfs.metrics: where control sockets live; directfs.fsspec_ctera: the Portal of ctera:// (no flag has it)
+OTHER_ENV: Final = frozenset({"DIRECTFS_RUNTIME_DIR", "DIRECTFS_PORTAL_URL"})
 
 
 # --- the parsed file ---------------------------------------------------------------------------------------------

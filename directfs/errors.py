@@ -46,7 +46,8 @@ credentials, the secret, configuration).
     │   │   ├── DownloadConnectionError (ConnectionError)  ENETRESET WARNING
     │   │   ├── DecryptBlockError                          EIO       ERROR    bad ciphertext length or padding
     │   │   ├── DecompressBlockError                       EIO       ERROR    gzip/snappy failure, bomb
-    │   │   └── BlockValidationError                       EIO       ERROR    decoded length is not chunk ``len``
+    │   │   ├── BlockValidationError                       EIO       ERROR    decoded length is not chunk ``len``
+    │   │   └── RangeNotSupportedError                     ENOTSUP   WARNING  (= EOPNOTSUPP) Range ignored, too far
     │   └── StreamError                                    EIO       WARNING  carries ``offset``: resume there
     └── NamespaceError                                     EIO       WARNING  listing / stat of the namespace
         ├── EntryNotFoundError (FileNotFoundError)         ENOENT    DEBUG
@@ -250,6 +251,15 @@ class DecompressBlockError(BlockError):
 class BlockValidationError(BlockError):
     default_message = "Decoded block length does not match the block list"
     log_level = logging.ERROR
+
+
+class RangeNotSupportedError(BlockError):
+    """EOPNOTSUPP (the same number as ENOTSUP on Linux): a plain HTTP server that ignores ``Range`` is read as one
+    stream from byte 0, and this read is further from the stream than ``--no-range-max-size`` (see
+    ``directfs.sources.httprange``). WARNING: the user should see why, and that reading sequentially works."""
+
+    default_errno = _errno.EOPNOTSUPP
+    default_message = "The server ignores Range and this read is too far from the stream"
 
 
 class StreamError(DirectIOError):

@@ -42,6 +42,10 @@ Uploads and store-to-store copies (``cp LOCAL_PATH URL``, ``cp -r LOCAL_DIR URL`
   URL), each skip ``skipped PATH: ...``; a last line counts them when there were any. Exit status 1 if any file
   failed, 0 otherwise (skips included: the store already holds a file of that name, as asked without ``--force``).
 
+Disk cache: with ``--disk-cache DIR`` a download reads and fills that cache (``directfs.engine.diskcache``), naming
+blocks as a mount of the same source URL does, so a copy from a warm cache sends no block GETs and a mount sharing
+DIR finds what a copy fetched (``disk_tier``; ``stage`` uses the same).
+
 Concurrency: ``--max-workers`` bounds the blocks fetched or held at once across all files (one semaphore), and the
 files open (or sent) at once. Local file system calls run in worker threads, never on the trio thread.
 """
@@ -54,9 +58,10 @@ import sys
 from typing import TYPE_CHECKING, Final, NamedTuple
 
 from . import common
-from .partfile import PartFile, open_folder, set_folder_mtime
+from .partfile import PartFile, open_folder, pwrite_all, set_folder_mtime
 
 if TYPE_CHECKING:
+    from ..engine.diskcache import DiskCache, DiskTier
     from ..sources.base import Entry, Source, SourceOptions
     from .progress import Progress
     from .storeio import Target, WriteTarget
@@ -83,6 +88,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "to (s3://, webdav(s)://, ctera+https://, file://)",
     )
     parser.add_argument("-r", "--recursive", action="store_true", help="copy a folder and everything below it")
+    parser.add_argument(
+        "-q", "--quiet", action="store_true", help="no progress bar (notices and errors are still printed)"
+    )
     parser.add_argument(
         "--force",
         action="store_true",
@@ -128,6 +136,7 @@ class _Copier:
         self.block_slots = trio.Semaphore(args.max_workers)
         self.file_slots = trio.Semaphore(args.max_workers)
         self.failed = 0
+        self.disk: DiskTier | None = None  # --disk-cache: set by _copy once the cache is open
 
     def fail(self, path: str, exc: OSError) -> None:
         from .storeio import describe, where
@@ -150,10 +159,10 @@ class _Copier:
                 fd = part.fd
 
                 async def write(offset: int, data: memoryview) -> None:
-                    await trio.to_thread.run_sync(_pwrite_all, fd, data, offset)
+                    await trio.to_thread.run_sync(pwrite_all, fd, data, offset)
                     self.progress.advance(len(data))
 
-                await fetch_blocks(handle, self.block_slots, write)
+                await fetch_blocks(handle, self.block_slots, write, disk=self.disk, path=path)
             finally:
                 with trio.CancelScope(shield=True):
                     await handle.aclose()
@@ -177,6 +186,7 @@ async def _copy(args: argparse.Namespace, url: str, options: SourceOptions) -> i
     from .storeio import describe, open_target, walk, where
 
     try:
+        cache = await open_disk(args)
         target = await open_target(url, options)
     except DirectFSError as exc:
         print(f"directfs cp: {describe(exc, where(url, ''))}", file=sys.stderr)
@@ -187,7 +197,9 @@ async def _copy(args: argparse.Namespace, url: str, options: SourceOptions) -> i
             if await trio.to_thread.run_sync(os.path.isdir, dest):  # a link to a folder is that folder, as for cp
                 dest = os.path.join(dest, target.entry.name)
             folder, name = os.path.split(dest)  # DEST's folder as the user named it; the name itself is not followed
-            copier = _Copier(args, url, target.source, Progress("cp", files=1, total_bytes=target.entry.size))
+            progress = Progress("cp", files=1, total_bytes=target.entry.size, quiet=args.quiet)
+            copier = _Copier(args, url, target.source, progress)
+            copier.disk = disk_tier(cache, target.source)
             await copier.copy_file(target.path, target.entry, Dest(folder or ".", (), name))
             copier.progress.finish()
             return 1 if copier.failed else 0
@@ -199,8 +211,9 @@ async def _copy(args: argparse.Namespace, url: str, options: SourceOptions) -> i
         listing = walk(target.source, target.path, target.children, lambda p, e: failed_listing.append((p, e)))
         items = [item async for item in listing]
         files = [(rel, entry) for rel, entry in items if not entry.is_dir]
-        progress = Progress("cp", files=len(files), total_bytes=sum(entry.size for _, entry in files))
+        progress = Progress("cp", files=len(files), total_bytes=sum(entry.size for _, entry in files), quiet=args.quiet)
         copier = _Copier(args, url, target.source, progress)
+        copier.disk = disk_tier(cache, target.source)
         for path, problem in failed_listing:
             copier.fail(path, problem)
         folders = [("", target.entry)] + [(rel, entry) for rel, entry in items if entry.is_dir]
@@ -229,6 +242,27 @@ async def _copy(args: argparse.Namespace, url: str, options: SourceOptions) -> i
     finally:
         with trio.CancelScope(shield=True):
             await target.source.aclose()
+
+
+async def open_disk(args: argparse.Namespace) -> DiskCache | None:
+    """The ``--disk-cache`` of a command (flags over ``DIRECTFS_*``; a config file's ``[mount]`` keys are a mount's),
+    opened, or None when not asked for. Raises ``ConfigError`` for an unusable folder or key file."""
+    from ..config import Settings, env_values
+    from ..engine.diskcache import DiskCacheSettings, open_disk_cache
+    from ..options import given_flags
+
+    names = {"disk_cache", "disk_cache_size", "disk_cache_min_free", "disk_cache_key_file"}
+    values = {**env_values(os.environ, names), **given_flags(args, ("stores",))}
+    settings = Settings(values={k: v for k, v in values.items() if k in names}, origins={})
+    disk = DiskCacheSettings(**settings.kwargs("DiskCacheSettings"))
+    return await open_disk_cache(disk) if disk.directory is not None else None
+
+
+def disk_tier(cache: DiskCache | None, source: Source) -> DiskTier | None:
+    """``cache`` for the blocks of ``source``, keyed by its display URL (no credentials) as a mount's are."""
+    from ..engine.diskcache import DiskTier
+
+    return DiskTier(cache, source.display_url) if cache is not None else None
 
 
 def join_path(parent: str, rel: str) -> str:
@@ -269,14 +303,6 @@ def _create(dest: Dest, size: int) -> PartFile:
         part.discard()
         raise
     return part
-
-
-def _pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
-    view = memoryview(data)
-    while view:
-        written = os.pwrite(fd, view, offset)
-        view = view[written:]
-        offset += written
 
 
 def _set_mtime(dest: str, rel: str, mtime_ns: int) -> None:
@@ -507,7 +533,7 @@ class _Sender:
                 await trio.to_thread.run_sync(os.ftruncate, fd, size)
 
                 async def write(offset: int, data: memoryview) -> None:
-                    await trio.to_thread.run_sync(_pwrite_all, fd, data, offset)
+                    await trio.to_thread.run_sync(pwrite_all, fd, data, offset)
 
                 await fetch_blocks(handle, self.block_slots, write)
             finally:
@@ -612,7 +638,7 @@ async def _put_file(args: argparse.Namespace, source: Target | None, target: Wri
     else:
         name = source.entry.name
         item = _File("", where(args.source, ""), source.entry.size, path=source.path, entry=source.entry)
-    progress = Progress("cp", files=1, total_bytes=item.size)
+    progress = Progress("cp", files=1, total_bytes=item.size, quiet=args.quiet)
     sender = _Sender(args, target, progress, source.source if source is not None else None)
     with progress:
         into_folder = target.folder or (target.entry is not None and target.entry.is_dir)
@@ -666,7 +692,8 @@ async def _put_tree(args: argparse.Namespace, source: Target | None, target: Wri
     tree = await (
         _scan_store(args.source, source) if source is not None else trio.to_thread.run_sync(_scan_local, args.source)
     )
-    progress = Progress("cp", files=len(tree.files), total_bytes=sum(item.size for item in tree.files))
+    total = sum(item.size for item in tree.files)
+    progress = Progress("cp", files=len(tree.files), total_bytes=total, quiet=args.quiet)
     sender = _Sender(args, target, progress, source.source if source is not None else None)
 
     with progress:

@@ -57,6 +57,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help=f"times to resume a stream that stopped on a block error (default {DEFAULT_RESUMES})",
     )
+    parser.add_argument(
+        "-q", "--quiet", action="store_true", help="no progress bar (notices and errors are still printed)"
+    )
     common.add_credential_arguments(parser)
     common.add_tls_arguments(parser)
 
@@ -118,7 +121,7 @@ async def _download(portal: str, args: argparse.Namespace, options: SourceOption
     assert credentials.access_key_id and credentials.secret_access_key  # checked by run()
     settings = DirectIOSettings.from_options(options)
     to_stdout = args.dest == "-"
-    progress = Progress("get", total_bytes=None)  # the size comes with the first stream
+    progress = Progress("get", total_bytes=None, files=1, quiet=args.quiet)  # the size comes with the first stream
     async with DirectIO(portal, credentials.access_key_id, credentials.secret_access_key, settings=settings) as dio:
         if to_stdout:
             await _stream(dio, args, start, end, sys.stdout.buffer, progress)
@@ -156,6 +159,7 @@ async def _stream(
                         await trio.to_thread.run_sync(sink.write, fragment)
                         position += len(fragment)
                         progress.advance(len(fragment))
+                progress.file_done()
                 return
             except StreamError as exc:
                 if resumes >= args.resumes:

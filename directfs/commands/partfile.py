@@ -136,6 +136,15 @@ class PartFile:
             self.folder_fd = -1
 
 
+def pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
+    """All of ``data`` at ``offset`` of ``fd`` (``os.pwrite`` may write less than asked); blocking: for workers."""
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view = view[written:]
+        offset += written
+
+
 def set_folder_mtime(root: str, folders: Sequence[str], mtime_ns: int) -> None:
     """Give ``root/folders...`` this mtime, reached as :func:`open_folder` reaches it (no link below ``root``)."""
     fd = open_folder(root, folders)

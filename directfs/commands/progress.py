@@ -3,10 +3,12 @@ terminal.
 
 The bar shows the bytes done of the total with decimal prefixes (``MB`` and ``MB/s`` are 10^6 bytes, as before),
 the percentage, the elapsed and remaining time, the rate (recent while running, the whole run's average on the final
-line) and, for ``cp`` and ``stage``, the files done of the total. A line of its own (an error, a resumed stream,
+line) and the files done of the total (``get``: its one file). A line of its own (an error, a resumed stream,
 ``stage``'s ``ready``/``failed``) goes through :meth:`Progress.message` or :meth:`Progress.line`, which clear the bar,
-write the line and draw the bar again below it. When the stream is not a terminal no bar is drawn and those lines
-are all that is written, byte for byte what the commands wrote before the bar was tqdm's.
+write the line and draw the bar again below it. When the stream is not a terminal, or the command was given
+``-q``/``--quiet`` (each command's own flag, defined beside its other flags: importing this module loads tqdm, which
+parsing must not), no bar is drawn and those lines are all that is written, byte for byte what the commands wrote
+before the bar was tqdm's.
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ class _Bar(tqdm):  # type: ignore[type-arg]  # a manual bar iterates nothing: tq
 
 
 class Progress:
-    """One progress bar on ``stream`` (stderr by default), only when it is a terminal (or ``enabled`` says so).
+    """One progress bar on ``stream`` (stderr by default), only when it is a terminal (or ``enabled`` says so) and
+    not ``quiet`` (``--quiet``).
 
     ``advance`` counts bytes, ``file_done`` counts files (shown when ``files`` is given), ``finish`` draws the final
     line; used as a context manager, the bar is finished on every way out, so an error printed after it starts on a
@@ -47,10 +50,11 @@ class Progress:
         files: int | None = None,
         stream: TextIO | None = None,
         enabled: bool | None = None,
+        quiet: bool = False,
     ) -> None:
         self.command = command
         self.stream = sys.stderr if stream is None else stream
-        self.enabled = self.stream.isatty() if enabled is None else enabled
+        self.enabled = not quiet and (self.stream.isatty() if enabled is None else enabled)
         self.files = files
         self.files_done = 0
         self._started = time.monotonic()

@@ -10,6 +10,9 @@ URL forms:
   ``/`` is a sub-folder. Sizes, mtimes and ETags come from ``HEAD``; when ``HEAD`` has no ``Content-Length``, from the
   ``Content-Range`` of a 1-byte ranged GET.
 * Data: fixed-size blocks read with strict ranged GETs (``httprange.RangeFile``), ``If-Match`` with a strong ETag.
+  A server that ignores ``Range`` (a 200 to a ranged GET, seen from the status line) has the file read as one
+  stream from byte 0 instead, with reads further than ``SourceOptions.no_range_max_size_bytes`` from the stream
+  failing with EOPNOTSUPP (``httprange``'s docstring: states, memory, re-reads).
 * ``http://`` sends credentials in clear text, so it is refused with credentials unless the host is loopback or
   ``SourceOptions.allow_plain_http`` is set.
 
@@ -45,7 +48,8 @@ from ..http import (
 )
 from ..values import parse_decimal
 from ..workers import run_codec
-from .base import Entry, SourceOptions, valid_name
+from .base import Entry, OpenFile, SourceOptions, valid_name
+from .httprange import RangeFile
 from .httpstore import PlainHTTPStore, Reply, check_url, http_mtime_ns, raise_for_status, request
 
 log = logging.getLogger(__name__)
@@ -153,6 +157,7 @@ class HTTPSource(PlainHTTPStore):
             self._folder = parent.rstrip("/") + "/"
             self._single = name
         self.display_url = self._origin + quote(url_path)
+        self._range_ignored_seen = False  # some file of this source answered a ranged GET with 200
 
     def _url(self, path: str, *, folder: bool = False) -> str:
         full = self._folder + path + ("/" if folder and path else "")
@@ -160,6 +165,21 @@ class HTTPSource(PlainHTTPStore):
 
     def _file_url(self, path: str) -> str:
         return self._url(path)
+
+    async def open(self, path: str, entry: Entry) -> OpenFile:
+        file = await super().open(path, entry)
+        if isinstance(file, RangeFile):  # plain_file's: a server that ignores Range is then read as a stream
+            file.stream_when_range_ignored(
+                self._options.no_range_max_size_bytes,
+                # Once one file of this source was seen ignoring Range, a file's first fetch goes alone (each file is
+                # still judged by its own first reply: a CDN may serve some objects with Range and some without).
+                probe_first=self._range_ignored_seen,
+                on_detected=self._saw_range_ignored,
+            )
+        return file
+
+    def _saw_range_ignored(self) -> None:
+        self._range_ignored_seen = True
 
     async def _head(self, url: str, path: str) -> Reply:
         return await request(self._http(), "HEAD", url, auth=self._auth, policy=self._retry, path=path)

@@ -75,3 +75,15 @@ def test_not_a_terminal_writes_only_the_notices_exactly() -> None:
     quiet = Progress("stage", files=1, total_bytes=1, stream=io.StringIO())
     quiet.line("failed x: No such file or directory", file=out)
     assert out.getvalue() == "failed x: No such file or directory\n"
+
+
+def test_quiet_draws_no_bar_on_a_terminal_and_keeps_the_notices() -> None:
+    screen = FakeTerminal()
+    progress = Progress("cp", files=1, total_bytes=10, stream=screen, quiet=True)
+    assert not progress.enabled
+    progress.advance(10)
+    progress.message("s3://b/x: Input/output error")
+    progress.file_done()
+    progress.finish()
+    assert screen.getvalue() == "directfs cp: s3://b/x: Input/output error\n"
+    assert not Progress("cp", total_bytes=1, stream=FakeTerminal(), enabled=True, quiet=True).enabled
