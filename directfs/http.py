@@ -455,6 +455,9 @@ async def send_with_retries(
 # zlib window bits per Content-Encoding: 16+ = gzip header, + 32 = zlib or gzip (auto), - = raw deflate.
 _DECODERS: Final = {"gzip": 16 + 15, "x-gzip": 16 + 15, "deflate": 32 + 15}
 _DECODE_STEP_BYTES: Final = 1024 * 1024  # inflate output per step: bounds a bomb's cost before the limit trips
+# Pieces a body already buffered that ``BodyPieces.aclose`` may still be given before its cancellation lands
+# (httpcore reads 64 KiB at a time, so one or two).
+_END_BODY_PIECES: Final = 64
 
 
 class BadBody(Exception):
@@ -586,19 +589,24 @@ class BodyPieces:
             self._pending = self._decoder.feed(raw, self._limit_bytes - self.produced_bytes)
 
     async def aclose(self) -> None:
-        """Stop reading: close the response and end httpx's chain of async generators under ``aiter_raw``. Closing
-        only the outer one leaves the inner ones suspended, and trio warns when the garbage collector finds them
-        (ResourceWarning); one more read of the closed stream ends every one of them (with an error, ignored)."""
+        """Stop reading a body left part-way, from the inside. httpx's body is a chain of async generators
+        (``aiter_raw`` down to httpcore's connection); closing the outer one leaves the inner ones suspended, and trio
+        warns (ResourceWarning) when the garbage collector finds them. So the iteration is resumed once more under a
+        cancelled scope: the cancellation lands at the innermost socket read and unwinds every generator through its
+        own cleanup (httpcore closes the connection). Bounded: a few pieces already buffered may come first. The
+        caller's ``open_stream`` still closes the response."""
         if self._ended:
             return
         self._ended = True
-        with trio.CancelScope(shield=True):
-            await self._response.aclose()
-            with contextlib.suppress(Exception), trio.move_on_after(1.0):
-                await anext(self._raw)
-            aclose = getattr(self._raw, "aclose", None)
-            if aclose is not None:
-                await aclose()
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            for _ in range(_END_BODY_PIECES):
+                try:
+                    await anext(self._raw)
+                except StopAsyncIteration:
+                    return
+                except Exception:  # the body's own failure: it is being dropped anyway
+                    return
 
 
 async def read_body(

@@ -232,11 +232,24 @@ def _read_engine(nursery: trio.Nursery, config: MountConfig, disk: DiskTier | No
     return ReadEngine(settings, nursery, disk=disk)
 
 
-async def _watch_signals(cancel_scope: trio.CancelScope) -> None:
+# At unmount, the disk cache's queued writes (at most diskcache.MAX_PENDING_WRITE_BYTES, 64 MiB: well under a second on
+# any disk) may finish before the engine's nursery is cancelled; past this they are dropped (those blocks are simply
+# not cached). Far below systemd's TimeoutStopSec (90 s), which the write-back drain shares.
+DISK_FLUSH_SECONDS = 10.0
+
+
+async def _stop(cancel_scope: trio.CancelScope, engine: ReadEngine) -> None:
+    """End the mount's nursery, after the disk cache's queued writes (``DISK_FLUSH_SECONDS``)."""
+    with trio.move_on_after(DISK_FLUSH_SECONDS):
+        await engine.flush_disk_writes()
+    cancel_scope.cancel()
+
+
+async def _watch_signals(cancel_scope: trio.CancelScope, engine: ReadEngine) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async for signum in signals:
             log.info("%s: unmounting", signal.Signals(signum).name)
-            cancel_scope.cancel()
+            await _stop(cancel_scope, engine)
             return
 
 
@@ -268,12 +281,12 @@ async def _serve(config: MountConfig, readiness: _Readiness, state: _State) -> N
         fs: FileSystem | None = None
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(_watch_signals, nursery.cancel_scope)
                 nursery.start_soon(dump_tasks_on_sigusr1)
                 disk = None
                 if config.disk_cache.directory is not None:  # blocks keyed by the source's URL (no credentials)
                     disk = DiskTier(await open_disk_cache(config.disk_cache), source.display_url)
                 engine = _read_engine(nursery, config, disk)
+                nursery.start_soon(_watch_signals, nursery.cancel_scope, engine)
                 if writeback is not None:
                     await nursery.start(writeback.run)
                 fs = FileSystem(source, engine, config.vfs_settings, writeback)
@@ -310,7 +323,7 @@ async def _serve(config: MountConfig, readiness: _Readiness, state: _State) -> N
                 async def serve_requests() -> None:
                     await pyfuse3.main(min_tasks=MIN_TASKS, max_tasks=MAX_TASKS)
                     log.info("unmounted from outside; stopping")
-                    nursery.cancel_scope.cancel()
+                    await _stop(nursery.cancel_scope, engine)
 
                 nursery.start_soon(serve_requests)
                 nursery.start_soon(drain_invalidations, fs)

@@ -651,6 +651,12 @@ class FileSystem:
         then); returns the (possibly new) inode for it. An answer raced by an invalidation is kept already expired."""
         if not isinstance(stamp, _Stamp):
             stamp = _Stamp(stamp, self._feed_epoch, self._generation)
+        inode = self._by_path.get(path)
+        node = self._nodes.get(inode) if inode is not None else None
+        if node is not None and node.entry is entry and node.fetched_at == stamp.at:
+            # This very answer is what the node holds already (a folder listed again, readdir of the same snapshot):
+            # everything below was done when it was first remembered, and an invalidation since expired the node.
+            return node
         self._negative.pop(path, None)
         fetched_at = stamp.at
         raced = self._raced(path, stamp, (entry,), parent=True)
@@ -660,8 +666,6 @@ class FileSystem:
             self._learn_guid(entry.guid, path)
         if self._kernel_negatives and path:
             self._kernel_negative_gone(path.rpartition("/")[0], path.rpartition("/")[2])
-        inode = self._by_path.get(path)
-        node = self._nodes.get(inode) if inode is not None else None
         if node is not None and node.entry.is_dir != entry.is_dir:
             # A file became a folder (or back): the kernel must never see an inode change type. Detach the old inode
             # (it answers ESTALE until forgotten) and give the path a new one.

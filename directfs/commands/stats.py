@@ -144,7 +144,8 @@ def summarize(text: str, *, mountpoint: str) -> str:
         disk_hits, disk_misses = v("disk_cache_hits_total"), v("disk_cache_misses_total")
         lines.append(
             f"  disk cache     {disk_hits} hits, {disk_misses} misses, {_size(v('disk_cache_written_bytes_total'))} "
-            f"written, {v('disk_cache_evictions_total')} evictions, {v('disk_cache_corrupt_total')} corrupt dropped, "
+            f"written, {v('disk_cache_skipped_writes_total')} not written, "
+            f"{v('disk_cache_evictions_total')} evictions, {v('disk_cache_corrupt_total')} corrupt dropped, "
             f"{_size(v('disk_cache_size_bytes'))} of {_size(v('disk_cache_capacity_bytes'))} in "
             f"{v('disk_cache_entries')} files"
         )

@@ -458,7 +458,7 @@ class FileReader:
                 self._drained.set()
         if len(data) != expected:
             raise BlockValidationError(f"source returned {len(data)} bytes for block {index}, expected {expected}")
-        disk.save_later(self._engine._nursery, name, kind, expected, payload)
+        await disk.save(self._engine._nursery, name, kind, expected, payload)
         return data
 
     async def _fetch_verified(self, index: int) -> BlockData:

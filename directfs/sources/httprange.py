@@ -95,6 +95,7 @@ from ..errors import (
 )
 from ..http import (
     BadBody,
+    BodyPieces,
     BodyTooLarge,
     RetryPolicy,
     open_stream,
@@ -406,9 +407,8 @@ STREAM_KEPT_BLOCKS: Final = 2
 MAX_STREAMS_PER_FILE: Final = 2
 # Closing a stream's reply when it ends: a socket close, bounded even when the stream was cancelled.
 STREAM_CLOSE_SECONDS: Final = 5.0
-# Pieces a body already buffered that ``_end_body`` may still be given before its cancellation lands (httpcore reads
-# 64 KiB at a time, so one or two).
-_END_BODY_PIECES: Final = 64
+# A stream's body is bounded by the file's size in ``_Stream._take`` (more is ESTALE), not by BodyPieces.
+_UNBOUNDED: Final = 2**63 - 1
 # Scheduling rounds a read that would be refused as too far ahead waits for the reads started with it to say where
 # they wait (``_NoRangeReads.read``); each is one trio checkpoint, the fetches of one burst take one round.
 _REFUSAL_CHECKPOINTS: Final = 2
@@ -592,10 +592,10 @@ class _Stream:
         file = self._file
         size = self._layout.size
         response = await file._open_stream(self._info())
-        chunks = response.aiter_raw()
+        pieces = BodyPieces(response, _UNBOUNDED)  # _take checks the length against the file's size
         try:
             self.state = _State.READING
-            async for chunk in chunks:
+            while (chunk := await pieces.next()) is not None:
                 self._take(chunk)
                 while self.position < size and not self._wanted():
                     self.state = _State.PAUSED
@@ -607,7 +607,7 @@ class _Stream:
             raise transport_error(exc, subject="block", what=what, block=self._info()) from exc
         finally:
             try:
-                await _end_body(chunks)
+                await pieces.aclose()
             finally:
                 with trio.move_on_after(STREAM_CLOSE_SECONDS, shield=True):
                     await response.aclose()
@@ -615,25 +615,6 @@ class _Stream:
             raise DownloadError(f"the body ended after {self.position} of {size} bytes", block=self._info())
         self.state = _State.DONE
         log.debug("stream %d of %s: all %d bytes arrived", self.number, file._name, size)
-
-
-async def _end_body(chunks: collections.abc.AsyncIterator[bytes]) -> None:
-    """End a body iteration left part-way (a paused stream closed, a body that went wrong) from the inside.
-
-    httpx's body is a chain of async generators (``aiter_raw`` down to httpcore's connection). Closing the outer one
-    leaves the inner ones suspended, and trio warns (``ResourceWarning``) when they are collected. So the iteration is
-    resumed once more under a cancelled scope: the cancellation lands at the innermost socket read and unwinds every
-    generator of the chain through its own cleanup (httpcore closes the connection). A finished iteration just says
-    so. Bounded: a few pieces already buffered may come first."""
-    with trio.CancelScope() as scope:
-        scope.cancel()
-        for _ in range(_END_BODY_PIECES):
-            try:
-                await anext(chunks)
-            except StopAsyncIteration:
-                return
-            except Exception:  # the body's own failure: it is being dropped anyway
-                return
 
 
 class _NoRangeReads:

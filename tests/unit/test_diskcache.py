@@ -54,7 +54,7 @@ def _reverse(raw: memoryview) -> bytes:
 
 async def _put(cache: DiskCache, name: bytes, data: bytes, kind: int = KIND_SEALED) -> None:
     async with trio.open_nursery() as nursery:
-        cache.save_later(nursery, name, kind, len(data), data if kind == KIND_SEALED else data[::-1])
+        await cache.save(nursery, name, kind, len(data), data if kind == KIND_SEALED else data[::-1])
         await cache.flush()
 
 

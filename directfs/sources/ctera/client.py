@@ -853,7 +853,7 @@ def _decoder(meta: FileMetadata, chunk: Chunk) -> Callable[[bytearray], Plaintex
 
 
 def _as_fetched(meta: FileMetadata, chunk: Chunk) -> Callable[[bytearray], Plaintext]:
-    """The "decoder" of ``fetch_raw``: the object as fetched (its digest is checked before a decoder is called)."""
+    """The "decoder" of ``fetch_object``: the object as fetched (its digest is checked before a decoder is called)."""
     return _same_bytes
 
 
@@ -934,13 +934,15 @@ class DirectIOFile:
     async def fetch_block(self, index: int) -> bytes | bytearray:
         return await self._fetch(index, _decoder)
 
-    async def fetch_raw(self, index: int) -> bytes | bytearray:
+    # Not named as base.RawBlocks's methods on purpose: that capability says "these objects may be stored as fetched",
+    # true only of encrypted files, which sources.ctera.source.CipherFile wraps (a native file's objects are plaintext).
+    async def fetch_object(self, index: int) -> bytes | bytearray:
         """Block ``index``'s stored object as fetched, its storage digest checked and nothing decoded (the disk
-        cache keeps it: ``sources.ctera.source.CipherFile``); ``decode_raw`` turns it into the plaintext."""
+        cache keeps it: ``sources.ctera.source.CipherFile``); ``decode_object`` turns it into the plaintext."""
         return await self._fetch(index, _as_fetched)
 
-    def decode_raw(self, index: int, raw: bytes | bytearray | memoryview) -> bytes | bytearray:
-        """The plaintext of block ``index`` from its object as ``fetch_raw`` gave it (CPU-heavy: a codec job)."""
+    def decode_object(self, index: int, raw: bytes | bytearray | memoryview) -> bytes | bytearray:
+        """The plaintext of block ``index`` from its object as ``fetch_object`` gave it (CPU-heavy: a codec job)."""
         meta = self._meta
         chunk = meta.chunks[index]
         try:

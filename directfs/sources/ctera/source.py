@@ -283,8 +283,9 @@ def raw_capable(opened: DirectIOFile) -> OpenFile:
 
 class CipherFile:
     """An encrypted Direct IO file (``OpenFile`` + ``RawBlocks``): ``fetch_block`` is the file's own; ``fetch_raw``
-    and ``decode_raw`` are its two halves (``DirectIOFile``), so the disk cache can keep the object in between. Only
-    encrypted files are wrapped: ``RawBlocks`` is what tells the disk cache their objects may be stored as fetched."""
+    and ``decode_raw`` are its two halves (``DirectIOFile.fetch_object`` and ``decode_object``), so the disk cache can
+    keep the object in between. Only encrypted files are wrapped: ``RawBlocks`` is what tells the disk cache their
+    objects may be stored as fetched."""
 
     def __init__(self, inner: DirectIOFile) -> None:
         self._inner = inner
@@ -298,10 +299,10 @@ class CipherFile:
         return await self._inner.fetch_block(index)
 
     async def fetch_raw(self, index: int) -> bytes | bytearray:
-        return await self._inner.fetch_raw(index)
+        return await self._inner.fetch_object(index)
 
     def decode_raw(self, index: int, raw: bytes | bytearray | memoryview) -> bytes | bytearray:
-        return self._inner.decode_raw(index, raw)
+        return self._inner.decode_object(index, raw)
 
     async def aclose(self) -> None:
         await self._inner.aclose()
