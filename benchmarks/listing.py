@@ -384,8 +384,8 @@ def memory_breakdown(host: str, folder: str, entries: int) -> str:
             listed = now()
             rows.append(
                 (
-                    "per-entry CancelScopes of FileSystem._list (move_on_after around each anext) left in trio's "
-                    "deadline heap until the listing task yields: webdav's list_dir never does between entries",
+                    "stale CancelScopes left in trio's deadline heap by FileSystem._list until the listing task "
+                    "yields (one scope per entry until fdc48db; one per listing since)",
                     (unpruned - listed) / entries,
                     "transient, but for the whole folder at once",
                 )
