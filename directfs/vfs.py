@@ -653,9 +653,14 @@ class FileSystem:
             stamp = _Stamp(stamp, self._feed_epoch, self._generation)
         inode = self._by_path.get(path)
         node = self._nodes.get(inode) if inode is not None else None
-        if node is not None and node.entry is entry and node.fetched_at == stamp.at:
-            # This very answer is what the node holds already (a folder listed again, readdir of the same snapshot):
-            # everything below was done when it was first remembered, and an invalidation since expired the node.
+        if (
+            node is not None
+            and node.entry is entry
+            and node.fetched_at == stamp.at
+            and stamp.generation == self._generation
+        ):
+            # This very answer is what the node holds already (readdir of the same snapshot) and nothing was
+            # invalidated since it was taken: everything below was done when it was first remembered.
             return node
         self._negative.pop(path, None)
         fetched_at = stamp.at
