@@ -845,6 +845,30 @@ async def test_a_listing_raced_by_an_event_is_not_kept(autojump_clock: trio.test
     assert (await fs.lookup(docs.inode, "c.txt")).size == 1
 
 
+async def test_readdir_of_an_older_snapshot_after_its_folder_changed_marks_the_entries_raced(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """An event that touches only the folder (a name that cannot be placed) expires no node; readdir of a snapshot
+    taken before it must still treat its entries as raced, not as the answers the nodes already hold."""
+    source, fs = await tree_fs(autojump_clock)
+    fs.feed_up(new_cursor=True)
+    docs = await fs.lookup(ROOT_INODE, "docs")
+    handle = await fs.opendir(docs.inode)
+    names: list[str] = []
+    fs.readdir(handle, 0, lambda name, attrs, next_id: names.append(name) or True)
+    a = await fs.lookup(docs.inode, "a.txt")
+    unplaceable = ChangeEvent(
+        guid="g-unknown", parent_guid=source.guid("docs"), name="bad/name", deleted=False, is_dir=False
+    )
+    fs.apply_changes([unplaceable])
+    fs.readdir(handle, 0, lambda name, attrs, next_id: True)  # the same, older snapshot again
+    fs.releasedir(handle)
+    calls = store_calls(source)
+    autojump_clock.jump(SHORT + 1)
+    await fs.getattr(a.inode)
+    assert store_calls(source) == calls + 1, "raced by the folder's change: asked again, not trusted for an hour"
+
+
 async def test_a_renamed_item_of_unknown_guid_raced_into_a_stat_is_caught_by_its_guid(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
