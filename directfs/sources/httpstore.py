@@ -336,11 +336,11 @@ async def propfind_pages(
     """A ``PROPFIND``'s resources as the 207 body arrives, a list per network piece that completed any: a folder of a
     million entries reaches its reader while the rest is still on the wire, and is never one body in memory.
 
-    Attempts, auth and the one token re-read after 401/403 are ``request``'s; the retry budget covers reaching a
-    status line that is not retried. The body then has no fixed deadline but a pace: ``MIN_LISTING_BYTES_PER_SECOND``
-    on average after the budget, and the per-read timeout between pieces. A failure in the body ends the listing
-    (what was yielded cannot be taken back; the reader lists again). A status other than 207 is raised mapped
-    (``http.namespace_status_error`` with ``hint``)."""
+    Attempts, auth and the one token re-read after 401/403 go as in ``request`` (``send_with_retries``), but the
+    retry budget covers only reaching a status line that is not retried. The body then has no fixed deadline but a
+    pace: ``MIN_LISTING_BYTES_PER_SECOND`` on average after the budget, and the per-read timeout between pieces. A
+    failure in the body ends the listing (what was yielded cannot be taken back; the reader lists again). A status
+    other than 207 is raised mapped (``http.namespace_status_error`` with ``hint``)."""
     what = f"PROPFIND {redact_url(url)}"
     headers = {"Depth": str(depth), "Content-Type": "application/xml; charset=utf-8"}
 
