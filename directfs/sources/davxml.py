@@ -392,11 +392,6 @@ class Children:
         return out
 
 
-def children_of(folder_path: str, resources: Iterable[DavResource]) -> Iterator[tuple[str, DavResource]]:
-    """``Children`` of a whole reply at once."""
-    yield from Children(folder_path).take(resources)
-
-
 def proppatch_body(ns: str, name: str, value: str) -> bytes:
     """A ``PROPPATCH`` request body that sets property ``{ns}name`` to ``value`` (XML-escaped)."""
     return (

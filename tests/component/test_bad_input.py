@@ -101,7 +101,7 @@ def test_a_folder_of_100k_entries_parses_within_a_measured_memory_bound() -> Non
     body = b"".join(listing(100_000))
     tracemalloc.start()
     try:
-        names = [name for name, _ in davxml.children_of("/ServicesPortal/webdav/big", davxml.parse_multistatus(body))]
+        names = [name for name, _ in davxml.Children("/ServicesPortal/webdav/big").take(davxml.parse_multistatus(body))]
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()

@@ -43,7 +43,7 @@ def test_standard_reply() -> None:
         response(ROOT + "/a b.txt", size=12, fileid="101"),
         response(ROOT + "/sub/", collection=True),
     )
-    children = dict(davxml.children_of(ROOT, davxml.parse_multistatus(body)))
+    children = dict(davxml.Children(ROOT).take(davxml.parse_multistatus(body)))
     assert set(children) == {"a b.txt", "sub"}
     assert children["a b.txt"].size == 12
     assert children["a b.txt"].file_id == "101"
@@ -55,7 +55,7 @@ def test_standard_reply() -> None:
 @pytest.mark.parametrize("name", ["100%.txt", "a#b", "what?", "naïve 日本.txt", "semi;colon", "plus+sign"])
 def test_awkward_names_round_trip(name: str) -> None:
     body = multistatus(response(ROOT, collection=True), response(f"{ROOT}/{name}", size=1, fileid="7"))
-    assert [n for n, _ in davxml.children_of(ROOT, davxml.parse_multistatus(body))] == [name]
+    assert [n for n, _ in davxml.Children(ROOT).take(davxml.parse_multistatus(body))] == [name]
 
 
 def test_full_url_hrefs() -> None:
@@ -63,7 +63,7 @@ def test_full_url_hrefs() -> None:
         response(ROOT, collection=True).replace("<D:href>", "<D:href>https://portal.example.com"),
         response(f"{ROOT}/x", size=3).replace("<D:href>", "<D:href>https://portal.example.com"),
     )
-    assert [n for n, _ in davxml.children_of(ROOT, davxml.parse_multistatus(body))] == ["x"]
+    assert [n for n, _ in davxml.Children(ROOT).take(davxml.parse_multistatus(body))] == ["x"]
 
 
 def test_invalid_names_duplicates_and_strangers_are_skipped(caplog: pytest.LogCaptureFixture) -> None:
@@ -77,7 +77,7 @@ def test_invalid_names_duplicates_and_strangers_are_skipped(caplog: pytest.LogCa
         response(f"{ROOT}/" + "x" * 300, size=1),  # longer than NAME_MAX
     )
     with caplog.at_level(logging.WARNING):
-        children = list(davxml.children_of(ROOT, davxml.parse_multistatus(body)))
+        children = list(davxml.Children(ROOT).take(davxml.parse_multistatus(body)))
     assert [n for n, _ in children] == ["ok"]
     assert children[0][1].size == 1
     assert len(caplog.records) >= 4
@@ -87,7 +87,7 @@ def test_invalid_names_duplicates_and_strangers_are_skipped(caplog: pytest.LogCa
 @pytest.mark.parametrize("size", ["-1", "1e9", "0x10", "12 bytes", "9" * 30])
 def test_bad_sizes_skip_the_entry(size: str) -> None:
     body = multistatus(response(ROOT, collection=True), response(f"{ROOT}/f", size=size), response(f"{ROOT}/g", size=5))
-    assert [n for n, _ in davxml.children_of(ROOT, davxml.parse_multistatus(body))] == ["g"]
+    assert [n for n, _ in davxml.Children(ROOT).take(davxml.parse_multistatus(body))] == ["g"]
 
 
 def test_non_200_propstat_is_ignored() -> None:
@@ -95,7 +95,7 @@ def test_non_200_propstat_is_ignored() -> None:
         b"HTTP/1.1 200 OK</D:status></D:propstat></D:response></D:multistatus>",
         b"HTTP/1.1 404 Not Found</D:status></D:propstat></D:response></D:multistatus>",
     )
-    (_, resource), *_ = davxml.children_of(ROOT, davxml.parse_multistatus(body))
+    (_, resource), *_ = davxml.Children(ROOT).take(davxml.parse_multistatus(body))
     assert resource.size is None and resource.file_id is None
 
 

@@ -289,7 +289,7 @@ def multistatus_bodies(draw: st.DrawFn) -> tuple[bytes, bool]:
 
 
 def check_dav_resource(resource: davxml.DavResource) -> None:
-    # Relative hrefs ("a", "%00") stay relative: children_of drops them as not below the folder (or, listing "/",
+    # Relative hrefs ("a", "%00") stay relative: Children drops them as not below the folder (or, listing "/",
     # takes them as its children, which is how they resolve against it).
     assert davxml.normalize_path(resource.path) == resource.path
     assert isinstance(resource.is_collection, bool)
@@ -323,7 +323,7 @@ def test_fuzz_propfind(reply: tuple[bytes, bool], cuts: list[int]) -> None:
     limit = BASE_BYTES + XML_FACTOR * len(body)
     try:
         resources = traced(lambda: list(davxml.parse_multistatus(body)), limit_bytes=limit)
-        children = list(davxml.children_of(DAV_FOLDER, iter(resources)))
+        children = list(davxml.Children(DAV_FOLDER).take(iter(resources)))
     except MalformedListingError:
         assert not well_formed, "a well-formed multistatus must not fail as a whole (a bad field costs its entry)"
         with pytest.raises(MalformedListingError):
