@@ -229,8 +229,7 @@ class DiskCache:
         self._rescan_bytes = max(MIN_RESCAN_BYTES, settings.size_bytes // RESCAN_FRACTION)
         # trio thread only: bytes handed to background writes that have not finished
         self._pending_bytes = 0
-        self._flush_waiters: list[trio.Event] = []
-        self._room_waiters: list[trio.Event] = []  # saves waiting for the queue to shrink (save)
+        self._write_ended = trio.Event()  # set (and replaced) as each write ends: save and flush check again
         self._write_slots = trio.Semaphore(WRITE_CONCURRENCY)
 
     # --- names ---------------------------------------------------------------------------------------------------
@@ -267,9 +266,7 @@ class DiskCache:
         (module constant's comment). A nursery that is closing takes no new write: the block is simply not cached."""
         size = len(payload)
         while self._pending_bytes and self._pending_bytes + size > MAX_PENDING_WRITE_BYTES:
-            waiter = trio.Event()
-            self._room_waiters.append(waiter)
-            await waiter.wait()
+            await self._write_ended.wait()
         self._pending_bytes += size
         try:
             nursery.start_soon(self._save_task, name, kind, plain_length, payload)
@@ -286,21 +283,14 @@ class DiskCache:
                 await trio.to_thread.run_sync(job, limiter=worker_limiter())
         finally:
             self._pending_bytes -= len(payload)
-            for waiter in self._room_waiters:
-                waiter.set()  # each checks for room again
-            self._room_waiters.clear()
-            if self._pending_bytes == 0:
-                for waiter in self._flush_waiters:
-                    waiter.set()
-                self._flush_waiters.clear()
+            self._write_ended.set()
+            self._write_ended = trio.Event()
 
     async def flush(self) -> None:
         """Wait until every write handed to :meth:`save` so far has ended (``cp`` and ``stage`` before they
-        close their engine, so what they fetched is on disk; a mount never waits for the disk)."""
+        close their engine, and the mount at unmount, so what they fetched is on disk)."""
         while self._pending_bytes:
-            waiter = trio.Event()
-            self._flush_waiters.append(waiter)
-            await waiter.wait()
+            await self._write_ended.wait()
         await trio.lowlevel.checkpoint()
 
     async def scan(self) -> None:
